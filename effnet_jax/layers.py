@@ -1,0 +1,171 @@
+"""Building blocks of EfficientNet as Flax Linen modules (NHWC).
+
+* `conv_padding`: symmetric (torchvision) or TF-'SAME' (TF, lukemelas, Lite weights) explicit padding.
+* `DepthwiseConv`: k×k per-channel convolution with two interchangeable implementations (same parameters,
+  same numbers): 'xla', a grouped convolution (`feature_group_count`), and 'shift', a sum of k·k shifted
+  element-wise multiplies. On CPU XLA's grouped convolution is several times slower than the shifted sum
+  (jax#13800, jax#23713; measured figures in benchmarks/RESULTS.md), so 'auto' picks 'shift' there and the
+  cuDNN/TPU grouped convolution elsewhere.
+* `BatchNorm`: batch statistics in float32 whatever the compute dtype, and running statistics updated
+  exactly as PyTorch does (running_var from the *unbiased* batch variance), so a JAX training step equals a
+  PyTorch one.
+* `SqueezeExcite`, `DropPath` (per-sample stochastic depth).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Dtype = Any
+
+# torchvision initializes every conv with kaiming_normal(fan_out); for a depthwise kernel fan_out is k*k.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"silu": nn.silu, "relu6": nn.relu6}
+DEPTHWISE_IMPLS = ("auto", "shift", "xla")
+
+
+def conv_padding(mode: str, size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """(low, high) padding of one spatial dimension.
+
+    'symmetric': (k-1)//2 on both sides, as torchvision's Conv2dNormActivation.
+    'same': TensorFlow's SAME — output ceil(size/stride), any odd pixel of padding goes at the end.
+    """
+    if mode == "symmetric":
+        p = (kernel - 1) // 2
+        return p, p
+    if mode == "same":
+        out = -(-size // stride)
+        total = max((out - 1) * stride + kernel - size, 0)
+        return total // 2, total - total // 2
+    raise ValueError(f"padding must be 'symmetric' or 'same', got {mode!r}")
+
+
+def resolve_depthwise_impl(impl: str) -> str:
+    if impl not in DEPTHWISE_IMPLS:
+        raise ValueError(f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "shift" if jax.default_backend() == "cpu" else "xla"
+    return impl
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int,
+                   padding: tuple[tuple[int, int], tuple[int, int]], impl: str) -> jax.Array:
+    """Depthwise convolution of NHWC `x` with an HWIO kernel of shape (kh, kw, 1, C)."""
+    if impl == "xla":
+        return lax.conv_general_dilated(
+            x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=x.shape[-1])
+    kh, kw = kernel.shape[:2]
+    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    n, h, w, c = x.shape
+    oh, ow = (h - kh) // stride + 1, (w - kw) // stride + 1
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            tap = lax.slice(x, (0, i, j, 0), (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
+                            (1, stride, stride, 1))
+            term = tap * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+class Conv(nn.Module):
+    """Bias-free k×k convolution (groups=1) with symmetric or SAME padding; parameter 'kernel' (HWIO)."""
+    features: int
+    kernel: int = 1
+    stride: int = 1
+    padding: str = "symmetric"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.param("kernel", conv_init, (self.kernel, self.kernel, x.shape[-1], self.features), jnp.float32)
+        pads = [conv_padding(self.padding, s, self.kernel, self.stride) for s in x.shape[1:3]]
+        return lax.conv_general_dilated(x.astype(self.dtype), k.astype(self.dtype), (self.stride, self.stride),
+                                        pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise k×k convolution; `impl` chooses the computation, not the parameters."""
+    kernel: int
+    stride: int = 1
+    padding: str = "symmetric"
+    impl: str = "auto"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        k = self.param("kernel", nn.initializers.normal(math.sqrt(2.0 / (self.kernel * self.kernel))),
+                       (self.kernel, self.kernel, 1, c), jnp.float32)
+        pads = tuple(conv_padding(self.padding, s, self.kernel, self.stride) for s in x.shape[1:3])
+        return depthwise_conv(x.astype(self.dtype), k.astype(self.dtype), self.stride, pads,
+                              resolve_depthwise_impl(self.impl))
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm over N, H, W with PyTorch's running-statistics update.
+
+    `momentum` is PyTorch's (running = (1 - m) * running + m * batch), and running_var is updated with the
+    unbiased batch variance, as `torch.nn.BatchNorm2d` does; normalization uses the biased one. Statistics are
+    computed in float32. In a jitted, batch-sharded step the reductions are global, so this is synchronized BN.
+    """
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        xf = x.astype(jnp.float32)
+        if use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            mean = jnp.mean(xf, axis=(0, 1, 2))
+            var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
+            if not self.is_initializing():
+                n = x.size // c
+                m = self.momentum
+                ra_mean.value = (1 - m) * ra_mean.value + m * mean
+                ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+        mul = lax.rsqrt(var + self.epsilon) * scale
+        return ((xf - mean) * mul + bias).astype(self.dtype)
+
+
+class SqueezeExcite(nn.Module):
+    """x * sigmoid(W2 silu(W1 mean_hw(x) + b1) + b2), with 1×1-conv weights stored as Dense kernels."""
+    se_channels: int
+    activation: str = "silu"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
+        s = nn.Dense(self.se_channels, kernel_init=conv_init, dtype=self.dtype, name="reduce")(s)
+        s = ACTIVATIONS[self.activation](s)
+        s = nn.Dense(x.shape[-1], kernel_init=conv_init, dtype=self.dtype, name="expand")(s)
+        return x * nn.sigmoid(s)
+
+
+class DropPath(nn.Module):
+    """Per-sample stochastic depth: in training each sample's residual branch is dropped with probability
+    `rate` and survivors are scaled by 1/(1-rate); identity in evaluation. Uses the 'dropout' RNG stream."""
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return x * (mask.astype(x.dtype) / jnp.asarray(keep, x.dtype))

@@ -1,0 +1,190 @@
+"""The EfficientNet network (Flax Linen) and `create_model`.
+
+Parameter tree (flat block index, as torch's `_blocks.N` / timm's `blocks`)::
+
+    stem/kernel, stem_bn/{scale,bias}
+    blocks_i/ [expand_conv/kernel, expand_bn/{scale,bias}], dw_conv/kernel, dw_bn/{scale,bias},
+              [se/{reduce,expand}/{kernel,bias}], project_conv/kernel, project_bn/{scale,bias}
+    head/kernel, head_bn/{scale,bias}
+    classifier/{kernel,bias}          (absent when num_classes == 0: the model returns pooled features)
+
+Kernels are HWIO (depthwise: (k, k, 1, C)); BN running statistics are batch_stats/<bn>/{mean,var}.
+
+BatchNorm running statistics live in the 'batch_stats' collection. With `mutable=['intermediates']` the
+model also returns the output of the stem (`stem_out`), of every stage (`stage0`..`stage6`) and of the head (`head_out`), which the
+weight-conversion tests compare against PyTorch stage by stage.
+
+`python -m effnet_jax.models` prints the family: resolution, parameters, GFLOPs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from . import variants
+from .layers import ACTIVATIONS, BatchNorm, Conv, DepthwiseConv, DropPath, SqueezeExcite
+from .variants import BlockConfig, ModelConfig
+
+Dtype = Any
+
+
+def _classifier_init(key, shape, dtype=jnp.float32):
+    """torchvision's head init: uniform(-1/sqrt(num_classes), 1/sqrt(num_classes))."""
+    r = 1.0 / math.sqrt(shape[1])
+    return jax.random.uniform(key, shape, dtype, -r, r)
+
+
+class MBConv(nn.Module):
+    """Inverted residual: [1×1 expand → BN → act] → k×k depthwise → BN → act → [SE] → 1×1 project → BN,
+    plus the input (through per-sample stochastic depth) when shape allows."""
+    cfg: BlockConfig
+    activation: str
+    padding: str
+    bn_momentum: float
+    bn_epsilon: float
+    depthwise_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        cfg, act = self.cfg, ACTIVATIONS[self.activation]
+        bn = lambda name: BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype, name=name)  # noqa: E731
+        shortcut = x
+        if cfg.expand_channels != cfg.in_channels:
+            x = Conv(cfg.expand_channels, dtype=self.dtype, name="expand_conv")(x)
+            x = act(bn("expand_bn")(x, not train))
+        x = DepthwiseConv(cfg.kernel, cfg.stride, self.padding, self.depthwise_impl, self.dtype, name="dw_conv")(x)
+        x = act(bn("dw_bn")(x, not train))
+        if cfg.se_channels:
+            x = SqueezeExcite(cfg.se_channels, "silu", self.dtype, name="se")(x)
+        x = Conv(cfg.out_channels, dtype=self.dtype, name="project_conv")(x)
+        x = bn("project_bn")(x, not train)
+        if cfg.residual:
+            x = DropPath(cfg.drop_path_rate, name="drop_path")(x, not train) + shortcut
+        return x
+
+
+class EfficientNet(nn.Module):
+    """EfficientNet / EfficientNet-Lite. Inputs NHWC float, normalized as the weights expect."""
+    config: ModelConfig
+    num_classes: int = 1000
+    dtype: Dtype = jnp.float32
+    depthwise_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        cfg, act = self.config, ACTIVATIONS[self.config.activation]
+        bn = lambda name: BatchNorm(cfg.bn_momentum, cfg.bn_epsilon, self.dtype, name=name)  # noqa: E731
+        x = x.astype(self.dtype)
+        x = Conv(cfg.stem_channels, 3, cfg.stem_stride, cfg.padding, self.dtype, name="stem")(x)
+        x = act(bn("stem_bn")(x, not train))
+        self.sow("intermediates", "stem_out", x)
+        for i, block in enumerate(cfg.blocks):
+            x = MBConv(block, cfg.activation, cfg.padding, cfg.bn_momentum, cfg.bn_epsilon,
+                       self.depthwise_impl, self.dtype, name=f"blocks_{i}")(x, train)
+            if i + 1 == len(cfg.blocks) or cfg.blocks[i + 1].stage != block.stage:
+                self.sow("intermediates", f"stage{block.stage}", x)
+        x = Conv(cfg.head_channels, dtype=self.dtype, name="head")(x)
+        x = act(bn("head_bn")(x, not train))
+        self.sow("intermediates", "head_out", x)
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        if self.num_classes == 0:
+            return x
+        x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
+        x = nn.Dense(self.num_classes, kernel_init=_classifier_init, dtype=self.dtype, name="classifier")(x)
+        return x.astype(jnp.float32)
+
+
+_CONFIG_OVERRIDES = ("drop_rate", "drop_path_rate", "stem_stride", "padding", "width", "depth", "resolution",
+                     "bn_epsilon", "bn_momentum")
+_MODULE_OVERRIDES = ("dtype", "depthwise_impl")
+
+
+def create_model(variant: str, num_classes: int = 1000, **overrides) -> EfficientNet:
+    """Build an EfficientNet ('b0'..'b7') or EfficientNet-Lite ('lite0'..'lite4').
+
+    Overrides: `dtype` (compute dtype, e.g. jnp.bfloat16; parameters stay float32), `depthwise_impl`
+    ('auto', 'shift', 'xla'), `drop_rate` (classifier dropout), `drop_path_rate` (stochastic depth of the
+    last block), `stem_stride` (1 for small inputs such as CIFAR's 32 px), `padding` ('symmetric' or
+    'same'), `width`/`depth`/`resolution` (custom compound scaling), `bn_epsilon`/`bn_momentum` (PyTorch
+    convention). `num_classes=0` returns pooled features.
+    """
+    unknown = set(overrides) - set(_CONFIG_OVERRIDES) - set(_MODULE_OVERRIDES)
+    if unknown:
+        raise TypeError(f"unknown override(s) {sorted(unknown)}; valid: "
+                        f"{', '.join(_CONFIG_OVERRIDES + _MODULE_OVERRIDES)}")
+    kw = {k: overrides[k] for k in ("width", "depth", "drop_path_rate") if overrides.get(k) is not None}
+    cfg = variants.model_config(variant, **kw)
+    replace = {"dropout": overrides.get("drop_rate")}
+    replace.update({k: overrides.get(k) for k in ("stem_stride", "padding", "resolution", "bn_epsilon",
+                                                     "bn_momentum")})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in replace.items() if v is not None})
+    if cfg.padding not in ("symmetric", "same"):
+        raise ValueError(f"padding must be 'symmetric' or 'same', got {cfg.padding!r}")
+    module = {k: overrides[k] for k in _MODULE_OVERRIDES if overrides.get(k) is not None}
+    return EfficientNet(cfg, num_classes=num_classes, **module)
+
+
+def count_params(variables_or_shapes) -> int:
+    """Number of trainable parameters (the 'params' collection; BN running statistics excluded)."""
+    params = variables_or_shapes.get("params", variables_or_shapes)
+    return int(sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
+
+def param_shapes(model: EfficientNet, resolution: int | None = None):
+    """Shapes of `model`'s variables, without allocating or compiling anything."""
+    r = resolution or model.config.resolution
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, r, r, 3)), train=False))
+
+
+def count_flops(config: ModelConfig, num_classes: int = 1000, resolution: int | None = None) -> float:
+    """Multiply-accumulates of one forward pass of one image at `resolution` (default: native), counting
+    convolutions, SE and the classifier — the convention of torchvision's published 'GFLOPS'."""
+    from .layers import conv_padding
+
+    def out(size, k, s):
+        lo, hi = conv_padding(config.padding, size, k, s)
+        return (size + lo + hi - k) // s + 1
+
+    h = resolution or config.resolution
+    h = out(h, 3, config.stem_stride)
+    macs = h * h * 9 * 3 * config.stem_channels
+    for b in config.blocks:
+        if b.expand_channels != b.in_channels:
+            macs += h * h * b.in_channels * b.expand_channels
+        h = out(h, b.kernel, b.stride)
+        macs += h * h * b.kernel * b.kernel * b.expand_channels
+        macs += 2 * b.expand_channels * b.se_channels
+        macs += h * h * b.expand_channels * b.out_channels
+    macs += h * h * config.blocks[-1].out_channels * config.head_channels
+    macs += config.head_channels * num_classes
+    return float(macs)
+
+
+def family_table() -> list[dict]:
+    rows = []
+    for v in variants.VARIANTS:
+        model = create_model(v)
+        cfg = model.config
+        rows.append({"variant": v, "resolution": cfg.resolution, "params": count_params(param_shapes(model)),
+                     "gflops": count_flops(cfg) / 1e9, "stem": cfg.stem_channels, "head": cfg.head_channels,
+                     "blocks": len(cfg.blocks), "dropout": cfg.dropout})
+    return rows
+
+
+def main() -> None:
+    print(f"{'variant':<8}{'resolution':>11}{'params':>13}{'GFLOPs':>9}{'stem':>6}{'head':>6}{'blocks':>8}"
+          f"{'dropout':>9}")
+    for r in family_table():
+        print(f"{r['variant']:<8}{r['resolution']:>11}{r['params']:>13,}{r['gflops']:>9.3f}{r['stem']:>6}"
+              f"{r['head']:>6}{r['blocks']:>8}{r['dropout']:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The EfficientNet family as data.
+
+Everything that distinguishes B0 from B7, or a Lite model from a full one, lives in this file as tables
+and two rounding rules; `models.py` only interprets a `ModelConfig`.
+
+* `B0_STAGES` is the MBConv stage table of EfficientNet-B0 (Tan & Le 2019, table 1), the same seven rows
+  torchvision, timm and the TF reference use.
+* `COMPOUND_SCALING` holds the published (width, depth, resolution, dropout) coefficients of B0..B7 and
+  `LITE_SCALING` those of Lite0..Lite4. The paper derives them from a compound coefficient phi with
+  depth = alpha**phi, width = beta**phi, resolution = gamma**phi (alpha=1.2, beta=1.1, gamma=1.15, see
+  `scaling_for_phi`), but the released B1..B7 values were rounded by hand, so the table — not the formula —
+  is what every set of published weights was trained with.
+* `round_filters` / `round_repeats` turn the coefficients into channel and repeat counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+__all__ = [
+    "ALPHA", "BETA", "GAMMA", "B0_STAGES", "COMPOUND_SCALING", "LITE_SCALING", "VARIANTS",
+    "StageSpec", "Scaling", "BlockConfig", "ModelConfig",
+    "round_filters", "round_repeats", "scaling_for_phi", "model_config",
+]
+
+ALPHA, BETA, GAMMA = 1.2, 1.1, 1.15  # depth, width and resolution bases of compound scaling
+
+
+class StageSpec(NamedTuple):
+    """One row of the B0 stage table."""
+    expand_ratio: int
+    kernel: int
+    stride: int
+    in_channels: int
+    out_channels: int
+    repeats: int
+
+
+B0_STAGES: tuple[StageSpec, ...] = (
+    #         expand kernel stride  in   out  repeats
+    StageSpec(1,     3,     1,      32,  16,  1),
+    StageSpec(6,     3,     2,      16,  24,  2),
+    StageSpec(6,     5,     2,      24,  40,  2),
+    StageSpec(6,     3,     2,      40,  80,  3),
+    StageSpec(6,     5,     1,      80,  112, 3),
+    StageSpec(6,     5,     2,      112, 192, 4),
+    StageSpec(6,     3,     1,      192, 320, 1),
+)
+STEM_CHANNELS = 32
+HEAD_CHANNELS_LITE = 1280  # Lite models keep stem (32) and head (1280) unscaled
+SE_RATIO = 0.25  # squeeze width = max(1, block input channels * 0.25)
+STOCHASTIC_DEPTH_RATE = 0.2  # drop-path rate of the last block; block i gets rate * i / num_blocks
+
+
+class Scaling(NamedTuple):
+    width: float
+    depth: float
+    resolution: int
+    dropout: float
+
+
+COMPOUND_SCALING: dict[str, Scaling] = {
+    "b0": Scaling(1.0, 1.0, 224, 0.2),
+    "b1": Scaling(1.0, 1.1, 240, 0.2),
+    "b2": Scaling(1.1, 1.2, 260, 0.3),
+    "b3": Scaling(1.2, 1.4, 300, 0.3),
+    "b4": Scaling(1.4, 1.8, 380, 0.4),
+    "b5": Scaling(1.6, 2.2, 456, 0.4),
+    "b6": Scaling(1.8, 2.6, 528, 0.5),
+    "b7": Scaling(2.0, 3.1, 600, 0.5),
+}
+LITE_SCALING: dict[str, Scaling] = {
+    "lite0": Scaling(1.0, 1.0, 224, 0.2),
+    "lite1": Scaling(1.0, 1.1, 240, 0.2),
+    "lite2": Scaling(1.1, 1.2, 260, 0.3),
+    "lite3": Scaling(1.2, 1.4, 280, 0.3),
+    "lite4": Scaling(1.4, 1.8, 300, 0.3),
+}
+VARIANTS: tuple[str, ...] = tuple(COMPOUND_SCALING) + tuple(LITE_SCALING)
+
+# BatchNorm settings of the published weights, in PyTorch's convention (running = (1-m)*running + m*batch).
+# torchvision: B0-B4 eps 1e-5 / momentum 0.1, B5-B7 eps 1e-3 / momentum 0.01 (ported from TF);
+# Lite (TF weights via lukemelas): eps 1e-3 / momentum 0.01.
+_BN_TORCHVISION_SMALL = (1e-5, 0.1)
+_BN_TF = (1e-3, 0.01)
+
+
+def round_filters(channels: float, width: float, divisor: int = 8) -> int:
+    """Scale a channel count by `width` and round to a multiple of `divisor`, never below 90 % of the scaled
+    value nor below `divisor` (torchvision's `_make_divisible`, TF's `round_filters`)."""
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * scaled:
+        rounded += divisor
+    return int(rounded)
+
+
+def round_repeats(repeats: int, depth: float) -> int:
+    """Scale a stage's block count by `depth`, rounding up."""
+    return int(math.ceil(repeats * depth))
+
+
+def scaling_for_phi(phi: float) -> Scaling:
+    """Compound scaling from the paper's formula: width beta**phi, depth alpha**phi, resolution 224*gamma**phi
+    (rounded to a multiple of 8 for convenience). For custom sizes; the named variants use the table."""
+    resolution = int(round(224 * GAMMA**phi / 8)) * 8
+    return Scaling(BETA**phi, ALPHA**phi, resolution, 0.2)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """One MBConv block, fully resolved."""
+    stage: int           # 0..6, the row of B0_STAGES it comes from
+    in_channels: int
+    out_channels: int
+    expand_channels: int  # == in_channels when there is no expansion conv
+    kernel: int
+    stride: int
+    se_channels: int      # 0: no squeeze-excitation
+    drop_path_rate: float
+
+    @property
+    def residual(self) -> bool:
+        return self.stride == 1 and self.in_channels == self.out_channels
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A whole network, fully resolved: what `models.EfficientNet` builds."""
+    name: str
+    resolution: int
+    stem_channels: int
+    head_channels: int
+    blocks: tuple[BlockConfig, ...]
+    activation: str       # 'silu' or 'relu6'
+    padding: str          # 'symmetric' ((k-1)//2 each side, torchvision) or 'same' (TF, asymmetric)
+    bn_epsilon: float
+    bn_momentum: float    # PyTorch convention; Flax's momentum is 1 - this
+    dropout: float
+    stem_stride: int = 2
+
+    @property
+    def num_stages(self) -> int:
+        return self.blocks[-1].stage + 1
+
+
+def model_config(variant: str, *, width: float | None = None, depth: float | None = None,
+                 drop_path_rate: float = STOCHASTIC_DEPTH_RATE) -> ModelConfig:
+    """Resolve a variant name ('b0'..'b7', 'lite0'..'lite4') into a `ModelConfig`.
+
+    `width`/`depth` override the variant's coefficients (custom compound scaling).
+    """
+    variant = variant.lower()
+    lite = variant in LITE_SCALING
+    table = LITE_SCALING if lite else COMPOUND_SCALING
+    if variant not in table:
+        raise ValueError(f"unknown EfficientNet variant {variant!r}; valid names: {', '.join(VARIANTS)}")
+    scaling = table[variant]
+    w = scaling.width if width is None else width
+    d = scaling.depth if depth is None else depth
+
+    stem = STEM_CHANNELS if lite else round_filters(STEM_CHANNELS, w)
+    repeats = [round_repeats(s.repeats, d) for s in B0_STAGES]
+    if lite:  # Lite keeps the first and last stage at one block each
+        repeats[0], repeats[-1] = B0_STAGES[0].repeats, B0_STAGES[-1].repeats
+    total = sum(repeats)
+
+    blocks: list[BlockConfig] = []
+    in_ch = stem
+    for stage, (spec, n) in enumerate(zip(B0_STAGES, repeats)):
+        out_ch = round_filters(spec.out_channels, w)
+        for i in range(n):
+            expand = round_filters(in_ch, spec.expand_ratio)  # in_ch is a multiple of 8: exact product
+            se = 0 if lite else max(1, int(in_ch * SE_RATIO))
+            blocks.append(BlockConfig(
+                stage=stage, in_channels=in_ch, out_channels=out_ch, expand_channels=expand,
+                kernel=spec.kernel, stride=spec.stride if i == 0 else 1, se_channels=se,
+                drop_path_rate=drop_path_rate * len(blocks) / total))
+            in_ch = out_ch
+
+    head = HEAD_CHANNELS_LITE if lite else 4 * in_ch
+    eps, mom = _BN_TF if (lite or variant in ("b5", "b6", "b7")) else _BN_TORCHVISION_SMALL
+    return ModelConfig(
+        name=variant, resolution=scaling.resolution, stem_channels=stem, head_channels=head,
+        blocks=tuple(blocks), activation="relu6" if lite else "silu", padding="same" if lite else "symmetric",
+        bn_epsilon=eps, bn_momentum=mom, dropout=scaling.dropout)

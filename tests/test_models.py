@@ -1,0 +1,266 @@
+"""The architecture against independent references: torchvision's and the Lite reference's PyTorch models
+(built here), the published counts, the rounding formulas, and statistics for stochastic depth."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import effnet_jax
+from effnet_jax import layers, variants
+from effnet_jax.models import count_flops, count_params, param_shapes
+
+torch = pytest.importorskip("torch")
+tv_models = pytest.importorskip("torchvision.models")
+
+B_VARIANTS = [f"b{i}" for i in range(8)]
+LITE_VARIANTS = [f"lite{i}" for i in range(5)]
+# torchvision's documented parameter counts (EfficientNet_B*_Weights.meta["num_params"])
+TORCHVISION_PARAMS = dict(zip(B_VARIANTS, [5_288_548, 7_794_184, 9_109_994, 12_233_232, 19_341_616,
+                                           30_389_784, 43_040_704, 66_347_960]))
+
+
+def _torch_numel(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("variant", B_VARIANTS)
+def test_params_and_channels_equal_torchvision(variant):
+    tv = getattr(tv_models, f"efficientnet_{variant}")()
+    ours = effnet_jax.create_model(variant)
+    assert count_params(param_shapes(ours, 64)) == _torch_numel(tv) == TORCHVISION_PARAMS[variant]
+    assert ours.config.stem_channels == tv.features[0][0].out_channels
+    assert ours.config.head_channels == tv.features[-1][0].out_channels
+    # block by block: kernel, stride, channels, SE width, residual, drop-path rate
+    tv_blocks = [b for stage in tv.features[1:-1] for b in stage]
+    assert len(tv_blocks) == len(ours.config.blocks)
+    for ours_b, tv_b in zip(ours.config.blocks, tv_blocks):
+        dw = [m for m in tv_b.block.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1][0]
+        assert (ours_b.kernel, ours_b.stride, ours_b.expand_channels) == (dw.kernel_size[0], dw.stride[0],
+                                                                           dw.in_channels)
+        assert ours_b.se_channels == tv_b.block[-2].fc1.out_channels
+        assert ours_b.out_channels == tv_b.block[-1][0].out_channels
+        assert ours_b.residual == tv_b.use_res_connect
+        assert ours_b.drop_path_rate == pytest.approx(tv_b.stochastic_depth.p)
+    bn = tv.features[0][1]
+    assert (ours.config.bn_epsilon, ours.config.bn_momentum) == (bn.eps, bn.momentum)
+    assert ours.config.dropout == tv.classifier[0].p
+
+
+@pytest.mark.parametrize("variant", LITE_VARIANTS)
+def test_lite_params_equal_reference(variant):
+    ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
+    ref = ref_pkg.EfficientNet.from_name(f"efficientnet-{variant}")
+    ours = effnet_jax.create_model(variant)
+    assert count_params(param_shapes(ours, 64)) == _torch_numel(ref)
+    assert ours.config.stem_channels == ref._conv_stem.out_channels == 32
+    assert ours.config.head_channels == ref._conv_head.out_channels == 1280
+    assert len(ours.config.blocks) == len(ref._blocks)
+    for ours_b, ref_b in zip(ours.config.blocks, ref._blocks):
+        assert ours_b.kernel == ref_b._depthwise_conv.kernel_size[0]
+        assert ours_b.stride == ref_b._depthwise_conv.stride[0]
+        assert ours_b.out_channels == ref_b._project_conv.out_channels
+        assert not ref_b.has_se and ours_b.se_channels == 0
+    assert (ours.config.activation, ours.config.padding) == ("relu6", "same")
+    assert ours.config.bn_epsilon == ref._bn0.eps and ours.config.bn_momentum == pytest.approx(ref._bn0.momentum)
+
+
+def test_gflops_equal_torchvision_metadata():
+    # torchvision publishes GFLOPS (multiply-adds) at each weight set's crop size (B2: 288 px, not 260)
+    for variant in B_VARIANTS:
+        weights = getattr(tv_models, f"EfficientNet_{variant.upper()}_Weights").IMAGENET1K_V1
+        crop = weights.transforms().crop_size[0]
+        got = count_flops(variants.model_config(variant), resolution=crop) / 1e9
+        assert round(got, 3) == weights.meta["_ops"], variant
+
+
+def test_round_filters_formula():
+    # (channels, width) -> expected, from the rule: nearest multiple of 8, +8 if that lost more than 10 %
+    assert variants.round_filters(32, 1.0) == 32
+    assert variants.round_filters(32, 1.1) == 32   # 35.2 -> 32 (>= 31.68)
+    assert variants.round_filters(16, 1.1) == 16   # 17.6 -> 16 (>= 15.84)
+    assert variants.round_filters(40, 1.2) == 48   # 48.0
+    assert variants.round_filters(24, 1.4) == 32   # 33.6 -> 32
+    assert variants.round_filters(112, 1.8) == 200  # 201.6 -> 200
+    assert variants.round_filters(4, 1.0) == 8     # never below the divisor
+    for c in range(8, 400, 8):
+        for w in (1.0, 1.1, 1.2, 1.4, 1.6, 1.8, 2.0):
+            r = variants.round_filters(c, w)
+            assert r % 8 == 0 and r >= 0.9 * c * w and abs(r - c * w) <= 8
+    assert [variants.round_repeats(n, 3.1) for n in (1, 2, 3, 4)] == [4, 7, 10, 13]
+
+
+def test_phi_formula_matches_paper_bases():
+    s = variants.scaling_for_phi(1.0)
+    assert (s.width, s.depth) == (pytest.approx(1.1), pytest.approx(1.2))
+    # the paper's constraint alpha * beta^2 * gamma^2 ~= 2: each phi step doubles FLOPs
+    assert variants.ALPHA * variants.BETA**2 * variants.GAMMA**2 == pytest.approx(2.0, rel=0.05)
+
+
+def test_unknown_variant_lists_valid_names():
+    with pytest.raises(ValueError, match="b0.*lite4"):
+        effnet_jax.create_model("b9")
+    with pytest.raises(TypeError, match="unknown override"):
+        effnet_jax.create_model("b0", widht=1.0)
+
+
+def test_stem_stride_override_for_small_inputs():
+    m = effnet_jax.create_model("b0", num_classes=10, stem_stride=1)
+    shapes = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    assert count_params(shapes) == TORCHVISION_PARAMS["b0"] - 1000 * 1281 + 10 * 1281
+    out = jax.eval_shape(lambda v: m.apply(v, jnp.zeros((2, 32, 32, 3)), mutable=["intermediates"]), shapes)
+    assert out[1]["intermediates"]["head_out"][0].shape == (2, 2, 2, 1280)  # 32 / 16, not / 32
+
+
+@pytest.mark.parametrize("padding", ["symmetric", "same"])
+@pytest.mark.parametrize("kernel,stride,size", [(3, 1, 9), (3, 2, 9), (5, 2, 10), (5, 1, 7), (3, 2, 8)])
+def test_depthwise_impls_agree_with_torch(padding, kernel, stride, size):
+    rng = np.random.RandomState(kernel * 10 + stride + size)
+    x = rng.randn(2, size, size + 1, 6).astype(np.float32)
+    w = rng.randn(kernel, kernel, 1, 6).astype(np.float32)
+    pads = tuple(layers.conv_padding(padding, s, kernel, stride) for s in x.shape[1:3])
+    outs = {impl: np.asarray(layers.depthwise_conv(jnp.asarray(x), jnp.asarray(w), stride, pads, impl))
+            for impl in ("shift", "xla")}
+    # independent reference: torch's grouped conv on explicitly padded input
+    xt = torch.nn.functional.pad(torch.from_numpy(x).permute(0, 3, 1, 2), (*pads[1], *pads[0]))
+    ref = torch.nn.functional.conv2d(xt, torch.from_numpy(w).permute(3, 2, 0, 1), stride=stride, groups=6)
+    ref = ref.permute(0, 2, 3, 1).numpy()
+    for impl, out in outs.items():
+        np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5, err_msg=impl)
+    # gradients of both implementations agree too
+    grads = {impl: jax.grad(lambda a, b: jnp.sum(jnp.sin(layers.depthwise_conv(a, b, stride, pads, impl))),
+                            argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w)) for impl in ("shift", "xla")}
+    for a, b in zip(grads["shift"], grads["xla"]):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_same_padding_is_tensorflows():
+    # TF SAME: out = ceil(in / s), pad_total = max((out-1)*s + k - in, 0), extra pixel at the end
+    assert layers.conv_padding("same", 224, 3, 2) == (0, 1)
+    assert layers.conv_padding("same", 225, 3, 2) == (1, 1)
+    assert layers.conv_padding("same", 112, 5, 2) == (1, 2)
+    assert layers.conv_padding("same", 14, 5, 1) == (2, 2)
+    assert layers.conv_padding("symmetric", 224, 5, 2) == (2, 2)
+
+
+def test_batchnorm_matches_torch_train_step():
+    rng = np.random.RandomState(0)
+    x = rng.randn(4, 5, 3, 7).astype(np.float32) * 3 + 1
+    bn_t = torch.nn.BatchNorm2d(7, eps=1e-3, momentum=0.01)
+    with torch.no_grad():
+        bn_t.running_mean.copy_(torch.from_numpy(rng.randn(7).astype(np.float32)))
+        bn_t.running_var.copy_(torch.from_numpy(rng.rand(7).astype(np.float32) + 0.5))
+        bn_t.weight.copy_(torch.from_numpy(rng.randn(7).astype(np.float32)))
+    bn = layers.BatchNorm(momentum=0.01, epsilon=1e-3)
+    v = {"params": {"scale": bn_t.weight.detach().numpy(), "bias": bn_t.bias.detach().numpy()},
+         "batch_stats": {"mean": bn_t.running_mean.numpy().copy(), "var": bn_t.running_var.numpy().copy()}}
+    bn_t.train()
+    ref = bn_t(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).detach().numpy()
+    out, new = bn.apply(v, jnp.asarray(x), use_running_average=False, mutable=["batch_stats"])
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    np.testing.assert_allclose(new["batch_stats"]["mean"], bn_t.running_mean.numpy(), atol=1e-6)
+    np.testing.assert_allclose(new["batch_stats"]["var"], bn_t.running_var.numpy(), atol=1e-6)  # unbiased
+    bn_t.eval()
+    ref_eval = bn_t(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).detach().numpy()
+    out_eval = bn.apply({"params": v["params"], "batch_stats": new["batch_stats"]}, jnp.asarray(x),
+                        use_running_average=True)
+    np.testing.assert_allclose(out_eval, ref_eval, atol=1e-5)
+
+
+def test_drop_path_statistics():
+    rate, n = 0.3, 20_000
+    x = jnp.ones((n, 2, 2, 3))
+    dp = layers.DropPath(rate)
+    assert dp.apply({}, x, deterministic=True) is x  # identity in eval
+    y = np.asarray(dp.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)}))
+    per_sample = y.reshape(n, -1)
+    assert np.all(per_sample == per_sample[:, :1])  # the whole sample is dropped or kept
+    kept = per_sample[:, 0] != 0
+    np.testing.assert_allclose(per_sample[kept, 0], 1 / (1 - rate), rtol=1e-6)  # survivors rescaled
+    # kept count ~ Binomial(n, 0.7): within 5 standard deviations
+    assert abs(kept.sum() - n * (1 - rate)) < 5 * math.sqrt(n * rate * (1 - rate))
+    # unbiased: the mean over samples stays ~1
+    assert abs(per_sample.mean() - 1.0) < 5 * math.sqrt(rate / (1 - rate) / n)
+
+
+def _random_variables(model, resolution, seed=0):
+    """Variables of the model's shapes with random values (numpy: no per-shape XLA compiles); BN running
+    variances positive, BN scales near 1, so activations stay O(1) through all blocks."""
+    rng = np.random.RandomState(seed)
+
+    def value(path, s):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['var']"):
+            return jnp.asarray(rng.uniform(0.5, 1.5, s.shape).astype(np.float32))
+        base = 1.0 if name.endswith("['scale']") else 0.0
+        return jnp.asarray((base + 0.1 * rng.randn(*s.shape)).astype(np.float32))
+
+    return jax.tree_util.tree_map_with_path(value, param_shapes(model, resolution))
+
+
+def _loss(model, x, y, key):
+    def f(params, batch_stats):
+        logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                rngs={"dropout": key}, mutable=["batch_stats"])
+        return -jnp.mean(jnp.sum(nn.log_softmax(logits) * jax.nn.one_hot(y, logits.shape[-1]), -1))
+    return f
+
+
+@pytest.mark.parametrize("variant", B_VARIANTS + LITE_VARIANTS)
+def test_jit_grad_lowers_for_every_variant(variant):
+    """Tracing + lowering of jit(grad(loss)) for every variant (shapes, dtypes, differentiability); the
+    compiled run of each is in the slow suite, B0 and Lite0 below."""
+    model = effnet_jax.create_model(variant, num_classes=10)
+    shapes = param_shapes(model, 32)
+    x, y = jnp.zeros((2, 32, 32, 3)), jnp.zeros((2,), jnp.int32)
+    lowered = jax.jit(jax.grad(_loss(model, x, y, jax.random.key(0)))).lower(shapes["params"],
+                                                                            shapes["batch_stats"])
+    out = jax.tree_util.tree_leaves(lowered.out_info)
+    assert [o.shape for o in out] == [p.shape for p in jax.tree_util.tree_leaves(shapes["params"])]
+
+
+def _run_jit_grad(variant, dtype=jnp.float32):
+    model = effnet_jax.create_model(variant, num_classes=10, dtype=dtype)
+    variables = _random_variables(model, 32)
+    x = jnp.asarray(np.random.RandomState(1).randn(4, 32, 32, 3), jnp.float32)
+    y = jnp.arange(4) % 10
+    grads = jax.jit(jax.grad(_loss(model, x, y, jax.random.key(0))))(variables["params"], variables["batch_stats"])
+    leaves = jax.tree_util.tree_leaves(grads)
+    assert all(g.dtype == jnp.float32 for g in leaves)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    assert any(float(jnp.abs(g).max()) > 0 for g in leaves)
+    return grads
+
+
+@pytest.mark.parametrize("variant", ["b0", "lite0"])
+def test_jit_grad_runs(variant):
+    _run_jit_grad(variant)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [v for v in B_VARIANTS + LITE_VARIANTS if v not in ("b0", "lite0")])
+def test_jit_grad_runs_every_variant(variant):
+    _run_jit_grad(variant)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    model32 = effnet_jax.create_model("lite0", num_classes=10)
+    model16 = effnet_jax.create_model("lite0", num_classes=10, dtype=jnp.bfloat16)
+    variables = _random_variables(model32, 32)
+    x = jnp.asarray(np.random.RandomState(2).randn(2, 32, 32, 3), jnp.float32)
+    y32, y16 = jax.jit(lambda v, x: (model32.apply(v, x), model16.apply(v, x)))(variables, x)
+    assert y16.dtype == jnp.float32
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(param_shapes(model16, 32)))
+    # bf16 keeps ~3 significant digits: logits agree to a few percent of their range
+    assert float(jnp.abs(y16 - y32).max()) < 0.05 * float(jnp.abs(y32).max())
+
+
+def test_num_classes_zero_returns_features():
+    model = effnet_jax.create_model("lite0", num_classes=0)
+    shapes = param_shapes(model, 32)
+    assert "classifier" not in shapes["params"]
+    out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((3, 32, 32, 3))), shapes)
+    assert out.shape == (3, 1280)
