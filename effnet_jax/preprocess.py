@@ -1,0 +1,102 @@
+"""ImageNet eval preprocessing of each weight set, in PIL + numpy (no torch), and the ImageNet class names.
+
+`eval_transform(variant)` turns a PIL image into the float32 HWC array the variant's published weights were
+evaluated on, with the parameters of its `effnet_jax.weights.WEIGHTS` entry:
+
+* b0..b7 (`crop_style='torchvision'`): torchvision's `ImageClassification` preset exactly — resize the shorter
+  side to `resize_size` with PIL (the longer side becomes `int(resize_size * long / short)`, no resize when the
+  size already matches), center crop `input_size` at offsets `int(round((side - input_size) / 2))`, scale to
+  [0, 1], normalize with the mean/std. Matches torchvision 0.29.1 on PIL images to float rounding.
+* lite0..lite4 (`crop_style='tf'`): the TF EfficientNet eval crop — center crop `input_size / (input_size + 32)`
+  of the shorter side (size truncated, offsets `(side - crop + 1) // 2`), bicubic resize to `input_size` — and
+  the TF Lite normalization (x - 127) / 128 (see the measurement beside the Lite entries in `weights.py`).
+
+Images are converted to RGB first (grayscale, palette, RGBA inputs), as torchvision's `ImageFolder` loader does
+before any transform.
+
+`preprocess_config(variant)` is the same recipe as a JSON-ready dict, meant for checkpoint metadata;
+`EvalTransform(**config)` rebuilds the transform from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from effnet_jax.weights import weights_entry
+
+__all__ = ["EvalTransform", "eval_transform", "preprocess_config", "imagenet_class_names"]
+
+TF_CROP_PADDING = 32  # TF EfficientNet eval: crop input_size / (input_size + 32) of the shorter side
+
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTransform:
+    """PIL image -> normalized float32 HWC array of shape (input_size, input_size, 3)."""
+    input_size: int
+    resize_size: int
+    interpolation: Literal["bicubic", "bilinear"]
+    mean: Sequence[float]
+    std: Sequence[float]
+    crop_style: Literal["torchvision", "tf"]
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}")
+        if self.crop_style not in ("torchvision", "tf"):
+            raise ValueError(f"crop_style must be 'torchvision' or 'tf', got {self.crop_style!r}")
+        if self.crop_style == "torchvision" and self.resize_size < self.input_size:
+            raise ValueError(f"resize_size {self.resize_size} is smaller than input_size {self.input_size}")
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        image = image.convert("RGB")
+        if self.crop_style == "torchvision":
+            image = self._resize_center_crop(image)
+        else:
+            image = self._tf_center_crop_resize(image)
+        x = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+        return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+
+    def _resize_center_crop(self, image: Image.Image) -> Image.Image:
+        w, h = image.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.resize_size, int(self.resize_size * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), _RESAMPLE[self.interpolation])
+        top = int(round((new_h - self.input_size) / 2.0))
+        left = int(round((new_w - self.input_size) / 2.0))
+        return image.crop((left, top, left + self.input_size, top + self.input_size))
+
+    def _tf_center_crop_resize(self, image: Image.Image) -> Image.Image:
+        w, h = image.size
+        crop = int(self.input_size / (self.input_size + TF_CROP_PADDING) * min(w, h))
+        top, left = (h - crop + 1) // 2, (w - crop + 1) // 2
+        image = image.crop((left, top, left + crop, top + crop))
+        return image.resize((self.input_size, self.input_size), _RESAMPLE[self.interpolation])
+
+
+def preprocess_config(variant: str) -> dict[str, Any]:
+    """The eval preprocessing of `variant`'s ImageNet weights as a JSON-ready dict (the fields of
+    `EvalTransform`): input_size, resize_size, interpolation, mean, std, crop_style."""
+    e = weights_entry(variant)
+    return {"input_size": e.crop_size, "resize_size": e.resize_size, "interpolation": e.interpolation,
+            "mean": list(e.mean), "std": list(e.std), "crop_style": e.crop_style}
+
+
+def eval_transform(variant: str) -> EvalTransform:
+    """The ImageNet eval transform of `variant` ('b0'..'b7', 'lite0'..'lite4'): PIL image -> float32 HWC."""
+    return EvalTransform(**preprocess_config(variant))
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class names in index order (torchvision's list: 0 'tench' .. 999 'toilet tissue')."""
+    text = importlib.resources.files("effnet_jax").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
+    return text.splitlines()

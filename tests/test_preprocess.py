@@ -1,0 +1,84 @@
+"""Tests of `effnet_jax.preprocess`: the eval transforms against torchvision's presets on real photos, the Lite
+transform, the metadata dict, the ImageNet class names."""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from effnet_jax.preprocess import EvalTransform, eval_transform, imagenet_class_names, preprocess_config
+from effnet_jax.weights import WEIGHTS
+
+CIFAR_TAR = pathlib.Path("/work/shared/data/cifar10-jpeg-train.tar.gz")
+NUM_PHOTOS = 20  # the first JPEGs of the archive
+# (width, height) the 32x32 photos are upscaled to first (in turn), so that both the resize (down and up, odd
+# aspect ratios, a shorter side already at 256) and the crop offsets (half-pixel rounding) matter.
+SIZES = [(300, 260), (200, 341), (333, 256)]
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    if not CIFAR_TAR.is_file():
+        pytest.skip(f"{CIFAR_TAR} not available")
+    images: list[Image.Image] = []
+    with tarfile.open(CIFAR_TAR) as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".jpg"):
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                images.append(Image.open(io.BytesIO(data)).convert("RGB"))
+                if len(images) == NUM_PHOTOS:
+                    break
+    return [image.resize(SIZES[k % len(SIZES)], Image.Resampling.BICUBIC) for k, image in enumerate(images)]
+
+
+@pytest.mark.parametrize("i", [0, 1, 3])
+def test_matches_torchvision(i: int, photos: list[Image.Image]) -> None:
+    tv = pytest.importorskip("torchvision.models")
+    reference = getattr(tv, f"EfficientNet_B{i}_Weights").IMAGENET1K_V1.transforms()
+    ours = eval_transform(f"b{i}")
+    mean, std = np.asarray(ours.mean, np.float32), np.asarray(ours.std, np.float32)
+    worst = 0.0
+    for image in photos:
+        x = ours(image)
+        assert x.dtype == np.float32 and x.shape == (ours.input_size, ours.input_size, 3)
+        expected = reference(image).permute(1, 2, 0).numpy()
+        worst = max(worst, float(np.abs((x * std + mean) - (expected * std + mean)).max()))  # in [0, 1] units
+    assert worst <= 1 / 255
+
+
+def test_lite_transform() -> None:
+    t = eval_transform("lite0")
+    assert (t.input_size, t.crop_style) == (224, "tf")
+    gray = Image.new("L", (300, 260), 200)  # also checks the RGB conversion
+    np.testing.assert_allclose(t(gray), np.full((224, 224, 3), (200 - 127) / 128, np.float32), rtol=1e-6)
+    # TF eval crop: int(224 / 256 * 260) = 227 pixels of the shorter side, offsets ((side - 227 + 1) // 2).
+    y, x = np.mgrid[:260, :300]
+    ramp = Image.fromarray(((3 * x + 5 * y) % 256).astype(np.uint8)).convert("RGB")
+    expected = ramp.crop((37, 17, 37 + 227, 17 + 227)).resize((224, 224), Image.Resampling.BICUBIC)
+    np.testing.assert_allclose(t(ramp) * (128 / 255) + 127 / 255, np.asarray(expected) / 255, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", list(WEIGHTS))
+def test_config_is_json_and_rebuilds_the_transform(variant: str) -> None:
+    config = preprocess_config(variant)
+    assert json.loads(json.dumps(config)) == config
+    assert EvalTransform(**config) == eval_transform(variant)
+    assert config["input_size"] == WEIGHTS[variant].crop_size
+
+
+def test_config_values() -> None:
+    assert preprocess_config("b3") == {
+        "input_size": 300, "resize_size": 320, "interpolation": "bicubic",
+        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_style": "torchvision"}
+
+
+def test_imagenet_class_names() -> None:
+    names = imagenet_class_names()
+    assert len(names) == 1000 and len(set(names)) == 1000
+    assert names[0] == "tench" and names[999] == "toilet tissue"
