@@ -9,6 +9,7 @@ _EXPORTS = {
     "EfficientNet": "models", "create_model": "models", "count_params": "models", "count_flops": "models",
     "VARIANTS": "variants", "model_config": "variants",
     "read_torch_state_dict": "torch_reader",
+    "convert_state_dict": "convert", "pretrained": "convert",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

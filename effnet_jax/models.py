@@ -34,6 +34,19 @@ from .variants import BlockConfig, ModelConfig
 Dtype = Any
 
 
+def unit_names(config: ModelConfig) -> list[str]:
+    """The backbone's units in forward order, as top-level parameter names: 'stem', 'blocks_0'.., 'head'.
+    (BatchNorm 'stem_bn'/'head_bn' belong to 'stem'/'head'; 'classifier' is not a unit.)"""
+    return ["stem"] + [f"blocks_{i}" for i in range(len(config.blocks))] + ["head"]
+
+
+def unit_of(param_name: str) -> str | None:
+    """The unit a top-level parameter name belongs to (None for the classifier)."""
+    if param_name == "classifier":
+        return None
+    return param_name.removesuffix("_bn")
+
+
 def _classifier_init(key, shape, dtype=jnp.float32):
     """torchvision's head init: uniform(-1/sqrt(num_classes), 1/sqrt(num_classes))."""
     r = 1.0 / math.sqrt(shape[1])
@@ -76,22 +89,26 @@ class EfficientNet(nn.Module):
     num_classes: int = 1000
     dtype: Dtype = jnp.float32
     depthwise_impl: str = "auto"
+    # Fine-tuning: the first `frozen_units` of `unit_names(config)` (stem, blocks_0.., head) keep their
+    # BatchNorm in inference mode even when train=True (their parameters are frozen by the optimizer).
+    frozen_units: int = 0
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         cfg, act = self.config, ACTIVATIONS[self.config.activation]
         bn = lambda name: BatchNorm(cfg.bn_momentum, cfg.bn_epsilon, self.dtype, name=name)  # noqa: E731
+        trains = lambda unit: train and unit >= self.frozen_units  # noqa: E731
         x = x.astype(self.dtype)
         x = Conv(cfg.stem_channels, 3, cfg.stem_stride, cfg.padding, self.dtype, name="stem")(x)
-        x = act(bn("stem_bn")(x, not train))
+        x = act(bn("stem_bn")(x, not trains(0)))
         self.sow("intermediates", "stem_out", x)
         for i, block in enumerate(cfg.blocks):
             x = MBConv(block, cfg.activation, cfg.padding, cfg.bn_momentum, cfg.bn_epsilon,
-                       self.depthwise_impl, self.dtype, name=f"blocks_{i}")(x, train)
+                       self.depthwise_impl, self.dtype, name=f"blocks_{i}")(x, trains(i + 1))
             if i + 1 == len(cfg.blocks) or cfg.blocks[i + 1].stage != block.stage:
                 self.sow("intermediates", f"stage{block.stage}", x)
         x = Conv(cfg.head_channels, dtype=self.dtype, name="head")(x)
-        x = act(bn("head_bn")(x, not train))
+        x = act(bn("head_bn")(x, not trains(len(cfg.blocks) + 1)))
         self.sow("intermediates", "head_out", x)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         if self.num_classes == 0:
@@ -103,14 +120,15 @@ class EfficientNet(nn.Module):
 
 _CONFIG_OVERRIDES = ("drop_rate", "drop_path_rate", "stem_stride", "padding", "width", "depth", "resolution",
                      "bn_epsilon", "bn_momentum")
-_MODULE_OVERRIDES = ("dtype", "depthwise_impl")
+_MODULE_OVERRIDES = ("dtype", "depthwise_impl", "frozen_units")
 
 
 def create_model(variant: str, num_classes: int = 1000, **overrides) -> EfficientNet:
     """Build an EfficientNet ('b0'..'b7') or EfficientNet-Lite ('lite0'..'lite4').
 
     Overrides: `dtype` (compute dtype, e.g. jnp.bfloat16; parameters stay float32), `depthwise_impl`
-    ('auto', 'shift', 'xla'), `drop_rate` (classifier dropout), `drop_path_rate` (stochastic depth of the
+    ('auto', 'shift', 'xla'), `frozen_units` (BN of the first N units of `unit_names` stays in inference
+    mode in training), `drop_rate` (classifier dropout), `drop_path_rate` (stochastic depth of the
     last block), `stem_stride` (1 for small inputs such as CIFAR's 32 px), `padding` ('symmetric' or
     'same'), `width`/`depth`/`resolution` (custom compound scaling), `bn_epsilon`/`bn_momentum` (PyTorch
     convention). `num_classes=0` returns pooled features.

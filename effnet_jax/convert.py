@@ -1,0 +1,231 @@
+"""PyTorch EfficientNet state dicts -> Flax variables, and ImageNet-pretrained variables.
+
+Two layouts are understood, each by one explicit mapping table built from the `ModelConfig`:
+
+* torchvision (`torchvision.models.efficientnet_b*`)::
+
+      features.0.0 / features.0.1                stem conv / BN
+      features.{s+1}.{j}.block.{k}.0 / .1        conv / BN of layer k of block j in stage s, where the
+                                                 layers are [expand], depthwise, SE (fc1, fc2), project
+      features.{S+1}.0 / .1                      head conv / BN
+      classifier.1                               Linear
+
+* lukemelas / EfficientNet-Lite (`efficientnet_pytorch`, `efficientnet_lite_pytorch`)::
+
+      _conv_stem, _bn0, _blocks.{i}._expand_conv/_bn0, _depthwise_conv/_bn1, _se_reduce/_se_expand,
+      _project_conv/_bn2, _conv_head, _bn1, _fc
+
+Tensors: conv OIHW -> HWIO (a depthwise (C,1,k,k) kernel becomes (k,k,1,C) by the same transpose), 1×1 SE
+convs and Linear -> Dense (in, out), BatchNorm weight/bias -> params scale/bias, running_mean/var ->
+batch_stats mean/var. Every key of the file must be used and every parameter of the model filled, with
+the shape it needs; otherwise the error names the first key that does not fit.
+
+CLI: `python -m effnet_jax.convert SRC.pth --variant b0 --out DIR [--num-classes N]` writes a checkpoint
+that `effnet_jax.checkpoint.load_model` (and train/evaluate/predict) read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Iterator
+
+import jax
+import numpy as np
+
+from . import variants
+from .torch_reader import read_torch_state_dict
+from .variants import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# how a tensor is turned into a Flax array
+_CONV, _DENSE1X1, _LINEAR, _COPY = "conv", "dense1x1", "linear", "copy"
+_TRANSFORMS = {
+    _CONV: lambda w: np.ascontiguousarray(w.transpose(2, 3, 1, 0)),   # OIHW -> HWIO
+    _DENSE1X1: lambda w: np.ascontiguousarray(w[:, :, 0, 0].T),       # (out, in, 1, 1) -> (in, out)
+    _LINEAR: lambda w: np.ascontiguousarray(w.T),                      # (out, in) -> (in, out)
+    _COPY: lambda w: w,
+}
+
+# (torch suffix, collection, flax leaf, transform) for one conv + BN pair, and for BN alone
+_BN = (("weight", "params", "scale"), ("bias", "params", "bias"),
+       ("running_mean", "batch_stats", "mean"), ("running_var", "batch_stats", "var"))
+
+Entry = tuple[str, str, tuple[str, ...], str]  # torch key, collection, flax path, transform
+
+
+class ConversionError(ValueError):
+    """The state dict does not fit the requested variant / layout."""
+
+
+def _conv_bn(torch_conv: str, torch_bn: str, flax_conv: tuple[str, ...], flax_bn: tuple[str, ...]
+             ) -> Iterator[Entry]:
+    yield f"{torch_conv}.weight", "params", flax_conv + ("kernel",), _CONV
+    for suffix, coll, leaf in _BN:
+        yield f"{torch_bn}.{suffix}", coll, flax_bn + (leaf,), _COPY
+
+
+def _se(torch_reduce: str, torch_expand: str, block: str) -> Iterator[Entry]:
+    for t, f in ((torch_reduce, "reduce"), (torch_expand, "expand")):
+        yield f"{t}.weight", "params", (block, "se", f, "kernel"), _DENSE1X1
+        yield f"{t}.bias", "params", (block, "se", f, "bias"), _COPY
+
+
+def torchvision_table(cfg: ModelConfig) -> list[Entry]:
+    """The mapping torchvision key -> Flax path for `cfg`."""
+    t = list(_conv_bn("features.0.0", "features.0.1", ("stem",), ("stem_bn",)))
+    stage_pos: dict[int, int] = {}
+    for i, b in enumerate(cfg.blocks):
+        j = stage_pos[b.stage] = stage_pos.get(b.stage, -1) + 1
+        pre, blk, k = f"features.{b.stage + 1}.{j}.block", f"blocks_{i}", 0
+        if b.expand_channels != b.in_channels:
+            t += _conv_bn(f"{pre}.0.0", f"{pre}.0.1", (blk, "expand_conv"), (blk, "expand_bn"))
+            k = 1
+        t += _conv_bn(f"{pre}.{k}.0", f"{pre}.{k}.1", (blk, "dw_conv"), (blk, "dw_bn"))
+        if b.se_channels:
+            t += _se(f"{pre}.{k + 1}.fc1", f"{pre}.{k + 1}.fc2", blk)
+            k += 1
+        t += _conv_bn(f"{pre}.{k + 1}.0", f"{pre}.{k + 1}.1", (blk, "project_conv"), (blk, "project_bn"))
+    last = cfg.num_stages + 1
+    t += _conv_bn(f"features.{last}.0", f"features.{last}.1", ("head",), ("head_bn",))
+    t += [("classifier.1.weight", "params", ("classifier", "kernel"), _LINEAR),
+          ("classifier.1.bias", "params", ("classifier", "bias"), _COPY)]
+    return t
+
+
+def lukemelas_table(cfg: ModelConfig) -> list[Entry]:
+    """The mapping lukemelas/Lite key -> Flax path for `cfg`."""
+    t = list(_conv_bn("_conv_stem", "_bn0", ("stem",), ("stem_bn",)))
+    for i, b in enumerate(cfg.blocks):
+        pre, blk = f"_blocks.{i}", f"blocks_{i}"
+        if b.expand_channels != b.in_channels:
+            t += _conv_bn(f"{pre}._expand_conv", f"{pre}._bn0", (blk, "expand_conv"), (blk, "expand_bn"))
+        t += _conv_bn(f"{pre}._depthwise_conv", f"{pre}._bn1", (blk, "dw_conv"), (blk, "dw_bn"))
+        if b.se_channels:
+            t += _se(f"{pre}._se_reduce", f"{pre}._se_expand", blk)
+        t += _conv_bn(f"{pre}._project_conv", f"{pre}._bn2", (blk, "project_conv"), (blk, "project_bn"))
+    t += _conv_bn("_conv_head", "_bn1", ("head",), ("head_bn",))
+    t += [("_fc.weight", "params", ("classifier", "kernel"), _LINEAR),
+          ("_fc.bias", "params", ("classifier", "bias"), _COPY)]
+    return t
+
+
+LAYOUTS = {"torchvision": ("features.0.0.weight", torchvision_table),
+           "lukemelas": ("_conv_stem.weight", lukemelas_table)}
+
+
+def detect_layout(state_dict: dict[str, np.ndarray]) -> str:
+    for name, (marker, _) in LAYOUTS.items():
+        if marker in state_dict:
+            return name
+    raise ConversionError("not an EfficientNet state dict in a known layout (torchvision 'features.0.0.weight' "
+                          f"or lukemelas/Lite '_conv_stem.weight'); first keys: {list(state_dict)[:5]}")
+
+
+def layout_overrides(layout: str, variant: str) -> dict:
+    """`create_model` overrides that make the Flax model compute what the file's PyTorch model computes.
+    torchvision pads symmetrically; lukemelas B-models were ported from TF (SAME padding, BN eps 1e-3);
+    Lite configs are TF-style already."""
+    if layout == "lukemelas" and not variant.startswith("lite"):
+        return {"padding": "same", "bn_epsilon": 1e-3, "bn_momentum": 0.01}
+    return {}
+
+
+def convert_state_dict(state_dict: dict[str, np.ndarray], variant: str, num_classes: int | None = None,
+                       rng: jax.Array | None = None, source: str = "state dict") -> dict:
+    """Map a torchvision or lukemelas/Lite state dict onto `create_model(variant, num_classes)`'s variables.
+
+    `num_classes=None` keeps the file's classifier. Any other number loads the backbone and initializes a
+    fresh head (torchvision's init, from `rng`, default key 0) — the transfer fine-tune's starting point.
+    """
+    from .models import _classifier_init, create_model, param_shapes
+
+    layout = detect_layout(state_dict)
+    table = LAYOUTS[layout][1](variants.model_config(variant))
+    file_classes = int(state_dict[table[-1][0]].shape[0]) if table[-1][0] in state_dict else None
+    classes = file_classes if num_classes is None else num_classes
+    if classes is None:
+        raise ConversionError(f"{source}: no classifier in the file; pass num_classes")
+    model = create_model(variant, classes, **layout_overrides(layout, variant))
+    shapes = param_shapes(model, 64)
+    new_head = classes != file_classes
+
+    out: dict = {"params": {}, "batch_stats": {}}
+    used = set()
+    for key, coll, path, how in table:
+        if new_head and path[0] == "classifier":
+            continue
+        if key not in state_dict:
+            raise ConversionError(f"{source}: missing key {key!r} for {variant} ({layout} layout): is this file "
+                                  f"for another variant?")
+        value = _TRANSFORMS[how](np.asarray(state_dict[key]))
+        want = shapes[coll]
+        for p in path:
+            want = want[p]
+        if tuple(value.shape) != tuple(want.shape):
+            raise ConversionError(f"{source}: {key!r} has shape {tuple(state_dict[key].shape)}, which does not fit "
+                                  f"{variant} ({'/'.join(path)} needs {tuple(want.shape)} after transposing): is "
+                                  f"this file for another variant?")
+        node = out[coll]
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = value.astype(np.float32)
+        used.add(key)
+    extra = [k for k in state_dict if k not in used and not k.endswith("num_batches_tracked")
+             and not (new_head and k in (table[-2][0], table[-1][0]))]
+    if extra:
+        raise ConversionError(f"{source}: unexpected key {extra[0]!r} ({len(extra)} unused) for {variant}: is this "
+                              f"file for another variant?")
+    if new_head:
+        k = shapes["params"]["classifier"]["kernel"].shape
+        out["params"]["classifier"] = {
+            "kernel": np.asarray(_classifier_init(jax.random.key(0) if rng is None else rng, k)),
+            "bias": np.zeros((classes,), np.float32)}
+        log.info("%s: backbone loaded; new %d-class head initialized (the file has %s classes)", source, classes,
+                 file_classes)
+    return out
+
+
+def pretrained(variant: str, path: str | os.PathLike | None = None, num_classes: int | None = None,
+               rng: jax.Array | None = None) -> dict:
+    """ImageNet-pretrained variables for `variant`: torchvision's file for B0-B7 (downloaded into / reused from
+    the torch hub cache), the packaged file for Lite0-2, or the .pth at `path`. See `convert_state_dict` for
+    `num_classes`. A B-model file in the lukemelas layout (TF-ported) needs
+    `create_model(variant, **layout_overrides("lukemelas", variant))`; torchvision and Lite files need none."""
+    from .weights import weights_file
+
+    src = os.fspath(path) if path is not None else os.fspath(weights_file(variant))
+    return convert_state_dict(read_torch_state_dict(src), variant, num_classes, rng, source=src)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import checkpoint
+    p = argparse.ArgumentParser(prog="python -m effnet_jax.convert", description=(
+        "Convert a PyTorch EfficientNet .pth (torchvision or lukemelas/Lite layout) into an effnet_jax "
+        "checkpoint directory."))
+    p.add_argument("src", help="the .pth file")
+    p.add_argument("--variant", required=True, choices=variants.VARIANTS)
+    p.add_argument("--out", required=True, help="output directory (created; must not hold a checkpoint)")
+    p.add_argument("--num-classes", type=int, default=None, help="new head size (default: keep the file's)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        sd = read_torch_state_dict(args.src)
+        layout = detect_layout(sd)
+        variables = convert_state_dict(sd, args.variant, args.num_classes, source=args.src)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    classes = variables["params"]["classifier"]["bias"].shape[0]
+    checkpoint.save_model(args.out, variables, {"variant": args.variant, "num_classes": int(classes),
+                                                "overrides": layout_overrides(layout, args.variant),
+                                                "source": os.path.abspath(args.src), "layout": layout})
+    print(f"wrote {args.variant} ({classes} classes, {layout} layout) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""The converted JAX model *is* the PyTorch model: forward logits and per-stage activations for B0-B7
+(torchvision, random weights, randomized BN statistics), the real Lite0 ImageNet weights against the Lite
+reference model on real images, and one Adam training step."""
+
+import io
+import tarfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import effnet_jax
+from effnet_jax import convert
+from effnet_jax.torch_reader import read_torch_state_dict
+
+torch = pytest.importorskip("torch")
+tv_models = pytest.importorskip("torchvision.models")
+
+CIFAR_TAR = "../shared/data/cifar10-jpeg-train.tar.gz"
+
+
+def randomized_torchvision(variant, seed, x_nhwc, num_classes=1000):
+    """torchvision's model with random weights and randomized BN running statistics.
+
+    Each BN's running mean/var are set, in forward order, to the statistics of its actual input on `x_nhwc`
+    perturbed by 0.1 std in mean and ±25 % in variance. Setting them in order, each on the already perturbed
+    upstream network, keeps activations O(1) through all 55 blocks of B7 even at 64 px (statistics set
+    independently compound into 1e7-sized activations where float32 rounding no longer compares), while
+    eval mode still differs from batch statistics, so a mix-up of the two is caught."""
+    torch.manual_seed(seed)
+    m = getattr(tv_models, f"efficientnet_{variant}")(num_classes=num_classes).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def calibrate(mod, inputs):
+        x = inputs[0]
+        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+        mod.running_mean.copy_(mean + 0.1 * var.sqrt() * torch.randn(mean.shape, generator=g))
+        mod.running_var.copy_(var * (0.75 + 0.5 * torch.rand(var.shape, generator=g)))
+
+    with torch.no_grad():
+        bns = [mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+        for mod in bns:
+            mod.weight.copy_(torch.rand(mod.weight.shape, generator=g) + 0.5)
+            mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.1)
+        hooks = [mod.register_forward_pre_hook(calibrate) for mod in bns]
+        m(torch.from_numpy(x_nhwc).permute(0, 3, 1, 2).contiguous())
+        for h in hooks:
+            h.remove()
+        m.classifier[1].bias.copy_(torch.randn(num_classes, generator=g) * 0.1)
+    return m
+
+
+def torch_stage_outputs(m, x_nchw):
+    """Outputs of features[0] (stem), features[1..7] (stages), features[8] (head) and the logits."""
+    outs = []
+    hooks = [f.register_forward_hook(lambda mod, i, o: outs.append(o.detach().numpy())) for f in m.features]
+    with torch.no_grad():
+        logits = m(x_nchw).numpy()
+    for h in hooks:
+        h.remove()
+    return outs, logits
+
+
+def save_and_convert(m, tmp_path, variant, **kw):
+    path = tmp_path / f"{variant}.pth"
+    torch.save(m.state_dict(), path, **kw)
+    return convert.convert_state_dict(read_torch_state_dict(path), variant, source=str(path))
+
+
+def jax_stage_outputs(model, variables, x_nhwc):
+    logits, state = model.apply(variables, jnp.asarray(x_nhwc), mutable=["intermediates"])
+    inter = state["intermediates"]
+    names = ["stem_out"] + [f"stage{s}" for s in range(7)] + ["head_out"]
+    return [np.asarray(inter[n][0]) for n in names], np.asarray(logits), names
+
+
+# B0 at its native 224 px; the others small to keep CI fast, but not 64 px: there the last stages are 2×2,
+# each BN's statistics come from 8 values per channel, and float32 rounding reaches 1e-4..5e-4 in the logits
+# (measured, with either depthwise implementation). At 96/128 px it stays at 1e-5..6e-5.
+@pytest.mark.parametrize("variant,resolution", [("b0", 224), ("b1", 96), ("b2", 96), ("b3", 96), ("b4", 96),
+                                                ("b5", 128), ("b6", 128), ("b7", 128)])
+def test_forward_equals_torchvision(variant, resolution, tmp_path):
+    x = np.random.RandomState(0).randn(2, resolution, resolution, 3).astype(np.float32)
+    m = randomized_torchvision(variant, int(variant[1]), x)
+    variables = save_and_convert(m, tmp_path, variant)
+    t_outs, t_logits = torch_stage_outputs(m, torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
+    # B0 with the backend's default depthwise implementation; the others with XLA's grouped conv, which runs
+    # op by op ~40 % faster here (the implementations agree to 1e-5: tests/test_models.py)
+    impl = "auto" if variant == "b0" else "xla"
+    j_outs, j_logits, names = jax_stage_outputs(effnet_jax.create_model(variant, depthwise_impl=impl), variables, x)
+    for name, t, j in zip(names, t_outs, j_outs):  # a failure names the first stage that differs
+        # float32 rounding grows through the stages to ~1e-4 of the activations' range in the deepest ones;
+        # a mapping error gives differences of the order of the activations themselves
+        scale = max(1.0, float(np.abs(t).max()))
+        np.testing.assert_allclose(j, t.transpose(0, 2, 3, 1), atol=3e-4 * scale, err_msg=f"{variant} {name}")
+    assert np.abs(t_logits).max() > 0.5  # the comparison is not trivially about zeros
+    np.testing.assert_allclose(j_logits, t_logits, atol=1e-4, rtol=0, err_msg=f"{variant} logits")
+
+
+def test_legacy_format_and_new_head(tmp_path, caplog):
+    m = randomized_torchvision("b0", 3, np.random.RandomState(0).randn(2, 64, 64, 3).astype(np.float32))
+    path = tmp_path / "b0_legacy.pth"
+    torch.save(m.state_dict(), path, _use_new_zipfile_serialization=False)
+    sd = read_torch_state_dict(path)
+    with caplog.at_level("INFO"):
+        v = convert.convert_state_dict(sd, "b0", num_classes=10, source=str(path))
+    assert "new 10-class head" in caplog.text
+    assert v["params"]["classifier"]["kernel"].shape == (1280, 10)
+    assert not np.any(v["params"]["classifier"]["bias"])
+    np.testing.assert_array_equal(v["params"]["stem"]["kernel"], sd["features.0.0.weight"].transpose(2, 3, 1, 0))
+    bound = 1 / np.sqrt(10)  # torchvision's Linear init range for the fresh head
+    assert np.abs(v["params"]["classifier"]["kernel"]).max() <= bound
+
+
+def test_wrong_variant_names_the_key(tmp_path):
+    sd = {k: v.numpy() for k, v in tv_models.efficientnet_b0().state_dict().items()}
+    with pytest.raises(convert.ConversionError, match=r"features\.0\.0\.weight.*\(32, 3, 3, 3\).*b3"):
+        convert.convert_state_dict(sd, "b3")
+    with pytest.raises(convert.ConversionError, match=r"unexpected key 'features\.1\.1\.block"):
+        convert.convert_state_dict({k: v.numpy() for k, v in tv_models.efficientnet_b1().state_dict().items()},
+                                   "b0")
+    with pytest.raises(convert.ConversionError, match="known layout"):
+        convert.convert_state_dict({"foo.weight": np.zeros(3)}, "b0")
+
+
+def _cifar_images(n_per_class=2):
+    """Real CIFAR-10 training JPEGs from ../shared/data: (PIL images, class names)."""
+    from PIL import Image
+    import pathlib
+    tar_path = pathlib.Path(__file__).resolve().parents[1] / CIFAR_TAR
+    if not tar_path.exists():
+        pytest.skip(f"{tar_path} not found")
+    images, counts = [], {}
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            cls = member.name.split("/")[-2]
+            if counts.get(cls, 0) < n_per_class:
+                counts[cls] = counts.get(cls, 0) + 1
+                images.append(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB"))
+            if len(counts) == 10 and all(c >= n_per_class for c in counts.values()):
+                break
+    return images
+
+
+def test_lite0_imagenet_weights_equal_reference():
+    ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
+    from effnet_jax.weights import weights_file
+    from PIL import Image
+
+    path = weights_file("lite0")
+    ref = ref_pkg.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path)).eval()
+    variables = effnet_jax.pretrained("lite0")
+    images = _cifar_images(n_per_class=1)  # 10 real images, one per class
+    x = np.stack([np.asarray(im.resize((224, 224), Image.BICUBIC), np.float32) for im in images])
+    x = (x - 127.0) / 128.0  # the Lite weights' normalization (see effnet_jax/weights.py)
+    with torch.no_grad():
+        t_logits = ref(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).numpy()
+    j_logits = np.asarray(effnet_jax.create_model("lite0").apply(variables, jnp.asarray(x)))
+    np.testing.assert_allclose(j_logits, t_logits, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(np.argsort(-j_logits, 1)[:, :5], np.argsort(-t_logits, 1)[:, :5])
+
+
+def test_adam_training_step_equals_pytorch(tmp_path):
+    """One Adam step from identical weights and batch, train-mode BN, dropout and drop-path off: equal loss,
+    gradients, updated parameters and updated BN running statistics.
+
+    Adam's eps is 1e-2 in both frameworks, not 1e-8. Adam's first step is lr * g / (|g| + eps), about
+    lr * sign(g): where |g| is not far above float32 rounding its sign is arbitrary, in either framework.
+    Such gradients exist: some are exactly zero in exact arithmetic (the BN bias of a block whose output feeds
+    only a 1×1 conv and a train-mode BN, which subtracts any constant), and the depthwise kernels' gradients,
+    sums over the whole batch of values up to ~30 here, carry ~1e-5 of absolute rounding (measured: the same
+    against torch in float64). With eps=1e-8 either effect gives ±lr = 1e-3 differences; eps=1e-2 bounds them
+    by lr * 1e-5 / eps = 1e-6. The gradients themselves are compared too, directly."""
+    variant, res, n, classes, lr, eps = "b0", 64, 8, 10, 1e-3, 1e-2
+    rng = np.random.RandomState(1)
+    x = rng.randn(n, res, res, 3).astype(np.float32)
+    y = rng.randint(0, classes, n)
+    m = randomized_torchvision(variant, 7, x, num_classes=classes)
+    for mod in m.modules():
+        if hasattr(mod, "stochastic_depth"):
+            mod.stochastic_depth.p = 0.0
+    m.classifier[0].p = 0.0
+    variables = save_and_convert(m, tmp_path, variant)
+
+    m.train()
+    opt_t = torch.optim.Adam(m.parameters(), lr=lr, eps=eps)
+    loss_t = torch.nn.functional.cross_entropy(m(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()),
+                                               torch.from_numpy(y))
+    opt_t.zero_grad()
+    loss_t.backward()
+    grads_sd = {k: v.numpy() for k, v in m.state_dict().items()}
+    grads_sd.update({k: p.grad.numpy() for k, p in m.named_parameters()})
+    grads_t = convert.convert_state_dict(grads_sd, variant)["params"]
+    opt_t.step()
+
+    model = effnet_jax.create_model(variant, classes, drop_rate=0.0, drop_path_rate=0.0)
+
+    def loss_fn(params, batch_stats):
+        logits, new = model.apply({"params": params, "batch_stats": batch_stats}, jnp.asarray(x), train=True,
+                                  mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(y)).mean(), new
+
+    tx = optax.adam(lr, eps=eps)
+    params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
+    (loss_j, new_state), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params,
+                                                                                    variables["batch_stats"])
+    updates, _ = tx.update(grads, tx.init(params), params)
+    params = optax.apply_updates(params, updates)
+
+    assert abs(float(loss_j) - float(loss_t)) <= 1e-5
+    gmax = max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(grads_t))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(grads_t)):
+        np.testing.assert_allclose(np.asarray(a), b, atol=3e-5 * gmax, rtol=1e-3, err_msg=jax.tree_util.keystr(path))
+    after = save_and_convert(m, tmp_path, variant)
+    diffs = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), params, after["params"])
+    worst = max(jax.tree_util.tree_leaves_with_path(diffs), key=lambda kv: kv[1])
+    assert worst[1] <= 1e-5, f"largest parameter difference {worst[1]:.2e} at {jax.tree_util.keystr(worst[0])}"
+    # BN running statistics: torch's unbiased running_var update, matched
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(new_state["batch_stats"]),
+                            jax.tree_util.tree_leaves(after["batch_stats"])):
+        np.testing.assert_allclose(np.asarray(a), b, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
