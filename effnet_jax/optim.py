@@ -14,7 +14,8 @@ Everything here is a plain function over pytrees; the trainer calls them with an
 * **Schedule.** One rule: linear warmup from 0 to the peak learning rate over `warmup_epochs` (floored to
   whole steps), then a cosine decay to exactly 0 at the end of the phase
   (`optax.warmup_cosine_decay_schedule`, end value 0);
-  `warmup_epochs=0` starts at the peak. There is no constant schedule.
+  `warmup_epochs=0` starts at the peak. `schedule='constant'` keeps the peak after the warmup instead (the
+  reference notebook's plain Adam).
 * **Two phases** (`two_phase=True`, as the Keras fine-tuning example): phase 1 (`phase1_epochs`) trains
   the classifier only ('head-only') at `lr`; phase 2 (the remaining `epochs - phase1_epochs`) trains what
   `freeze` leaves trainable at `lr * phase2_lr_scale`. Each phase is its own optimizer — its own warmup
@@ -91,8 +92,11 @@ class OptimConfig:
     phase1_epochs: int = 0          # two-phase: epochs of classifier-only training
     phase2_lr_scale: float = 0.1    # two-phase: phase-2 peak lr = lr * phase2_lr_scale
     ema_decay: float = 0.0          # 0 = off
+    schedule: str = "cosine"        # 'cosine' (warmup + cosine to 0) or 'constant' (warmup, then lr)
 
     def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         checks = {
@@ -139,6 +143,10 @@ def _phase_schedule(cfg: OptimConfig, phase: Phase, steps_per_epoch: int) -> opt
     the phase's end; counted from the phase's first step."""
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "constant":  # the reference notebook's plain Adam
+        return optax.join_schedules([optax.linear_schedule(0.0, phase.lr, warmup), optax.constant_schedule(phase.lr)],
+                                    [warmup]) if warmup else optax.constant_schedule(phase.lr)
     return optax.warmup_cosine_decay_schedule(  # floor: warmup_epochs < phase.epochs leaves a decay
         init_value=0.0, peak_value=phase.lr, warmup_steps=int(cfg.warmup_epochs * steps_per_epoch),
         decay_steps=phase.epochs * steps_per_epoch, end_value=0.0)

@@ -1,0 +1,91 @@
+"""Evaluate a fine-tuning run's checkpoint on a dataset split.
+
+    python -m effnet_jax.evaluate --workdir DIR [--dataset SPEC] [--data-dir D] [--split val|test] [--which best|latest]
+
+Prints per-class accuracy and, last, one JSON line with top1, top5, loss, n. The evaluated data's classes are
+matched to the run's class names by name (a folder with a subset of the classes, or in another order, works).
+With the run's own dataset and `--split val` it recomputes exactly the validation numbers the run logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_dir: str | None = None,
+                 split: str = "val", which: str = "best", batch_size: int | None = None) -> dict:
+    from . import data as data_lib
+    from .train import (Mesh, TrainConfig, augment_config, build_model, eval_step, evaluate, load_data,
+                        restore_checkpoint)
+
+    workdir = pathlib.Path(workdir)
+    if not (workdir / "config.json").exists():
+        raise FileNotFoundError(f"{workdir}: no config.json; not a training run directory")
+    saved = json.loads((workdir / "config.json").read_text())
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    if dataset is not None:
+        cfg = dataclasses.replace(cfg, dataset=dataset, data_dir=data_dir)
+    elif data_dir is not None:
+        cfg = dataclasses.replace(cfg, data_dir=data_dir)
+    run_classes = json.loads((workdir / "class_names.json").read_text())
+    ds = load_data(dataclasses.replace(cfg, max_train_examples=None))
+    chosen = {"val": ds.val, "test": ds.test, "train": ds.train}.get(split)
+    if chosen is None:
+        raise ValueError(f"{cfg.dataset}: no {split!r} split" + (" (the data has no test split; use --split val)"
+                                                                 if split == "test" else ""))
+    missing = [c for c in ds.class_names if c not in run_classes]
+    if missing:
+        raise ValueError(f"classes {missing[:5]} of the evaluated data are not among the run's {len(run_classes)} "
+                         "classes")
+    to_run = np.asarray([run_classes.index(c) for c in ds.class_names], np.int32)
+    labels = to_run[chosen.labels]
+
+    tree, meta = restore_checkpoint(workdir / "checkpoints" / which)
+    variables = tree["ema"] if "ema" in tree else {"params": tree["params"], "batch_stats": tree["batch_stats"]}
+    model = build_model(cfg, len(run_classes), overrides=saved.get("model_overrides", {}))
+    aug = augment_config(cfg, tuple(saved["mean"]), tuple(saved["std"]))
+    mesh = Mesh()
+    arrays = mesh.replicate((jnp.asarray(chosen.images), jnp.asarray(labels)))
+    eval_fn = jax.jit(functools.partial(eval_step, model=model, aug=aug))
+    res = evaluate(mesh.replicate(variables), arrays, len(chosen), eval_fn, mesh, batch_size or cfg.eval_batch_size,
+                   return_logits=True)
+    pred = res.pop("logits").argmax(-1)
+    per_class = {run_classes[c]: float(np.mean(pred[labels == c] == c)) for c in np.unique(labels)}
+    return {"per_class": per_class, "top1": res["top1"], "top5": res["top5"], "loss": res["loss"], "n": res["n"],
+            "epoch": meta.get("epoch"), "split": split, "which": which}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m effnet_jax.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="the training run's directory")
+    p.add_argument("--dataset", default=None, help="dataset spec (default: the run's)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--split", default="val", choices=("val", "test", "train"))
+    p.add_argument("--which", default="best", choices=("best", "latest"))
+    p.add_argument("--batch-size", type=int, default=None)
+    args = p.parse_args(argv)
+    try:
+        out = evaluate_run(args.workdir, args.dataset, args.data_dir, args.split, args.which, args.batch_size)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    width = max(len(c) for c in out["per_class"])
+    for name, acc in out["per_class"].items():
+        print(f"{name:<{width}}  {100 * acc:6.2f} %")
+    summary = {k: out[k] for k in ("top1", "top5", "loss", "n", "epoch", "split", "which")}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

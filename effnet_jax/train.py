@@ -1,0 +1,466 @@
+"""Fine-tuning: config, train/eval steps over a device mesh, the epoch loop, checkpoints, metrics and curves.
+
+Plain functions, as flax's examples/imagenet: `create_train_state`, `train_step`, `eval_step`,
+`evaluate`, `train_and_evaluate(cfg)`. The top-level `train.py` only parses flags into a `TrainConfig`.
+
+Data parallelism: one `jax.jit` step over a 1-D mesh `('data',)` of all devices (of all processes). The
+dataset lives on the devices as uint8 (replicated); the host sends only the global example indices of each
+batch, sharded over the mesh, and the step gathers, augments (per-example RNG keyed by the example index)
+and trains. BatchNorm's batch statistics are global reductions, i.e. synchronized. The state is donated.
+The same code runs on 1..N devices and N processes; results do not depend on the layout.
+
+Work directory: `config.json`, `metrics.jsonl` (one record per epoch, the first being epoch 0: the
+accuracy before fine-tuning), `curves.png`, `checkpoints/latest` and `checkpoints/best` (orbax),
+`class_names.json`; the last stdout line is a JSON summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import pathlib
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from . import data as data_lib
+from . import optim, variants
+from .models import EfficientNet, create_model
+
+log = logging.getLogger(__name__)
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on; saved as config.json. Defaults: our recipe (see README)."""
+    variant: str = "b0"
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    init: str = "imagenet"              # 'imagenet', 'scratch', a .pth file, or a run / model directory
+    workdir: str = "runs/default"
+    epochs: int = 10
+    batch_size: int = 64                # global
+    eval_batch_size: int = 256
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    grad_clip: float = 0.0
+    freeze: str = "none"
+    two_phase: bool = False
+    phase1_epochs: int = 0
+    phase2_lr_scale: float = 0.1
+    ema_decay: float = 0.0
+    resolution: int = 64                # training/eval input side; CIFAR's 32 px images are resized to it
+    crop_padding: int = 4
+    flip: bool = True
+    rotation: float = 0.0
+    zoom: float = 0.0
+    translation: float = 0.0
+    contrast: float = 0.0
+    dtype: str = "float32"
+    drop_rate: float | None = None      # None: the variant's
+    drop_path_rate: float | None = None
+    val_fraction: float = 0.1
+    seed: int = 0
+    resume: bool = False
+    on_corrupt: str = "error"
+    max_train_examples: int | None = None   # for smoke tests and quick looks: use only the first N
+    progress: bool = True
+
+    def optim_config(self) -> optim.OptimConfig:
+        return optim.OptimConfig(
+            optimizer=self.optimizer, lr=self.lr, weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs,
+            epochs=self.epochs, grad_clip=self.grad_clip, label_smoothing=self.label_smoothing, freeze=self.freeze,
+            two_phase=self.two_phase, phase1_epochs=self.phase1_epochs, phase2_lr_scale=self.phase2_lr_scale,
+            ema_decay=self.ema_decay, schedule=self.schedule)
+
+
+# The user's reference: a torchvision notebook (B0, 32 px, crop pad 4 + flip, Adam 1e-3, batch 64, 25 epochs).
+PRESETS: dict[str, dict[str, Any]] = {
+    "notebook": dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant", warmup_epochs=0.0,
+                     label_smoothing=0.0, batch_size=64, epochs=25, resolution=32, crop_padding=4, flip=True,
+                     freeze="none", ema_decay=0.0),
+}
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+    ema: PyTree | None       # {'params', 'batch_stats'} EMA, or None
+    rng: jax.Array           # base key; step keys are fold_in(rng, step)
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+def normalization(cfg: TrainConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std of the init weights' preprocessing (ImageNet's for B, TF's (x-127)/128 for Lite)."""
+    from .weights import weights_entry
+    e = weights_entry(cfg.variant)
+    return tuple(e.mean), tuple(e.std)
+
+
+def build_model(cfg: TrainConfig, num_classes: int, frozen_units: int = 0, overrides: dict | None = None
+                ) -> EfficientNet:
+    kw = dict(overrides or {})
+    if cfg.drop_rate is not None:
+        kw["drop_rate"] = cfg.drop_rate
+    if cfg.drop_path_rate is not None:
+        kw["drop_path_rate"] = cfg.drop_path_rate
+    return create_model(cfg.variant, num_classes, dtype=jnp.dtype(cfg.dtype), frozen_units=frozen_units, **kw)
+
+
+def initial_variables(cfg: TrainConfig, num_classes: int, key: jax.Array) -> tuple[PyTree, dict]:
+    """(variables, create_model overrides) for --init: ImageNet weights (new head), a .pth, a previous run /
+    converted model directory (its weights, head kept if the class count matches), or scratch."""
+    from . import checkpoint, convert
+    init = cfg.init
+    if init == "scratch":
+        model = build_model(cfg, num_classes)
+        x = jnp.zeros((1, cfg.resolution, cfg.resolution, 3))
+        return jax.jit(lambda k: model.init(k, x, train=False))(key), {}
+    if init == "imagenet" or init.endswith((".pth", ".pt")):
+        path = None if init == "imagenet" else init
+        sd_variant_overrides = {}
+        if path is not None:
+            from .torch_reader import read_torch_state_dict
+            sd = read_torch_state_dict(path)
+            sd_variant_overrides = convert.layout_overrides(convert.detect_layout(sd), cfg.variant)
+            return convert.convert_state_dict(sd, cfg.variant, num_classes, key, source=path), sd_variant_overrides
+        return convert.pretrained(cfg.variant, num_classes=num_classes, rng=key), {}
+    d = pathlib.Path(init)
+    if (d / "config.json").exists() and (d / "checkpoints").exists():  # a previous run
+        prev = json.loads((d / "config.json").read_text())
+        state, _ = restore_checkpoint(d / "checkpoints" / "best")
+        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        overrides = prev.get("model_overrides", {})
+    elif (d / checkpoint.META_FILE).exists():  # python -m effnet_jax.convert output
+        _, variables, meta = checkpoint.load_model(d)
+        overrides = meta.get("overrides", {})
+    else:
+        raise ValueError(f"--init {init!r}: not 'imagenet', 'scratch', a .pth file, a run directory or a "
+                         "converted model directory")
+    head = variables["params"]["classifier"]
+    if head["bias"].shape[0] != num_classes:
+        from .models import _classifier_init
+        variables["params"]["classifier"] = {
+            "kernel": _classifier_init(key, (head["kernel"].shape[0], num_classes)),
+            "bias": jnp.zeros((num_classes,), jnp.float32)}
+        log.info("--init %s: backbone loaded; new %d-class head", init, num_classes)
+    return variables, overrides
+
+
+# ------------------------------------------------------------------------------------------------ the steps
+
+def create_train_state(variables: PyTree, tx: optax.GradientTransformation, cfg: TrainConfig) -> TrainState:
+    params = jax.tree.map(jnp.asarray, variables["params"])
+    batch_stats = jax.tree.map(jnp.asarray, variables["batch_stats"])
+    ema = {"params": params, "batch_stats": batch_stats} if cfg.ema_decay > 0 else None
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), ema=ema, rng=jax.random.key(cfg.seed))
+
+
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array, *,
+               model: EfficientNet, tx: optax.GradientTransformation, aug: data_lib.AugmentConfig,
+               label_smoothing: float, ema_decay: float) -> tuple[TrainState, dict]:
+    """One optimizer step on the examples `indices` of the on-device dataset (`images` uint8, `labels`)."""
+    key = jax.random.fold_in(state.rng, state.step)
+    x = data_lib.augment_batch(jax.random.fold_in(key, 0), images[indices], indices, aug)
+    y = labels[indices]
+
+    def loss_fn(params):
+        logits, new = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
+                                  rngs={"dropout": jax.random.fold_in(key, 1)}, mutable=["batch_stats"])
+        return optim.cross_entropy(logits, y, label_smoothing).mean(), (new["batch_stats"], logits)
+
+    (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step = state.step + 1
+    ema = state.ema
+    if ema is not None:
+        ema = optim.ema_update(ema, {"params": params, "batch_stats": batch_stats}, ema_decay, step)
+    metrics = {"loss": loss * y.shape[0], "correct": jnp.sum(jnp.argmax(logits, -1) == y),
+               "count": jnp.asarray(y.shape[0], jnp.float32)}
+    return state.replace(step=step, params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema), metrics
+
+
+def eval_step(variables: PyTree, images: jax.Array, labels: jax.Array, indices: jax.Array, mask: jax.Array, *,
+              model: EfficientNet, aug: data_lib.AugmentConfig) -> dict:
+    """Sums of loss, top-1 and top-5 hits and count over the valid (`mask`) examples of one padded batch."""
+    x = data_lib.eval_batch(images[indices], aug)
+    y = labels[indices]
+    logits = model.apply(variables, x, train=False)
+    m = mask.astype(jnp.float32)
+    return {"loss": jnp.sum(optim.cross_entropy(logits, y) * m),
+            "correct": jnp.sum((jnp.argmax(logits, -1) == y) * m),
+            "top5": jnp.sum(optim.topk_correct(logits, y, min(5, logits.shape[-1])) * m),
+            "count": jnp.sum(m), "logits": logits}
+
+
+class Mesh:
+    """The 1-D data-parallel mesh and how host arrays go onto it (one process or many)."""
+
+    def __init__(self, devices=None):
+        devices = jax.devices() if devices is None else devices
+        self.mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+        self.batch = NamedSharding(self.mesh, P("data"))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.size = len(devices)
+
+    def check_batch(self, batch_size: int, what: str = "--batch-size") -> None:
+        if batch_size % self.size:
+            raise ValueError(f"{what} {batch_size} is not divisible by the {self.size} devices; use a multiple of "
+                             f"{self.size}")
+
+    def put_batch(self, global_array: np.ndarray) -> jax.Array:
+        """A global batch array (identical on every process) sharded over the mesh: each process contributes
+        its slice."""
+        n = jax.process_count()
+        local = np.array_split(global_array, n)[jax.process_index()] if n > 1 else global_array
+        return jax.make_array_from_process_local_data(self.batch, local, global_array.shape)
+
+    def replicate(self, tree: PyTree) -> PyTree:
+        return jax.device_put(tree, self.replicated)
+
+
+def evaluate(variables: PyTree, split: tuple[jax.Array, jax.Array], n: int, eval_fn, mesh: Mesh,
+             batch_size: int, return_logits: bool = False) -> dict:
+    """Loss, top-1, top-5 over all `n` examples of an on-device split (each counted exactly once)."""
+    idx, mask = data_lib.eval_batches(n, batch_size)
+    sums = {"loss": 0.0, "correct": 0.0, "top5": 0.0, "count": 0.0}
+    all_logits = []
+    for i, m in zip(idx, mask):
+        out = eval_fn(variables, *split, mesh.put_batch(i.astype(np.int32)), mesh.put_batch(m))
+        for k in sums:
+            sums[k] += float(out[k])
+        if return_logits:
+            all_logits.append(np.asarray(jax.device_get(out["logits"]))[m])
+    res = {"loss": sums["loss"] / max(sums["count"], 1), "top1": sums["correct"] / max(sums["count"], 1),
+           "top5": sums["top5"] / max(sums["count"], 1), "n": int(sums["count"])}
+    if return_logits:
+        res["logits"] = np.concatenate(all_logits) if all_logits else np.zeros((0,))
+    return res
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+def _managers(workdir: pathlib.Path) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
+    ck = workdir.absolute() / "checkpoints"
+    latest = ocp.CheckpointManager(ck / "latest", options=ocp.CheckpointManagerOptions(max_to_keep=1))
+    best = ocp.CheckpointManager(ck / "best", options=ocp.CheckpointManagerOptions(
+        max_to_keep=1, best_fn=lambda m: m["val_top1"], best_mode="max"))
+    return latest, best
+
+
+def _state_tree(state: TrainState) -> dict:
+    tree = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+            "opt_state": state.opt_state, "rng": jax.random.key_data(state.rng)}
+    if state.ema is not None:
+        tree["ema"] = state.ema
+    return tree
+
+
+def restore_checkpoint(directory: pathlib.Path, target: dict | None = None) -> tuple[dict, dict]:
+    """(state tree, meta) of the newest checkpoint under an orbax CheckpointManager directory."""
+    directory = pathlib.Path(directory).absolute()
+    with ocp.CheckpointManager(directory) as mgr:
+        step = mgr.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{directory}: no checkpoint")
+        state_args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
+        out = mgr.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
+    return out["state"], out["meta"]
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+def _plot_curves(records: list[dict], path: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ep = [r["epoch"] for r in records]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    tr = [r for r in records if r.get("train_loss") is not None]
+    a1.plot([r["epoch"] for r in tr], [r["train_loss"] for r in tr], "o-", label="train")
+    a1.plot(ep, [r["val_loss"] for r in records], "o-", label="validation")
+    a1.set(xlabel="epoch", ylabel="loss", title="Loss")
+    a2.plot([r["epoch"] for r in tr], [100 * r["train_acc"] for r in tr], "o-", label="train")
+    a2.plot(ep, [100 * r["val_acc"] for r in records], "o-", label="validation")
+    a2.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def load_data(cfg: TrainConfig) -> data_lib.Dataset:
+    ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                               on_corrupt=cfg.on_corrupt)
+    if cfg.max_train_examples is not None:
+        ds = dataclasses.replace(ds, train=data_lib.Split(ds.train.images[:cfg.max_train_examples],
+                                                          ds.train.labels[:cfg.max_train_examples]))
+    return ds
+
+
+def augment_config(cfg: TrainConfig, mean, std) -> data_lib.AugmentConfig:
+    return data_lib.AugmentConfig(crop_padding=cfg.crop_padding, flip=cfg.flip, rotation=cfg.rotation, zoom=cfg.zoom,
+                                  translation=cfg.translation, contrast=cfg.contrast, resolution=cfg.resolution,
+                                  mean=mean, std=std)
+
+
+def train_and_evaluate(cfg: TrainConfig) -> dict:
+    """Run the fine-tune described by `cfg`; returns the summary (also printed as the last stdout line)."""
+    t0 = time.time()
+    workdir = pathlib.Path(cfg.workdir)
+    is_main = jax.process_index() == 0
+    mesh = Mesh()
+    mesh.check_batch(cfg.batch_size)
+    if cfg.resolution < 32:
+        raise ValueError(f"--resolution {cfg.resolution} is too small: EfficientNet downsamples by 32; use >= 32")
+    variants.model_config(cfg.variant)  # unknown variant -> ValueError listing names
+    ocfg = cfg.optim_config()
+
+    ds = load_data(cfg)
+    n_train, n_val = len(ds.train), len(ds.val)
+    steps_per_epoch = n_train // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"{n_train} training examples are fewer than one batch of {cfg.batch_size}")
+    log.info("%s: %d train, %d val, %d classes; %d steps/epoch on %d device(s)", ds.source, n_train, n_val,
+             ds.num_classes, steps_per_epoch, mesh.size)
+
+    key = jax.random.key(cfg.seed)
+    variables, overrides = initial_variables(cfg, ds.num_classes, jax.random.fold_in(key, 1))
+    mean, std = normalization(cfg)
+    aug = augment_config(cfg, mean, std)
+    mcfg = build_model(cfg, ds.num_classes, overrides=overrides).config
+    tx = optim.make_optimizer(ocfg, variables["params"], mcfg, steps_per_epoch)
+    schedule = optim.lr_schedule(ocfg, steps_per_epoch)
+
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        saved = dataclasses.asdict(cfg) | {"model_overrides": overrides, "num_classes": ds.num_classes,
+                                           "mean": list(mean), "std": list(std)}
+        if cfg.resume and (workdir / "config.json").exists():
+            old = json.loads((workdir / "config.json").read_text())
+            diff = {k for k in saved if k not in ("resume", "progress", "epochs") and old.get(k) != saved[k]}
+            if diff:
+                raise ValueError(f"--resume: the run in {workdir} has a different config ({', '.join(sorted(diff))})")
+        (workdir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
+        (workdir / "class_names.json").write_text(json.dumps(list(ds.class_names)) + "\n")
+
+    train_arrays = mesh.replicate((jnp.asarray(ds.train.images), jnp.asarray(ds.train.labels)))
+    val_arrays = mesh.replicate((jnp.asarray(ds.val.images), jnp.asarray(ds.val.labels)))
+    state = mesh.replicate(create_train_state(variables, tx, cfg))
+    latest_mgr, best_mgr = _managers(workdir)
+    records: list[dict] = []
+    start_epoch = 1
+    if cfg.resume:
+        if latest_mgr.latest_step() is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {workdir / 'checkpoints' / 'latest'}")
+        tree, meta = restore_checkpoint(workdir / "checkpoints" / "latest", _state_tree(state))
+        state = mesh.replicate(state.replace(
+            step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"], opt_state=tree["opt_state"],
+            ema=tree.get("ema"), rng=jax.random.wrap_key_data(tree["rng"])))
+        start_epoch = meta["epoch"] + 1
+        records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
+                   if json.loads(line)["epoch"] <= meta["epoch"]]
+        log.info("resumed from epoch %d (step %d)", meta["epoch"], int(state.step))
+
+    eval_model = build_model(cfg, ds.num_classes, overrides=overrides)
+    eval_fn = jax.jit(functools.partial(eval_step, model=eval_model, aug=aug))
+    eval_vars = lambda s: s.ema if s.ema is not None else {"params": s.params, "batch_stats": s.batch_stats}  # noqa
+
+    def write_metrics(rec):
+        records.append(rec)
+        if is_main:
+            with open(workdir / "metrics.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+            _plot_curves(records, workdir / "curves.png")
+
+    if start_epoch == 1:  # the notebook's "pre-finetune" accuracy
+        pre = evaluate(eval_vars(state), val_arrays, n_val, eval_fn, mesh, cfg.eval_batch_size)
+        write_metrics({"epoch": 0, "train_loss": None, "train_acc": None, "val_loss": pre["loss"],
+                       "val_acc": pre["top1"], "val_top5": pre["top5"], "img_s": None, "lr": None,
+                       "time_s": time.time() - t0})
+        log.info("before fine-tuning: val top-1 %.2f%%", 100 * pre["top1"])
+
+    step_fns: dict[int, Any] = {}
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        phase = [p for p in optim.phases(ocfg) if p.start_epoch < epoch][-1]
+        fu = optim.frozen_units(mcfg, phase.freeze)
+        if fu not in step_fns:  # one compiled step per freezing phase
+            step_fns[fu] = jax.jit(functools.partial(
+                train_step, model=build_model(cfg, ds.num_classes, fu, overrides), tx=tx, aug=aug,
+                label_smoothing=cfg.label_smoothing, ema_decay=cfg.ema_decay), donate_argnums=0)
+        step_fn = step_fns[fu]
+        perm = data_lib.epoch_permutation(n_train, cfg.seed, epoch)
+        batches = data_lib.batch_indices(perm, cfg.batch_size)
+        acc, t_epoch, t_steady, n_steady = None, time.time(), time.time(), 0
+        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and is_main),
+                   unit="batch", dynamic_ncols=True)
+        for i, idx in enumerate(bar):
+            state, m = step_fn(state, *train_arrays, mesh.put_batch(idx.astype(np.int32)))
+            acc = m if acc is None else jax.tree.map(jnp.add, acc, m)  # summed on device, read once per epoch
+            if i == 0:
+                jax.block_until_ready(m)
+                t_steady = time.time()  # img/s leaves out the first (compiling) step
+            else:
+                n_steady += len(idx)
+            if i % 10 == 0 or i == len(batches) - 1:
+                m = jax.device_get(m)
+                if not math.isfinite(float(m["loss"])):
+                    raise FloatingPointError(f"loss is {float(m['loss'])} at step {int(state.step)} (epoch {epoch}); "
+                                             "the last good checkpoint is kept in checkpoints/latest")
+                bar.set_postfix(loss=f"{float(m['loss']) / float(m['count']):.3f}",
+                                img_s=f"{n_steady / max(time.time() - t_steady, 1e-9):.0f}")
+        bar.close()
+        sums = jax.device_get(acc)
+        img_s = n_steady / max(time.time() - t_steady, 1e-9) if n_steady else None
+        val = evaluate(eval_vars(state), val_arrays, n_val, eval_fn, mesh, cfg.eval_batch_size)
+        rec = {"epoch": epoch, "train_loss": float(sums["loss"] / sums["count"]),
+               "train_acc": float(sums["correct"] / sums["count"]),
+               "val_loss": val["loss"], "val_acc": val["top1"], "val_top5": val["top5"], "img_s": img_s,
+               "lr": float(schedule(int(state.step) - 1)), "time_s": time.time() - t0}
+        write_metrics(rec)
+        log.info("epoch %d: train loss %.4f acc %.2f%% | val loss %.4f acc %.2f%% | %.0f img/s | %.0f s", epoch,
+                 rec["train_loss"], 100 * rec["train_acc"], rec["val_loss"], 100 * rec["val_acc"], img_s or 0,
+                 time.time() - t_epoch)
+        tree, meta = _state_tree(state), {"epoch": epoch, "val_top1": val["top1"]}
+        latest_mgr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
+        best_mgr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
+                      metrics={"val_top1": val["top1"]})
+    latest_mgr.wait_until_finished()
+    best_mgr.wait_until_finished()
+    latest_mgr.close()
+    best_mgr.close()
+    trained = [r for r in records if r["epoch"] > 0]
+    summary = {"variant": cfg.variant, "dataset": cfg.dataset, "init": cfg.init,
+               "pre_finetune_val_acc": records[0]["val_acc"] if records and records[0]["epoch"] == 0 else None,
+               "final_val_acc": trained[-1]["val_acc"] if trained else None,
+               "best_val_acc": max((r["val_acc"] for r in trained), default=None),
+               "epochs": cfg.epochs, "n_train": n_train, "n_val": n_val, "time_s": round(time.time() - t0, 1),
+               "workdir": str(workdir)}
+    if is_main:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

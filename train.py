@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Fine-tune an (ImageNet-pretrained) EfficientNet:  python train.py --variant b0 --dataset cifar10 --init imagenet
+
+Flags are the fields of `effnet_jax.train.TrainConfig`; `--preset notebook` starts from the reference
+torchvision notebook's recipe (32 px, Adam 1e-3 constant, batch 64, 25 epochs) and later flags override it.
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+HELP = {
+    "variant": "b0..b7, lite0..lite4", "dataset": "tfds name (cifar10, cifar100, svhn_cropped, tf_flowers, ...) "
+    "or folder:PATH", "data_dir": "tfds data dir, or the CIFAR python tarball / an image folder or .tar.gz",
+    "init": "imagenet | scratch | PATH.pth | RUN_DIR (a previous run or a converted model directory)",
+    "workdir": "where config, metrics.jsonl, curves.png and checkpoints go", "batch_size": "global batch size",
+    "freeze": "none | head-only | N (train only the top N blocks + head)",
+    "two_phase": "first --phase1-epochs head-only, then --freeze at lr * --phase2-lr-scale",
+    "resolution": "input side after augmentation (32 px CIFAR images are resized to it)",
+    "schedule": "cosine (warmup + cosine decay to 0) | constant", "ema_decay": "parameter EMA, 0 = off",
+    "max_train_examples": "use only the first N training examples (smoke tests)",
+    "val_fraction": "seeded, stratified validation split of the training data",
+}
+
+
+def parse_args(argv=None):
+    from effnet_jax.train import PRESETS, TrainConfig
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named recipe")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP.get(f.name))
+        else:
+            typ = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
+            p.add_argument(flag, type=typ, default=None, metavar=f.name.upper(),
+                           help=f"{HELP.get(f.name, '')} (default: {f.default})".strip())
+    args = vars(p.parse_args(argv))
+    preset = args.pop("preset")
+    values = dict(PRESETS[preset]) if preset else {}
+    values.update({k: v for k, v in args.items() if v is not None})
+    return TrainConfig(**values)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("effnet_jax").setLevel(logging.INFO)
+    from effnet_jax.train import train_and_evaluate
+    cfg = parse_args(argv)
+    try:
+        summary = train_and_evaluate(cfg)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # user mistakes: one message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
