@@ -220,9 +220,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     classes = variables["params"]["classifier"]["bias"].shape[0]
-    checkpoint.save_model(args.out, variables, {"variant": args.variant, "num_classes": int(classes),
-                                                "overrides": layout_overrides(layout, args.variant),
-                                                "source": os.path.abspath(args.src), "layout": layout})
+    try:
+        checkpoint.save_model(args.out, variables, {"variant": args.variant, "num_classes": int(classes),
+                                                    "overrides": layout_overrides(layout, args.variant),
+                                                    "source": os.path.abspath(args.src), "layout": layout})
+    except OSError as e:  # an existing checkpoint, an unwritable directory
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.variant} ({classes} classes, {layout} layout) to {args.out}")
     return 0
 

@@ -1,0 +1,285 @@
+"""Top-k predictions of an EfficientNet for image files, one JSON object per line.
+
+    python -m effnet_jax.predict --variant lite0 --init imagenet IMG_OR_DIR [...]
+        [--topk 5] [--batch-size 32] [--output FILE]
+
+prints for every image `{"image": path, "top5": [{"class": name, "index": i, "prob": p}, ...]}` (the key is
+`top<K>` for `--topk K`, probabilities sorted descending).
+
+`--init` chooses the weights:
+
+* `imagenet` — the published ImageNet weights of `--variant` (`effnet_jax.pretrained`), ImageNet class names;
+* `PATH.pth` — a PyTorch EfficientNet state dict (torchvision or lukemelas/Lite layout, read without torch) for
+  `--variant`; a lukemelas-layout B file gets its TF-style model overrides (`convert.layout_overrides`). Class
+  names are ImageNet's when the file has 1000 classes, else `class_<i>`;
+* `DIR` — a model directory written by `python -m effnet_jax.convert` (or training), read with
+  `effnet_jax.checkpoint.load_model`; the variant comes from its `model.json` (`--variant` is then optional and
+  must agree), class names from its `class_names`, else ImageNet's for 1000 classes, else `class_<i>`.
+
+Images are preprocessed with the variant's ImageNet eval transform (`effnet_jax.preprocess.eval_transform`) and
+run in batches of `--batch-size` through one jitted function (the last batch is padded, so it compiles once).
+Arguments may be folders: all .jpg/.jpeg/.png/.bmp/.webp files below them, recursively, in sorted order. An
+image inside a folder that cannot be read gets `{"image": path, "error": "..."}` and the run goes on; a missing
+or unreadable image named on the command line, or an `--init` that cannot be loaded, is an error: one message on
+stderr and exit status 2.
+
+This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import TextIO
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class PredictError(Exception):
+    """A user error: reported as one line on stderr, exit status 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageItem:
+    path: str
+    in_folder: bool  # found by walking a folder argument: read errors are reported per image, not fatal
+
+
+@dataclasses.dataclass
+class Predictor:
+    model: object
+    variables: dict
+    variant: str
+    class_names: list[str]
+    transform: Callable
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+def collect_images(args: Sequence[str]) -> list[ImageItem]:
+    """Expand the command-line arguments: files as given, folders into their image files (recursive, sorted)."""
+    items: list[ImageItem] = []
+    for arg in args:
+        p = pathlib.Path(arg)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not found:
+                raise PredictError(f"{arg}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            items += [ImageItem(str(f), True) for f in found]
+        elif p.is_file():
+            items.append(ImageItem(arg, False))
+        elif p.exists():
+            raise PredictError(f"{arg}: not a regular file or folder")
+        else:
+            raise PredictError(f"{arg}: no such file or folder")
+    if not items:
+        raise PredictError("no images given")
+    return items
+
+
+def _check_readable(item: ImageItem) -> None:
+    """Cheap early check of a file named on the command line (header only), before the model is loaded."""
+    from PIL import Image
+    try:
+        with Image.open(item.path) as im:
+            im.size  # noqa: B018
+    except Exception as e:  # noqa: BLE001 — PIL raises many types for bad files
+        raise PredictError(f"{item.path}: cannot read image: {_describe(e)}") from None
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _load(item: ImageItem, transform: Callable) -> np.ndarray | str:
+    """The preprocessed array of one image, or the error message when it cannot be read."""
+    from PIL import Image
+    try:
+        with Image.open(item.path) as im:
+            return np.asarray(transform(im), np.float32)
+    except Exception as e:  # noqa: BLE001
+        return f"cannot read image: {_describe(e)}"
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+def _names_for(num_classes: int, saved: Sequence[str] | None = None) -> list[str]:
+    from .preprocess import imagenet_class_names
+    if saved is not None:
+        if len(saved) != num_classes:
+            raise PredictError(f"model.json has {len(saved)} class_names for a {num_classes}-class model")
+        return [str(n) for n in saved]
+    if num_classes == 1000:
+        return imagenet_class_names()
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def load_predictor(init: str, variant: str | None) -> Predictor:
+    """Model, variables, class names and eval transform for `--init` / `--variant`."""
+    from . import checkpoint, convert, variants
+    from .models import create_model
+    from .preprocess import EvalTransform, eval_transform
+
+    if variant is not None and variant not in variants.VARIANTS:
+        raise PredictError(f"unknown variant {variant!r}; valid: {', '.join(variants.VARIANTS)}")
+
+    if os.path.isdir(init):
+        try:
+            model, variables, meta = checkpoint.load_model(init)
+        except Exception as e:  # noqa: BLE001 — orbax / json / metadata errors alike
+            raise PredictError(f"--init {init}: cannot load the model directory: {_describe(e)}") from None
+        saved_variant = meta["variant"]
+        if variant is not None and variant != saved_variant:
+            raise PredictError(f"--init {init} holds a {saved_variant} model, not --variant {variant}")
+        num_classes = int(meta["num_classes"])
+        names = _names_for(num_classes, meta.get("class_names"))
+        transform = (EvalTransform(**meta["preprocess"]) if isinstance(meta.get("preprocess"), dict)
+                     else eval_transform(saved_variant))
+        return Predictor(model, variables, saved_variant, names, transform)
+
+    if variant is None:
+        raise PredictError(f"--variant is required with --init {init}")
+    if init == "imagenet":
+        from .weights import weights_file
+        try:
+            src = os.fspath(weights_file(variant))
+        except Exception as e:  # noqa: BLE001 — unavailable (offline, lite3/4) or corrupt
+            raise PredictError(f"--init imagenet: {e}") from None
+    elif os.path.isfile(init):
+        src = init
+    else:
+        raise PredictError(f"--init {init}: not 'imagenet', a .pth file or a model directory (no such path)")
+
+    from .torch_reader import read_torch_state_dict
+    try:
+        sd = read_torch_state_dict(src)
+        layout = convert.detect_layout(sd)
+        variables = convert.convert_state_dict(sd, variant, None, source=src)
+    except Exception as e:  # noqa: BLE001 — ConversionError, CheckpointReadError, OSError, ...
+        raise PredictError(f"--init {init}: {e}") from None
+    num_classes = int(variables["params"]["classifier"]["bias"].shape[0])
+    model = create_model(variant, num_classes, **convert.layout_overrides(layout, variant))
+    return Predictor(model, variables, variant, _names_for(num_classes), eval_transform(variant))
+
+
+def make_eval_fn(model, k: int):
+    """One jitted function (variables, images) -> (top-k probabilities, top-k indices), sorted descending."""
+    import jax
+
+    @jax.jit
+    def top_k(variables, x):
+        logits = model.apply(variables, x, train=False).astype("float32")
+        return jax.lax.top_k(jax.nn.softmax(logits, axis=-1), k)
+
+    return top_k
+
+
+# ---------------------------------------------------------------------------------------------------- run
+
+def _batches(items: list[ImageItem], size: int) -> Iterator[list[ImageItem]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def predict(pred: Predictor, items: list[ImageItem], out: TextIO, topk: int = 5, batch_size: int = 32) -> int:
+    """Write one JSON line per image to `out`. Returns the number of images that could not be read (in folders).
+    Raises `PredictError` for an unreadable image named directly."""
+    from tqdm import tqdm
+
+    import jax
+
+    k = min(topk, len(pred.class_names))
+    key = f"top{k}"
+    eval_fn = make_eval_fn(pred.model, k)
+    variables = jax.device_put(pred.variables)
+    size = pred.transform.input_size if hasattr(pred.transform, "input_size") else None
+    batches = list(_batches(items, batch_size))
+    failed = 0
+
+    def prepare(batch: list[ImageItem]) -> list[np.ndarray | str]:
+        return [_load(it, pred.transform) for it in batch]
+
+    # decode/resize the next batch on a thread while the current one runs (PIL and XLA release the GIL)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, \
+            tqdm(total=len(items), unit="img", file=sys.stderr, disable=len(batches) <= 1) as bar:
+        pending = pool.submit(prepare, batches[0])
+        for bi, batch in enumerate(batches):
+            arrays = pending.result()
+            if bi + 1 < len(batches):
+                pending = pool.submit(prepare, batches[bi + 1])
+            good = [a for a in arrays if not isinstance(a, str)]
+            if good:
+                x = np.zeros((batch_size,) + (good[0].shape if size is None else (size, size, 3)), np.float32)
+                x[:len(good)] = np.stack(good)
+                probs, idx = (np.asarray(a) for a in eval_fn(variables, x))
+            j = 0
+            for item, a in zip(batch, arrays):
+                if isinstance(a, str):
+                    if not item.in_folder:
+                        raise PredictError(f"{item.path}: {a}")
+                    failed += 1
+                    record = {"image": item.path, "error": a}
+                else:
+                    record = {"image": item.path, key: [
+                        {"class": pred.class_names[int(c)], "index": int(c), "prob": float(p)}
+                        for p, c in zip(probs[j], idx[j])]}
+                    j += 1
+                out.write(json.dumps(record) + "\n")
+            out.flush()
+            bar.update(len(batch))
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m effnet_jax.predict", description=(
+        "Top-k class predictions of an EfficientNet for images (files or folders), as JSON lines."))
+    p.add_argument("images", nargs="+", metavar="IMG", help="image files or folders (searched recursively)")
+    p.add_argument("--variant", default=None, help="b0..b7, lite0..lite4 (from model.json for --init DIR)")
+    p.add_argument("--init", default="imagenet",
+                   help="'imagenet' (default), a PyTorch .pth file, or a model directory from effnet_jax.convert")
+    p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per jitted batch (default 32)")
+    p.add_argument("--output", default=None, help="write the JSON lines to this file instead of stdout")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as e:  # argparse: usage errors are status 2, --help 0
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    try:
+        if args.topk < 1:
+            raise PredictError(f"--topk must be >= 1, got {args.topk}")
+        if args.batch_size < 1:
+            raise PredictError(f"--batch-size must be >= 1, got {args.batch_size}")
+        items = collect_images(args.images)
+        for item in items:
+            if not item.in_folder:
+                _check_readable(item)
+        pred = load_predictor(args.init, args.variant)
+        if args.output is not None:
+            try:
+                out = open(args.output, "w", encoding="utf-8")
+            except OSError as e:
+                raise PredictError(f"--output {args.output}: {e.strerror or e}") from None
+            with out:
+                failed = predict(pred, items, out, args.topk, args.batch_size)
+        else:
+            failed = predict(pred, items, sys.stdout, args.topk, args.batch_size)
+    except PredictError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if failed:
+        print(f"warning: {failed} of {len(items)} images could not be read (see their \"error\" lines)",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
