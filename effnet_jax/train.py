@@ -58,7 +58,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     schedule: str = "cosine"
-    warmup_epochs: float = 1.0
+    warmup_epochs: float | None = None  # None: min(1, epochs / 5)
     label_smoothing: float = 0.1
     grad_clip: float = 0.0
     freeze: str = "none"
@@ -85,7 +85,8 @@ class TrainConfig:
 
     def optim_config(self) -> optim.OptimConfig:
         return optim.OptimConfig(
-            optimizer=self.optimizer, lr=self.lr, weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs,
+            optimizer=self.optimizer, lr=self.lr, weight_decay=self.weight_decay,
+            warmup_epochs=min(1.0, self.epochs / 5) if self.warmup_epochs is None else self.warmup_epochs,
             epochs=self.epochs, grad_clip=self.grad_clip, label_smoothing=self.label_smoothing, freeze=self.freeze,
             two_phase=self.two_phase, phase1_epochs=self.phase1_epochs, phase2_lr_scale=self.phase2_lr_scale,
             ema_decay=self.ema_decay, schedule=self.schedule)
