@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)
     try:
         summary = train_and_evaluate(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # user mistakes: one message, no traceback
+    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:  # one message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary))

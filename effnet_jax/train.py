@@ -362,9 +362,12 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
         workdir.mkdir(parents=True, exist_ok=True)
         saved = dataclasses.asdict(cfg) | {"model_overrides": overrides, "num_classes": ds.num_classes,
                                            "mean": list(mean), "std": list(std)}
+        if cfg.resume and not any((workdir / "checkpoints" / "latest").glob("[0-9]*")):
+            raise FileNotFoundError(f"--resume: no checkpoint in {workdir / 'checkpoints' / 'latest'}")
         if cfg.resume and (workdir / "config.json").exists():
             old = json.loads((workdir / "config.json").read_text())
-            diff = {k for k in saved if k not in ("resume", "progress", "epochs") and old.get(k) != saved[k]}
+            ignored = ("resume", "progress", "epochs", "workdir")  # workdir: the same run, maybe moved or respelled
+            diff = {k for k in saved if k not in ignored and old.get(k) != saved[k]}
             if diff:
                 raise ValueError(f"--resume: the run in {workdir} has a different config ({', '.join(sorted(diff))})")
         (workdir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")

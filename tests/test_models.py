@@ -212,8 +212,8 @@ def _loss(model, x, y, key):
 @pytest.mark.parametrize("variant", B_VARIANTS + LITE_VARIANTS)
 def test_jit_grad_lowers_for_every_variant(variant):
     """Tracing + lowering of jit(grad(loss)) for every variant (shapes, dtypes, differentiability); the
-    compiled run of each is in the slow suite, B0 and Lite0 below."""
-    model = effnet_jax.create_model(variant, num_classes=10)
+    compiled run of each is in the slow suite; Lite0's below, B0's in test_convert's Adam-step test."""
+    model = effnet_jax.create_model(variant, num_classes=10, depthwise_impl="xla")  # fewer ops: faster tracing
     shapes = param_shapes(model, 32)
     x, y = jnp.zeros((2, 32, 32, 3)), jnp.zeros((2,), jnp.int32)
     lowered = jax.jit(jax.grad(_loss(model, x, y, jax.random.key(0)))).lower(shapes["params"],
@@ -235,13 +235,12 @@ def _run_jit_grad(variant, dtype=jnp.float32):
     return grads
 
 
-@pytest.mark.parametrize("variant", ["b0", "lite0"])
-def test_jit_grad_runs(variant):
-    _run_jit_grad(variant)
+def test_jit_grad_runs():
+    _run_jit_grad("lite0")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [v for v in B_VARIANTS + LITE_VARIANTS if v not in ("b0", "lite0")])
+@pytest.mark.parametrize("variant", [v for v in B_VARIANTS + LITE_VARIANTS if v != "lite0"])
 def test_jit_grad_runs_every_variant(variant):
     _run_jit_grad(variant)
 

@@ -1,0 +1,544 @@
+"""The trainer (`train.py` + `effnet_jax.train`) and `python -m effnet_jax.evaluate`, end to end on tiny data.
+
+XLA compiles slowly on CPU, so the runs are few, shared through module-scoped fixtures, and tiny (b0 at 32 px,
+batch 4, a 3-class folder of 36 PNGs), and the module turns on JAX's persistent compilation cache (in a temp
+folder) so that a computation compiled once (model init, eval step, the train step of a resumed run) is not
+compiled again by a later run. The runs:
+
+* A: `--init scratch`, 2 epochs, constant schedule with a 1-epoch warmup; then `effnet_jax.evaluate` on it.
+* C: a copy of A resumed with `--epochs 3` (the same compiled step: a constant schedule with an explicit warmup
+  does not depend on `epochs`).
+* D: `--init imagenet` (a torchvision b0 file with random weights, served by a local HTTP server) with
+  `--freeze head-only`, 2 epochs of warmup + cosine: the download, the freezing and the schedule.
+* a subprocess with two host devices: one sharded train step against the one-device step (started at the
+  beginning of run A, so that the two compile side by side).
+
+Expected values come from outside the code under test: counts (stratified split, steps per epoch), the
+closed-form schedule, the torch file's tensors, the initial variables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import http.server
+import importlib.util
+import io
+import json
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from effnet_jax import evaluate as evaluate_cli
+from effnet_jax import train as trainer
+from effnet_jax import weights
+from effnet_jax.optim import param_names
+from effnet_jax.variants import VARIANTS
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CLASSES = ("zebra", "ant", "mole")      # written in this order; the class index is the sorted position
+PER_CLASS = 12
+N_IMAGES = PER_CLASS * len(CLASSES)     # 36
+VAL_FRACTION = 0.25
+N_VAL = round(VAL_FRACTION * N_IMAGES)  # 9: 3 per class, the stratified rule
+N_TRAIN = N_IMAGES - N_VAL              # 27
+BATCH = 4
+STEPS_PER_EPOCH = N_TRAIN // BATCH      # 6 (the last, short batch is dropped)
+METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "img_s", "lr", "time_s"}
+SHARDED_TEST = "test_two_device_step_equals_one_device_step"
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("effnet_jax_train_cli", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cli = _load_cli()
+
+
+def run_main(main, argv):
+    """(exit status, stdout, stderr) of an in-process CLI `main(argv)`."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def read_metrics(workdir: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    """{'/'-joined path: numpy array} of a pytree."""
+    return {n: np.asarray(v) for n, v in zip(jax.tree.leaves(param_names(tree)), jax.tree.leaves(tree))}
+
+
+def is_count(fraction: float, n: int) -> bool:
+    """`fraction` is k / n for an integer k."""
+    return abs(fraction * n - round(fraction * n)) < 1e-9
+
+
+def step_dirs(manager_dir: pathlib.Path) -> list[str]:
+    return sorted(p.name for p in manager_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def warmup_cosine(step: int, peak: float, warmup: int, total: int) -> float:
+    if step < warmup:
+        return peak * step / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+# ---------------------------------------------------------------------------------------------- 1. the flags
+
+def test_defaults_are_the_train_config():
+    assert cli.parse_args([]) == trainer.TrainConfig()
+
+
+def test_notebook_preset():
+    cfg = cli.parse_args(["--preset", "notebook"])
+    assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs, cfg.resolution) == ("adam", 1e-3, 64, 25, 32)
+    assert cfg.schedule == "constant" and cfg.label_smoothing == 0.0 and cfg.warmup_epochs == 0.0
+    assert cfg.weight_decay == 0.0 and cfg.crop_padding == 4 and cfg.flip
+    # fields the preset does not set keep the defaults
+    assert cfg.variant == trainer.TrainConfig().variant and cfg.dataset == trainer.TrainConfig().dataset
+
+
+def test_flags_override_the_preset_whatever_their_position():
+    cfg = cli.parse_args(["--lr", "0.01", "--preset", "notebook", "--epochs", "3", "--schedule", "cosine",
+                          "--max-train-examples", "100", "--drop-rate", "0.5"])
+    assert (cfg.lr, cfg.epochs, cfg.schedule, cfg.optimizer, cfg.batch_size) == (0.01, 3, "cosine", "adam", 64)
+    assert cfg.max_train_examples == 100 and isinstance(cfg.max_train_examples, int)
+    assert cfg.drop_rate == 0.5 and isinstance(cfg.drop_rate, float)
+
+
+def test_boolean_flags():
+    assert cli.parse_args([]).flip is True and cli.parse_args([]).two_phase is False
+    assert cli.parse_args(["--no-flip"]).flip is False
+    assert cli.parse_args(["--preset", "notebook", "--no-flip"]).flip is False
+    assert cli.parse_args(["--two-phase"]).two_phase is True
+    assert cli.parse_args(["--no-progress", "--resume"]) == trainer.TrainConfig(progress=False, resume=True)
+
+
+@pytest.mark.parametrize("argv", [["--no-such-flag"], ["--preset", "nope"], ["--epochs", "two"]])
+def test_bad_flags_exit_nonzero(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.parse_args(argv)
+    assert info.value.code != 0
+    assert "error" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def trainer_env(tmp_path_factory):
+    """The dataset cache in a temp folder and JAX's persistent compilation cache on (restored afterwards)."""
+    from jax._src import compilation_cache
+    root = tmp_path_factory.mktemp("env")
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = {n: getattr(jax.config, n) for n in names}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EFFNET_JAX_CACHE", str(root / "data_cache"))
+        jax.config.update("jax_compilation_cache_dir", str(root / "xla_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        compilation_cache.reset_cache()
+        try:
+            yield root
+        finally:
+            for n, v in saved.items():
+                jax.config.update(n, v)
+            compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> pathlib.Path:
+    """<class>/NN.png, 32x32 RGB noise with one channel bright per class."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir()
+        for i in range(PER_CLASS):
+            a = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            a[..., c] = 220
+            Image.fromarray(a).save(root / name / f"{i:02d}.png")
+    return root
+
+
+def base_argv(folder, workdir, *extra):
+    return ["--dataset", f"folder:{folder}", "--variant", "b0", "--resolution", 32, "--batch-size", BATCH,
+            "--eval-batch-size", 16, "--val-fraction", VAL_FRACTION, "--no-progress", "--workdir", workdir, *extra]
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import functools, json
+    import jax, jax.numpy as jnp, numpy as np
+    from effnet_jax import create_model, data as data_lib, optim
+    from effnet_jax.models import param_shapes
+    from effnet_jax.train import Mesh, TrainConfig, create_train_state, train_step
+
+    # SGD: the update is linear in the gradient. (Adam's first step is ~lr * sign(g): for parameters whose
+    # gradient is analytically 0, e.g. the bias of a BN followed by another BN, it turns float noise into +-lr.)
+    cfg = TrainConfig(optimizer="sgd", lr=1e-2, weight_decay=1e-4, warmup_epochs=0.0, schedule="constant",
+                      label_smoothing=0.1, resolution=32)
+    model = create_model("b0", num_classes=3, width=0.25, depth=0.25)   # dropout and drop path on
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, 12).astype(np.int32)
+    indices = np.array([5, 1, 7, 3, 0, 2, 6, 4], np.int32)
+
+    def init(path, s):  # no compiled init: random variables of the right shapes
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        if name.endswith(("scale", "var")):
+            return np.ones(s.shape, np.float32)
+        if name.endswith("mean"):
+            return np.zeros(s.shape, np.float32)
+        if name.endswith("bias"):
+            return rng.normal(0, 0.1, s.shape).astype(np.float32)
+        return (rng.normal(0, 1, s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32)
+
+    variables = jax.tree_util.tree_map_with_path(init, param_shapes(model, 32))
+    tx = optim.make_optimizer(cfg.optim_config(), variables["params"], model.config, 1)
+    aug = data_lib.AugmentConfig(crop_padding=4, flip=True, resolution=32)
+    out = {}
+    for n in (1, 2):
+        mesh = Mesh(jax.devices()[:n])
+        step = jax.jit(functools.partial(train_step, model=model, tx=tx, aug=aug, label_smoothing=0.1,
+                                         ema_decay=0.0), donate_argnums=0)
+        state = mesh.replicate(create_train_state(variables, tx, cfg))
+        arrays = mesh.replicate((jnp.asarray(images), jnp.asarray(labels)))
+        state, m = step(state, *arrays, mesh.put_batch(indices))
+        out[n] = jax.device_get({"params": state.params, "batch_stats": state.batch_stats, "m": m,
+                                 "sharding": str(state.params["classifier"]["kernel"].sharding)})
+
+    def maxdiff(a, b, rel=False):
+        return max(float(np.max(np.abs(x - y) / (np.maximum(np.abs(y), 1.0) if rel else 1.0)))
+                   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    print(json.dumps({
+        "device_count": jax.device_count(), "mesh_sizes": [1, 2],
+        "params_diff": maxdiff(out[1]["params"], out[2]["params"]),
+        "params_moved": maxdiff(out[1]["params"], variables["params"]),
+        "batch_stats_rel_diff": maxdiff(out[1]["batch_stats"], out[2]["batch_stats"], rel=True),
+        "batch_stats_moved": maxdiff(out[1]["batch_stats"], variables["batch_stats"]),
+        "loss": [float(out[n]["m"]["loss"] / out[n]["m"]["count"]) for n in (1, 2)],
+        "count": [float(out[n]["m"]["count"]) for n in (1, 2)],
+        "correct": [float(out[n]["m"]["correct"]) for n in (1, 2)],
+    }))
+""")
+
+
+@pytest.fixture(scope="module")
+def sharded_proc(tmp_path_factory):
+    """The two-device comparison, running in a subprocess (started when first asked for)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen([sys.executable, "-c", SHARDED_SCRIPT], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path_factory.mktemp("sharded"))
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+@dataclasses.dataclass
+class Run:
+    workdir: pathlib.Path
+    argv: list
+    rc: int
+    stdout: str
+    stderr: str
+    metrics: list[dict] | None = None
+    evaluated: tuple | None = None      # (rc, stdout, stderr) of `effnet_jax.evaluate`
+    extra: dict | None = None
+
+
+@pytest.fixture(scope="module")
+def run_a(trainer_env, image_folder, tmp_path_factory, request):
+    """Run A (scratch, 2 epochs, constant lr after a 1-epoch warmup), then `evaluate --which latest` on it."""
+    if any(item.name == SHARDED_TEST for item in request.session.items):
+        request.getfixturevalue("sharded_proc")  # compile the two-device step meanwhile
+    workdir = tmp_path_factory.mktemp("run") / "a"
+    argv = base_argv(image_folder, workdir, "--init", "scratch", "--epochs", 2, "--schedule", "constant",
+                     "--warmup-epochs", 1)  # explicit: the default warmup depends on --epochs
+    run = Run(workdir, argv, *run_main(cli.main, argv))
+    assert run.rc == 0, run.stderr
+    run.metrics = read_metrics(workdir)
+    run.evaluated = run_main(evaluate_cli.main, ["--workdir", workdir, "--which", "latest"])
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_c(run_a, tmp_path_factory):
+    """A copy of run A (another path) resumed with --epochs 3."""
+    workdir = tmp_path_factory.mktemp("run") / "c"
+    shutil.copytree(run_a.workdir, workdir)
+    argv = [a if a != run_a.workdir else workdir for a in run_a.argv]
+    argv[argv.index("--epochs") + 1] = 3
+    run = Run(workdir, argv, *run_main(cli.main, [*argv, "--resume"]))
+    assert run.rc == 0, run.stderr
+    run.metrics = read_metrics(workdir)
+    return run
+
+
+# ------------------------------------------------------------------------------ 2. end to end: files, evaluate
+
+def test_run_writes_config_and_class_names(run_a):
+    saved = json.loads((run_a.workdir / "config.json").read_text())
+    cfg = cli.parse_args([str(a) for a in run_a.argv])
+    assert {k: saved[k] for k in dataclasses.asdict(cfg)} == json.loads(json.dumps(dataclasses.asdict(cfg)))
+    assert saved["num_classes"] == len(CLASSES) and saved["model_overrides"] == {}
+    assert saved["mean"] == list(weights.IMAGENET_MEAN) and saved["std"] == list(weights.IMAGENET_STD)
+    assert json.loads((run_a.workdir / "class_names.json").read_text()) == sorted(CLASSES)
+
+
+def test_metrics_records(run_a):
+    records = run_a.metrics
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert all(set(r) == METRIC_KEYS for r in records)
+    assert all(records[0][k] is None for k in ("train_loss", "train_acc", "img_s", "lr"))
+    for r in records:
+        assert is_count(r["val_acc"], N_VAL)                  # a count of the 9 validation images
+        assert r["val_top5"] == 1.0                           # 3 classes: the label is always in the top 3
+        assert math.isfinite(r["val_loss"]) and r["val_loss"] > 0
+    for r in records[1:]:
+        assert is_count(r["train_acc"], STEPS_PER_EPOCH * BATCH)  # of the 24 images trained on
+        assert math.isfinite(r["train_loss"]) and r["img_s"] > 0
+    assert [r["time_s"] for r in records] == sorted(r["time_s"] for r in records)
+
+
+def test_constant_schedule_lr_with_warmup(run_a, run_c):
+    """Logged lr = the lr of the epoch's last step: 1-epoch linear warmup (6 steps), then constant 1e-3."""
+    peak, warmup = 1e-3, STEPS_PER_EPOCH
+    assert run_a.metrics[1]["lr"] == pytest.approx(peak * (STEPS_PER_EPOCH - 1) / warmup, rel=1e-6)
+    assert run_a.metrics[2]["lr"] == pytest.approx(peak, rel=1e-6)
+    assert run_c.metrics[3]["lr"] == pytest.approx(peak, rel=1e-6)
+
+
+def test_curves_png(run_a):
+    path = run_a.workdir / "curves.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.size == (1100, 400)  # figsize (11, 4) at dpi 100
+
+
+def test_checkpoints(run_a):
+    ck = run_a.workdir / "checkpoints"
+    assert step_dirs(ck / "latest") == ["2"]  # max_to_keep 1
+    tree, meta = trainer.restore_checkpoint(ck / "latest")
+    assert int(tree["step"]) == 2 * STEPS_PER_EPOCH and meta["epoch"] == 2
+    assert meta["val_top1"] == run_a.metrics[-1]["val_acc"]
+    best_acc = max(r["val_acc"] for r in run_a.metrics[1:])
+    _, best_meta = trainer.restore_checkpoint(ck / "best")
+    assert step_dirs(ck / "best") == [str(best_meta["epoch"])] and best_meta["val_top1"] == best_acc
+    assert run_a.metrics[best_meta["epoch"]]["val_acc"] == best_acc
+
+
+def test_summary_line(run_a):
+    summary = last_json(run_a.stdout)
+    assert summary["final_val_acc"] == run_a.metrics[-1]["val_acc"]
+    assert summary["pre_finetune_val_acc"] == run_a.metrics[0]["val_acc"]
+    assert summary["best_val_acc"] == max(r["val_acc"] for r in run_a.metrics[1:])
+    assert (summary["n_train"], summary["n_val"], summary["epochs"]) == (N_TRAIN, N_VAL, 2)
+    assert json.loads((run_a.workdir / "summary.json").read_text())["final_val_acc"] == summary["final_val_acc"]
+
+
+def test_evaluate_cli_reproduces_the_logged_validation_exactly(run_a):
+    rc, stdout, stderr = run_a.evaluated
+    assert rc == 0, stderr
+    out = last_json(stdout)
+    last = run_a.metrics[-1]
+    assert out["top1"] == last["val_acc"] and out["loss"] == last["val_loss"] and out["top5"] == last["val_top5"]
+    assert out["n"] == N_VAL and (out["epoch"], out["split"], out["which"]) == (2, "val", "latest")
+    per_class = stdout.strip().splitlines()[:-1]
+    assert [line.split()[0] for line in per_class] == sorted(CLASSES)
+    # per-class accuracies over 3 images each average to the overall top-1
+    assert np.mean([float(line.split()[1]) for line in per_class]) == pytest.approx(100 * out["top1"], abs=0.01)
+
+
+# ------------------------------------------------------------------------------------------------- 3. resume
+
+def test_resume_continues_at_the_next_epoch(run_a, run_c):
+    assert [r["epoch"] for r in run_c.metrics] == [0, 1, 2, 3]
+    assert run_c.metrics[:3] == run_a.metrics  # the earlier records kept as they were
+    tree, meta = trainer.restore_checkpoint(run_c.workdir / "checkpoints" / "latest")
+    assert int(tree["step"]) == 3 * STEPS_PER_EPOCH and meta["epoch"] == 3  # the step count carried on
+    summary = last_json(run_c.stdout)
+    assert summary["epochs"] == 3 and summary["final_val_acc"] == run_c.metrics[-1]["val_acc"]
+    assert json.loads((run_c.workdir / "config.json").read_text())["workdir"] == str(run_c.workdir)
+
+
+def test_resume_without_checkpoint(run_a, image_folder, tmp_path):
+    workdir = tmp_path / "empty"
+    rc, _, stderr = run_main(cli.main, base_argv(image_folder, workdir, "--init", run_a.workdir, "--resume"))
+    assert rc == 2
+    assert str(workdir / "checkpoints" / "latest") in stderr and "Traceback" not in stderr
+
+
+def test_resume_with_another_config_is_refused(run_a):
+    before = {p: p.read_bytes() for p in (run_a.workdir / "config.json", run_a.workdir / "metrics.jsonl")}
+    argv = [*run_a.argv, "--resume", "--lr", "0.01"]
+    rc, _, stderr = run_main(cli.main, argv)
+    assert rc == 2
+    assert "different config (lr)" in stderr and "Traceback" not in stderr
+    assert {p: p.read_bytes() for p in before} == before  # nothing overwritten
+
+
+# ------------------------------------------------------------------------------------------ 7. bad inputs
+
+@pytest.mark.parametrize("case", ["variant", "batch", "resolution", "missing_folder"])
+def test_bad_inputs_exit_2(case, trainer_env, image_folder, tmp_path):
+    workdir = tmp_path / "w"
+    argv = base_argv(image_folder, workdir, "--init", "scratch")
+    expect = {"variant": ["b9", *VARIANTS], "batch": [str(N_TRAIN), "64"], "resolution": ["16", "32"],
+              "missing_folder": ["/nonexistent/images", "does not exist"]}[case]
+    if case == "variant":
+        argv += ["--variant", "b9"]
+    elif case == "batch":
+        argv += ["--batch-size", 64]
+    elif case == "resolution":
+        argv += ["--resolution", 16]
+    else:
+        argv[1] = "folder:/nonexistent/images"
+    rc, stdout, stderr = run_main(cli.main, argv)
+    assert rc == 2 and stdout == ""
+    assert stderr.count("\n") == 1 and stderr.startswith("error: ")  # one message, no traceback
+    for text in expect:
+        assert text in stderr
+    assert not (workdir / "checkpoints").exists()
+
+
+# ------------------------------------------------ 4, 5, 8. --init imagenet (local server), head-only, cosine
+
+@pytest.fixture(scope="module")
+def run_d(trainer_env, image_folder, tmp_path_factory):
+    """A torchvision efficientnet_b0 state dict (random weights; the stem BN's running statistics randomized too)
+    served over HTTP as the b0 ImageNet file; `--init imagenet --freeze head-only`, 2 epochs of 5 steps,
+    warmup 1.25 epochs (floor(6.25) = 6 steps) then cosine."""
+    torch = pytest.importorskip("torch")
+    tv = pytest.importorskip("torchvision.models")
+    root = tmp_path_factory.mktemp("imagenet")
+    torch.manual_seed(0)
+    model = tv.efficientnet_b0()
+    with torch.no_grad():
+        model.features[0][1].running_mean.uniform_(-0.5, 0.5)
+        model.features[0][1].running_var.uniform_(0.5, 2.0)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    content = buf.getvalue()
+    name = f"efficientnet_b0_fake-{hashlib.sha256(content).hexdigest()[:8]}.pth"
+    (root / "served" / "mirror").mkdir(parents=True)
+    (root / "served" / "mirror" / name).write_bytes(content)
+    sd = {k: v.numpy().copy() for k, v in model.state_dict().items() if v.dtype == torch.float32}
+
+    requests: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root / "served"), **kwargs)
+
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    workdir = root / "d"
+    argv = base_argv(image_folder, workdir, "--init", "imagenet", "--freeze", "head-only", "--epochs", 2,
+                     "--warmup-epochs", 1.25, "--max-train-examples", 20)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(weights.URL_ENV_VAR, f"http://127.0.0.1:{server.server_address[1]}/mirror/")
+            mp.setenv("TORCH_HOME", str(root / "torch"))
+            mp.setitem(weights.WEIGHTS, "b0", dataclasses.replace(
+                weights.WEIGHTS["b0"], file_name=name, url=f"{weights.DEFAULT_BASE_URL}/{name}"))
+            run = Run(workdir, argv, *run_main(cli.main, argv))
+            assert run.rc == 0, run.stderr
+            requests_after_run = list(requests)
+            cfg = cli.parse_args([str(a) for a in argv])
+            initial = trainer.initial_variables(cfg, len(CLASSES), jax.random.fold_in(jax.random.key(cfg.seed), 1))[0]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    run.metrics = read_metrics(workdir)
+    run.extra = dict(name=name, content=content, sd=sd, requests=requests_after_run, all_requests=requests,
+                     checkpoints=root / "torch" / "hub" / "checkpoints", initial=jax.device_get(initial))
+    return run
+
+
+def test_imagenet_init_downloads_into_torch_hub_cache(run_d):
+    x = run_d.extra
+    assert x["requests"] == [f"/mirror/{x['name']}"]
+    assert x["all_requests"] == x["requests"]  # the reference init read the cached file
+    assert sorted(p.name for p in x["checkpoints"].iterdir()) == [x["name"]]
+    assert (x["checkpoints"] / x["name"]).read_bytes() == x["content"]
+    summary = last_json(run_d.stdout)
+    assert summary["init"] == "imagenet" and summary["n_train"] == 20 and summary["n_val"] == N_VAL
+
+
+def test_head_only_freezes_everything_but_the_classifier(run_d):
+    tree, meta = trainer.restore_checkpoint(run_d.workdir / "checkpoints" / "latest")
+    assert meta["epoch"] == 2 and int(tree["step"]) == 2 * (20 // BATCH)
+    initial = run_d.extra["initial"]
+    params, init_params = flat(tree["params"]), flat(initial["params"])
+    assert params.keys() == init_params.keys()
+    frozen = [k for k in params if not k.startswith("classifier/")]
+    assert len(frozen) > 200
+    changed = [k for k in frozen if not np.array_equal(params[k], init_params[k])]
+    assert changed == []
+    assert not np.array_equal(params["classifier/kernel"], init_params["classifier/kernel"])
+    assert not np.array_equal(params["classifier/bias"], init_params["classifier/bias"])
+    stats, init_stats = flat(tree["batch_stats"]), flat(initial["batch_stats"])
+    assert stats.keys() == init_stats.keys()
+    assert [k for k in stats if not np.array_equal(stats[k], init_stats[k])] == []  # BN in inference mode
+    # the backbone is the torch file's, unchanged: stem conv (OIHW -> HWIO) and the stem BN's statistics
+    sd = run_d.extra["sd"]
+    np.testing.assert_array_equal(params["stem/kernel"], sd["features.0.0.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(stats["stem_bn/mean"], sd["features.0.1.running_mean"])
+    np.testing.assert_array_equal(stats["stem_bn/var"], sd["features.0.1.running_var"])
+
+
+def test_cosine_schedule_lr(run_d):
+    """Logged lr at epoch e = the closed-form warmup-cosine at its last step e * 5 - 1 (warmup 6, total 10)."""
+    steps, peak = 20 // BATCH, 1e-3
+    warmup, total = int(1.25 * steps), 2 * steps
+    assert warmup == 6
+    lrs = [r["lr"] for r in run_d.metrics[1:]]
+    assert lrs == pytest.approx([warmup_cosine(e * steps - 1, peak, warmup, total) for e in (1, 2)], rel=1e-6)
+    assert lrs[0] == pytest.approx(peak * 4 / 6, rel=1e-6)  # in the warmup
+    assert lrs[1] == pytest.approx(0.5 * peak * (1 + math.cos(math.pi * 3 / 4)), rel=1e-6)  # decaying
+
+
+# ---------------------------------------------------------------------------------------- 6. two devices
+
+def test_two_device_step_equals_one_device_step(sharded_proc):
+    stdout, stderr = sharded_proc.communicate(timeout=600)
+    assert sharded_proc.returncode == 0, stderr[-3000:]
+    r = json.loads(stdout.strip().splitlines()[-1])
+    assert r["device_count"] == 2 and r["count"] == [8.0, 8.0] and r["correct"][0] == r["correct"][1]
+    assert r["params_moved"] > 1e-3 and r["batch_stats_moved"] > 1e-2  # the step did something
+    assert r["params_diff"] <= 1e-6
+    assert r["batch_stats_rel_diff"] <= 1e-5
+    assert abs(r["loss"][0] - r["loss"][1]) <= 1e-6
