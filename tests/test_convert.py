@@ -211,7 +211,7 @@ def test_adam_training_step_equals_pytorch(tmp_path):
     updates, _ = tx.update(grads, tx.init(params), params)
     params = optax.apply_updates(params, updates)
 
-    assert abs(float(loss_j) - float(loss_t)) <= 1e-5
+    assert abs(float(loss_j) - loss_t.item()) <= 1e-5
     gmax = max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(grads_t))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(grads_t)):
         np.testing.assert_allclose(np.asarray(a), b, atol=3e-5 * gmax, rtol=1e-3, err_msg=jax.tree_util.keystr(path))
