@@ -138,15 +138,13 @@ def initial_variables(cfg: TrainConfig, num_classes: int, key: jax.Array) -> tup
         model = build_model(cfg, num_classes)
         x = jnp.zeros((1, cfg.resolution, cfg.resolution, 3))
         return jax.jit(lambda k: model.init(k, x, train=False))(key), {}
-    if init == "imagenet" or init.endswith((".pth", ".pt")):
-        path = None if init == "imagenet" else init
-        sd_variant_overrides = {}
-        if path is not None:
-            from .torch_reader import read_torch_state_dict
-            sd = read_torch_state_dict(path)
-            sd_variant_overrides = convert.layout_overrides(convert.detect_layout(sd), cfg.variant)
-            return convert.convert_state_dict(sd, cfg.variant, num_classes, key, source=path), sd_variant_overrides
+    if init == "imagenet":
         return convert.pretrained(cfg.variant, num_classes=num_classes, rng=key), {}
+    if init.endswith((".pth", ".pt")):
+        from .torch_reader import read_torch_state_dict
+        sd = read_torch_state_dict(init)
+        overrides = convert.layout_overrides(convert.detect_layout(sd), cfg.variant)
+        return convert.convert_state_dict(sd, cfg.variant, num_classes, key, source=init), overrides
     d = pathlib.Path(init)
     if (d / "config.json").exists() and (d / "checkpoints").exists():  # a previous run
         prev = json.loads((d / "config.json").read_text())
