@@ -25,10 +25,19 @@ HELP = {
 }
 
 
-def parse_args(argv=None):
+LAUNCH = ("coordinator_address", "num_processes", "process_id")
+
+
+def parse(argv=None):
+    """(TrainConfig, the jax.distributed arguments)."""
     from effnet_jax.train import PRESETS, TrainConfig
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named recipe")
+    launch = p.add_argument_group("several processes (jax.distributed; without these flags JAX auto-detects "
+                                  "SLURM / Open MPI / TPU pod launches, else one process)")
+    launch.add_argument("--coordinator-address", metavar="HOST:PORT", help="process 0's address, the same for all")
+    launch.add_argument("--num-processes", type=int, metavar="N")
+    launch.add_argument("--process-id", type=int, metavar="I", help="0..N-1")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
@@ -39,18 +48,27 @@ def parse_args(argv=None):
                            help=f"{HELP.get(f.name, '')} (default: {f.default})".strip())
     args = vars(p.parse_args(argv))
     preset = args.pop("preset")
+    launch = {k: args.pop(k) for k in LAUNCH}
     values = dict(PRESETS[preset]) if preset else {}
     values.update({k: v for k, v in args.items() if v is not None})
-    return TrainConfig(**values)
+    return TrainConfig(**values), launch
+
+
+def parse_args(argv=None):
+    return parse(argv)[0]
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("effnet_jax").setLevel(logging.INFO)
-    from effnet_jax.train import train_and_evaluate
-    cfg = parse_args(argv)
+    from effnet_jax.train import Interrupted, initialize_distributed, train_and_evaluate
+    cfg, launch = parse(argv)
     try:
+        initialize_distributed(**launch)
         summary = train_and_evaluate(cfg)
+    except Interrupted as e:  # SIGTERM / SIGINT: checkpoint saved
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:  # one message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -157,7 +157,7 @@ def load_dataset(spec: str, data_dir: str | os.PathLike[str] | None = None, *, v
     if decoded.skipped:
         if on_corrupt == "error":
             raise DatasetError(f"{decoded.source}: cannot decode image {decoded.skipped[0]} "
-                               f"(and {len(decoded.skipped) - 1} more); pass on_corrupt='skip' to leave them out")
+                               f"(and {len(decoded.skipped) - 1} more); pass on_corrupt='skip' (train.py --on-corrupt skip) to leave them out")
         warnings.warn(f"{decoded.source}: skipped {len(decoded.skipped)} corrupt image(s): "
                       f"{', '.join(decoded.skipped[:5])}{', ...' if len(decoded.skipped) > 5 else ''}",
                       stacklevel=2)
@@ -427,8 +427,8 @@ def _load_image_folder(path: pathlib.Path, image_size: int | None, on_corrupt: s
             image = _decode_image(data)
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds of errors on bad data
             if on_corrupt == "error":
-                raise DatasetError(f"cannot decode image {path / '/'.join(parts)}: {e}; pass on_corrupt='skip' to "
-                                   "leave corrupt images out") from e
+                raise DatasetError(f"cannot decode image {path / '/'.join(parts)}: {e}; pass on_corrupt='skip' "
+                                   "(train.py --on-corrupt skip) to leave corrupt images out") from e
             skipped.append("/".join(parts))
             continue
         images.add(parts, image)

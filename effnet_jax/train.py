@@ -79,6 +79,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     seed: int = 0
     resume: bool = False
+    checkpoint_every: int = 0           # also save checkpoints/latest every N steps (0: at epoch ends only)
     on_corrupt: str = "error"
     max_train_examples: int | None = None   # for smoke tests and quick looks: use only the first N
     progress: bool = True
@@ -215,6 +216,27 @@ def eval_step(variables: PyTree, images: jax.Array, labels: jax.Array, indices: 
             "count": jnp.sum(m), "logits": logits}
 
 
+CLUSTER_SIZE_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Join JAX's multi-controller runtime (`jax.distributed.initialize`) before anything touches a device.
+
+    With any of the arguments: exactly those (the others auto-detected by JAX). Without: JAX's own
+    auto-detection where a launcher says there are several processes (SLURM, Open MPI, PMI, a TPU pod slice);
+    on a single machine, nothing. On CPU the processes exchange collectives through gloo."""
+    explicit = any(v is not None for v in (coordinator_address, num_processes, process_id))
+    launched = any(int(os.environ.get(v, "1") or 1) > 1 for v in CLUSTER_SIZE_VARS) \
+        or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if not (explicit or launched):
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    log.info("process %d of %d; %d local / %d global devices", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
+
+
 class Mesh:
     """The 1-D data-parallel mesh and how host arrays go onto it (one process or many)."""
 
@@ -270,9 +292,11 @@ def _managers(workdir: pathlib.Path) -> tuple[ocp.CheckpointManager, ocp.Checkpo
     return latest, best
 
 
-def _state_tree(state: TrainState) -> dict:
+def _state_tree(state: TrainState, epoch_sums: dict) -> dict:
+    """What a checkpoint holds: the train state and the running sums (loss, correct, count) of the epoch in
+    progress, so that a run resumed mid-epoch logs the same epoch metrics as an uninterrupted one."""
     tree = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-            "opt_state": state.opt_state, "rng": jax.random.key_data(state.rng)}
+            "opt_state": state.opt_state, "rng": jax.random.key_data(state.rng), "epoch_sums": epoch_sums}
     if state.ema is not None:
         tree["ema"] = state.ema
     return tree
@@ -313,6 +337,71 @@ def _plot_curves(records: list[dict], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+class Interrupted(Exception):
+    """SIGTERM/SIGINT stopped the run after saving checkpoints/latest; `--resume` continues it."""
+
+    def __init__(self, step: int, epoch: int, workdir: pathlib.Path, signum: int | None = None):
+        self.exit_code = 128 + (signum or 15)  # the shell's convention for a process ended by that signal
+        super().__init__(f"interrupted at step {step} (epoch {epoch}); checkpoint saved in "
+                         f"{workdir / 'checkpoints' / 'latest'}; continue with the same flags and --resume")
+
+
+class StopRequest:
+    """Catches SIGTERM and SIGINT while training (main thread only) so that the loop can save a checkpoint and
+    stop between two steps; a second signal acts as usual. With several processes the decision is taken
+    together (`requested(check_all=True)` gathers every process's flag) so that all save the same step."""
+
+    SIGNALS = ("SIGTERM", "SIGINT")
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+        if self.signal is not None:  # the second one: as without us
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self.signal = signum
+        log.warning("%s received: saving a checkpoint after this step, then stopping (again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def requested(self, check_all: bool) -> bool:
+        if jax.process_count() == 1:
+            return self.signal is not None
+        if not check_all:
+            return False
+        from jax.experimental import multihost_utils
+        flags = multihost_utils.process_allgather(np.int32(self.signal is not None))
+        return bool(np.any(flags))
+
+    def __exit__(self, *exc) -> None:
+        import signal
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def check_writable(workdir: pathlib.Path) -> None:
+    """A clear error now rather than a traceback from orbax or matplotlib after the first epoch."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--workdir {workdir} is not writable: {e.strerror or e}") from None
+
+
 def load_data(cfg: TrainConfig) -> data_lib.Dataset:
     ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
                                on_corrupt=cfg.on_corrupt)
@@ -340,6 +429,8 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     variants.model_config(cfg.variant)  # unknown variant -> ValueError listing names
     ocfg = cfg.optim_config()
 
+    if is_main:
+        check_writable(workdir)
     ds = load_data(cfg)
     n_train, n_val = len(ds.train), len(ds.val)
     steps_per_epoch = n_train // cfg.batch_size
@@ -357,14 +448,14 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     schedule = optim.lr_schedule(ocfg, steps_per_epoch)
 
     if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
         saved = dataclasses.asdict(cfg) | {"model_overrides": overrides, "num_classes": ds.num_classes,
                                            "mean": list(mean), "std": list(std)}
-        if cfg.resume and not any((workdir / "checkpoints" / "latest").glob("[0-9]*")):
+        if cfg.resume and not any(d.name.isdigit() for d in (workdir / "checkpoints" / "latest").glob("*")):
+            # (a digits-only name is a finished orbax save; an interrupted one is left as N.orbax-checkpoint-tmp-*)
             raise FileNotFoundError(f"--resume: no checkpoint in {workdir / 'checkpoints' / 'latest'}")
         if cfg.resume and (workdir / "config.json").exists():
             old = json.loads((workdir / "config.json").read_text())
-            ignored = ("resume", "progress", "epochs", "workdir")  # workdir: the same run, maybe moved or respelled
+            ignored = ("resume", "progress", "epochs", "workdir", "checkpoint_every")  # workdir: the same run, maybe moved or respelled
             diff = {k for k in saved if k not in ignored and old.get(k) != saved[k]}
             if diff:
                 raise ValueError(f"--resume: the run in {workdir} has a different config ({', '.join(sorted(diff))})")
@@ -374,20 +465,24 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     train_arrays = mesh.replicate((jnp.asarray(ds.train.images), jnp.asarray(ds.train.labels)))
     val_arrays = mesh.replicate((jnp.asarray(ds.val.images), jnp.asarray(ds.val.labels)))
     state = mesh.replicate(create_train_state(variables, tx, cfg))
+    zero_sums = mesh.replicate({"loss": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.int32),
+                                "count": jnp.zeros((), jnp.float32)})
     latest_mgr, best_mgr = _managers(workdir)
     records: list[dict] = []
-    start_epoch = 1
+    start_epoch, start_batch, start_sums = 1, 0, zero_sums
     if cfg.resume:
         if latest_mgr.latest_step() is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {workdir / 'checkpoints' / 'latest'}")
-        tree, meta = restore_checkpoint(workdir / "checkpoints" / "latest", _state_tree(state))
+        tree, meta = restore_checkpoint(workdir / "checkpoints" / "latest", _state_tree(state, zero_sums))
         state = mesh.replicate(state.replace(
             step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"], opt_state=tree["opt_state"],
             ema=tree.get("ema"), rng=jax.random.wrap_key_data(tree["rng"])))
-        start_epoch = meta["epoch"] + 1
+        # meta: epochs completed, and batches done of the next one (a mid-epoch checkpoint)
+        start_epoch, start_batch = meta["epoch"] + 1, meta.get("batches_done", 0)
+        start_sums = mesh.replicate(tree["epoch_sums"])
         records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
                    if json.loads(line)["epoch"] <= meta["epoch"]]
-        log.info("resumed from epoch %d (step %d)", meta["epoch"], int(state.step))
+        log.info("resumed at epoch %d, batch %d (step %d)", start_epoch, start_batch, int(state.step))
 
     eval_model = build_model(cfg, ds.num_classes, overrides=overrides)
     eval_fn = jax.jit(functools.partial(eval_step, model=eval_model, aug=aug))
@@ -400,7 +495,18 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
                 f.writelines(json.dumps(r) + "\n" for r in records)
             _plot_curves(records, workdir / "curves.png")
 
-    if start_epoch == 1:  # the notebook's "pre-finetune" accuracy
+    def save_latest(step: int, state: TrainState, sums: dict, meta: dict) -> None:
+        """Save checkpoints/latest (orbax: all processes, written to a temporary directory and renamed when
+        complete), unless the epoch's losses so far hold a NaN/inf: then the last good checkpoint stays."""
+        loss = float(jax.device_get(sums["loss"]))
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss} before step {step} (epoch "
+                                     f"{meta['epoch'] + 1}); nothing saved, the last good checkpoint is kept in "
+                                     f"{workdir / 'checkpoints' / 'latest'}")
+        latest_mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state, sums)),
+                                                      meta=ocp.args.JsonSave(meta)))
+
+    if start_epoch == 1 and start_batch == 0:  # the notebook's "pre-finetune" accuracy
         pre = evaluate(eval_vars(state), val_arrays, n_val, eval_fn, mesh, cfg.eval_batch_size)
         write_metrics({"epoch": 0, "train_loss": None, "train_acc": None, "val_loss": pre["loss"],
                        "val_acc": pre["top1"], "val_top5": pre["top5"], "img_s": None, "lr": None,
@@ -408,54 +514,64 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
         log.info("before fine-tuning: val top-1 %.2f%%", 100 * pre["top1"])
 
     step_fns: dict[int, Any] = {}
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        phase = [p for p in optim.phases(ocfg) if p.start_epoch < epoch][-1]
-        fu = optim.frozen_units(mcfg, phase.freeze)
-        if fu not in step_fns:  # one compiled step per freezing phase
-            step_fns[fu] = jax.jit(functools.partial(
-                train_step, model=build_model(cfg, ds.num_classes, fu, overrides), tx=tx, aug=aug,
-                label_smoothing=cfg.label_smoothing, ema_decay=cfg.ema_decay), donate_argnums=0)
-        step_fn = step_fns[fu]
-        perm = data_lib.epoch_permutation(n_train, cfg.seed, epoch)
-        batches = data_lib.batch_indices(perm, cfg.batch_size)
-        acc, t_epoch, t_steady, n_steady = None, time.time(), time.time(), 0
-        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and is_main),
-                   unit="batch", dynamic_ncols=True)
-        for i, idx in enumerate(bar):
-            state, m = step_fn(state, *train_arrays, mesh.put_batch(idx.astype(np.int32)))
-            acc = m if acc is None else jax.tree.map(jnp.add, acc, m)  # summed on device, read once per epoch
-            if i == 0:
-                jax.block_until_ready(m)
-                t_steady = time.time()  # img/s leaves out the first (compiling) step
-            else:
-                n_steady += len(idx)
-            if i % 10 == 0 or i == len(batches) - 1:
-                m = jax.device_get(m)
-                if not math.isfinite(float(m["loss"])):
-                    raise FloatingPointError(f"loss is {float(m['loss'])} at step {int(state.step)} (epoch {epoch}); "
-                                             "the last good checkpoint is kept in checkpoints/latest")
-                bar.set_postfix(loss=f"{float(m['loss']) / float(m['count']):.3f}",
-                                img_s=f"{n_steady / max(time.time() - t_steady, 1e-9):.0f}")
-        bar.close()
-        sums = jax.device_get(acc)
-        img_s = n_steady / max(time.time() - t_steady, 1e-9) if n_steady else None
-        val = evaluate(eval_vars(state), val_arrays, n_val, eval_fn, mesh, cfg.eval_batch_size)
-        rec = {"epoch": epoch, "train_loss": float(sums["loss"] / sums["count"]),
-               "train_acc": float(sums["correct"] / sums["count"]),
-               "val_loss": val["loss"], "val_acc": val["top1"], "val_top5": val["top5"], "img_s": img_s,
-               "lr": float(schedule(int(state.step) - 1)), "time_s": time.time() - t0}
-        write_metrics(rec)
-        log.info("epoch %d: train loss %.4f acc %.2f%% | val loss %.4f acc %.2f%% | %.0f img/s | %.0f s", epoch,
-                 rec["train_loss"], 100 * rec["train_acc"], rec["val_loss"], 100 * rec["val_acc"], img_s or 0,
-                 time.time() - t_epoch)
-        tree, meta = _state_tree(state), {"epoch": epoch, "val_top1": val["top1"]}
-        latest_mgr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
-        best_mgr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
-                      metrics={"val_top1": val["top1"]})
-    latest_mgr.wait_until_finished()
-    best_mgr.wait_until_finished()
-    latest_mgr.close()
-    best_mgr.close()
+    with StopRequest() as stop, latest_mgr, best_mgr:  # (closing the managers waits for their saves)
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            phase = [p for p in optim.phases(ocfg) if p.start_epoch < epoch][-1]
+            fu = optim.frozen_units(mcfg, phase.freeze)
+            if fu not in step_fns:  # one compiled step per freezing phase
+                step_fns[fu] = jax.jit(functools.partial(
+                    train_step, model=build_model(cfg, ds.num_classes, fu, overrides), tx=tx, aug=aug,
+                    label_smoothing=cfg.label_smoothing, ema_decay=cfg.ema_decay), donate_argnums=0)
+            step_fn = step_fns[fu]
+            # the data order is a function of (seed, epoch) only: a resumed run skips the batches already done
+            batches = data_lib.batch_indices(data_lib.epoch_permutation(n_train, cfg.seed, epoch), cfg.batch_size)
+            first = start_batch if epoch == start_epoch else 0
+            sums = start_sums if epoch == start_epoch else zero_sums  # summed on device, read once per epoch
+            t_epoch, t_steady, n_steady = time.time(), time.time(), 0
+            bar = tqdm(range(first, len(batches)), initial=first, total=len(batches), unit="batch",
+                       desc=f"epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and is_main), dynamic_ncols=True)
+            for i in bar:
+                state, m = step_fn(state, *train_arrays, mesh.put_batch(batches[i].astype(np.int32)))
+                sums = jax.tree.map(jnp.add, sums, {k: m[k] for k in sums})
+                step = (epoch - 1) * steps_per_epoch + i + 1  # == state.step, without waiting for it
+                if i == first:
+                    jax.block_until_ready(m)
+                    t_steady = time.time()  # img/s leaves out the first (compiling) step
+                else:
+                    n_steady += len(batches[i])
+                if i % 10 == 0 or i == len(batches) - 1:
+                    m = jax.device_get(m)
+                    if not math.isfinite(float(m["loss"])):
+                        raise FloatingPointError(
+                            f"loss is {float(m['loss'])} at step {step} (epoch {epoch}); the last good checkpoint "
+                            f"is kept in {workdir / 'checkpoints' / 'latest'}")
+                    bar.set_postfix(loss=f"{float(m['loss']) / float(m['count']):.3f}",
+                                    img_s=f"{n_steady / max(time.time() - t_steady, 1e-9):.0f}")
+                if i + 1 < len(batches):  # (the epoch's end saves below, after the validation)
+                    stopping = stop.requested(check_all=i % 10 == 0)
+                    if stopping or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                        save_latest(step, state, sums, {"epoch": epoch - 1, "batches_done": i + 1})
+                    if stopping:
+                        raise Interrupted(step, epoch, workdir, stop.signal)
+            bar.close()
+            sums = jax.device_get(sums)
+            img_s = n_steady / max(time.time() - t_steady, 1e-9) if n_steady else None
+            val = evaluate(eval_vars(state), val_arrays, n_val, eval_fn, mesh, cfg.eval_batch_size)
+            rec = {"epoch": epoch, "train_loss": float(sums["loss"] / sums["count"]),
+                   "train_acc": float(sums["correct"] / sums["count"]),
+                   "val_loss": val["loss"], "val_acc": val["top1"], "val_top5": val["top5"], "img_s": img_s,
+                   "lr": float(schedule(step - 1)), "time_s": time.time() - t0}
+            write_metrics(rec)
+            log.info("epoch %d: train loss %.4f acc %.2f%% | val loss %.4f acc %.2f%% | %.0f img/s | %.0f s", epoch,
+                     rec["train_loss"], 100 * rec["train_acc"], rec["val_loss"], 100 * rec["val_acc"], img_s or 0,
+                     time.time() - t_epoch)
+            meta = {"epoch": epoch, "val_top1": val["top1"]}
+            save_latest(step, state, zero_sums, meta)
+            best_mgr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state, zero_sums)),
+                                                         meta=ocp.args.JsonSave(meta)),
+                          metrics={"val_top1": val["top1"]})
+            if epoch < cfg.epochs and stop.requested(check_all=True):
+                raise Interrupted(step, epoch, workdir, stop.signal)
     trained = [r for r in records if r["epoch"] > 0]
     summary = {"variant": cfg.variant, "dataset": cfg.dataset, "init": cfg.init,
                "pre_finetune_val_acc": records[0]["val_acc"] if records and records[0]["epoch"] == 0 else None,

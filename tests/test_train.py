@@ -341,7 +341,7 @@ def test_curves_png(run_a):
 
 def test_checkpoints(run_a):
     ck = run_a.workdir / "checkpoints"
-    assert step_dirs(ck / "latest") == ["2"]  # max_to_keep 1
+    assert step_dirs(ck / "latest") == [str(2 * STEPS_PER_EPOCH)]  # keyed by global step; max_to_keep 1
     tree, meta = trainer.restore_checkpoint(ck / "latest")
     assert int(tree["step"]) == 2 * STEPS_PER_EPOCH and meta["epoch"] == 2
     assert meta["val_top1"] == run_a.metrics[-1]["val_acc"]
