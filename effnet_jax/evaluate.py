@@ -21,11 +21,23 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_dir: str | None = None,
-                 split: str = "val", which: str = "best", batch_size: int | None = None) -> dict:
-    from . import data as data_lib
-    from .train import (Mesh, TrainConfig, augment_config, build_model, eval_step, evaluate, load_data,
-                        restore_checkpoint)
+@dataclasses.dataclass
+class LoadedRun:
+    """A training run's evaluation model: what `evaluate_run`, `predict --workdir` and `export --workdir` use."""
+    model: object          # EfficientNet
+    variables: dict        # {'params', 'batch_stats'}: the EMA weights when the run kept an EMA
+    config: object         # TrainConfig
+    saved: dict            # config.json as written (with model_overrides, num_classes, mean, std)
+    class_names: list
+    meta: dict             # the checkpoint's meta (epoch, ...)
+    uses_ema: bool = False
+
+
+def load_run(workdir: str | pathlib.Path, which: str = "best", **model_overrides) -> LoadedRun:
+    """The model and evaluation variables of a run directory written by `effnet_jax.train` (the EMA weights when
+    the run kept an EMA, as evaluation during training uses). `model_overrides` go to `create_model` on top of
+    the run's (e.g. depthwise_impl='xla')."""
+    from .train import TrainConfig, build_model, restore_checkpoint
 
     workdir = pathlib.Path(workdir)
     if not (workdir / "config.json").exists():
@@ -33,11 +45,24 @@ def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_d
     saved = json.loads((workdir / "config.json").read_text())
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    run_classes = json.loads((workdir / "class_names.json").read_text())
+    tree, meta = restore_checkpoint(workdir / "checkpoints" / which)
+    variables = tree["ema"] if "ema" in tree else {"params": tree["params"], "batch_stats": tree["batch_stats"]}
+    model = build_model(cfg, len(run_classes), overrides={**saved.get("model_overrides", {}), **model_overrides})
+    return LoadedRun(model, variables, cfg, saved, run_classes, meta, "ema" in tree)
+
+
+def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_dir: str | None = None,
+                 split: str = "val", which: str = "best", batch_size: int | None = None) -> dict:
+    from . import data as data_lib
+    from .train import Mesh, augment_config, eval_step, evaluate, load_data
+
+    run = load_run(workdir, which)
+    saved, cfg, run_classes, meta = run.saved, run.config, run.class_names, run.meta
     if dataset is not None:
         cfg = dataclasses.replace(cfg, dataset=dataset, data_dir=data_dir)
     elif data_dir is not None:
         cfg = dataclasses.replace(cfg, data_dir=data_dir)
-    run_classes = json.loads((workdir / "class_names.json").read_text())
     ds = load_data(dataclasses.replace(cfg, max_train_examples=None))
     chosen = {"val": ds.val, "test": ds.test, "train": ds.train}.get(split)
     if chosen is None:
@@ -50,9 +75,7 @@ def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_d
     to_run = np.asarray([run_classes.index(c) for c in ds.class_names], np.int32)
     labels = to_run[chosen.labels]
 
-    tree, meta = restore_checkpoint(workdir / "checkpoints" / which)
-    variables = tree["ema"] if "ema" in tree else {"params": tree["params"], "batch_stats": tree["batch_stats"]}
-    model = build_model(cfg, len(run_classes), overrides=saved.get("model_overrides", {}))
+    model, variables = run.model, run.variables
     aug = augment_config(cfg, tuple(saved["mean"]), tuple(saved["std"]))
     mesh = Mesh()
     arrays = mesh.replicate((jnp.asarray(chosen.images), jnp.asarray(labels)))

@@ -1,7 +1,7 @@
 """Top-k predictions of an EfficientNet for image files, one JSON object per line.
 
-    python -m effnet_jax.predict --variant lite0 --init imagenet IMG_OR_DIR [...]
-        [--topk 5] [--batch-size 32] [--output FILE]
+    python -m effnet_jax.predict (--variant lite0 --init imagenet | --workdir RUN_DIR [--which best|latest])
+        IMG_OR_DIR [...] [--topk 5] [--batch-size 32] [--output FILE] [--[no-]progress]
 
 prints for every image `{"image": path, "top5": [{"class": name, "index": i, "prob": p}, ...]}` (the key is
 `top<K>` for `--topk K`, probabilities sorted descending).
@@ -16,7 +16,17 @@ prints for every image `{"image": path, "top5": [{"class": name, "index": i, "pr
   `effnet_jax.checkpoint.load_model`; the variant comes from its `model.json` (`--variant` is then optional and
   must agree), class names from its `class_names`, else ImageNet's for 1000 classes, else `class_<i>`.
 
-Images are preprocessed with the variant's ImageNet eval transform (`effnet_jax.preprocess.eval_transform`) and
+`--workdir RUN_DIR` uses a training run (`effnet_jax.train`): its best (or `--which latest`) checkpoint, the EMA
+weights when the run kept an EMA (as its evaluation does, `effnet_jax.evaluate.load_run`), the class names of its
+`class_names.json`, and its evaluation preprocessing: the RGB image as the data loader stores it (kept as is when
+square, else shorter side resized to 256 and center-cropped, as for a folder of mixed sizes), then
+`effnet_jax.data.eval_batch` (bilinear resize to the run's resolution, the run's mean/std) — so a validation
+image gets the logits that `python -m effnet_jax.evaluate` computes for it.
+
+A progress bar (tqdm) goes to stderr when it is a terminal and there is more than one batch; `--progress` forces
+it on, `--no-progress` off.
+
+Otherwise images are preprocessed with the variant's ImageNet eval transform (`effnet_jax.preprocess.eval_transform`) and
 run in batches of `--batch-size` through one jitted function (the last batch is padded, so it compiles once).
 Arguments may be folders: all .jpg/.jpeg/.png/.bmp/.webp files below them, recursively, in sorted order. An
 image inside a folder that cannot be read gets `{"image": path, "error": "..."}` and the run goes on; a missing
@@ -171,6 +181,39 @@ def load_predictor(init: str, variant: str | None) -> Predictor:
     return Predictor(model, variables, variant, _names_for(num_classes), eval_transform(variant))
 
 
+class RunTransform:
+    """PIL image -> float32 (resolution, resolution, 3): a training run's evaluation preprocessing (see the module
+    docstring)."""
+
+    def __init__(self, resolution: int, mean, std):
+        from .data import AugmentConfig
+        self.input_size = int(resolution)
+        self.aug = AugmentConfig(crop_padding=0, flip=False, resolution=self.input_size, mean=tuple(mean),
+                                 std=tuple(std))
+
+    def __call__(self, image) -> np.ndarray:
+        from .data import DEFAULT_RESIZE, _resize_center_crop, eval_batch
+        image = image.convert("RGB")
+        w, h = image.size
+        a = np.asarray(image) if w == h else _resize_center_crop(image, DEFAULT_RESIZE)
+        return np.asarray(eval_batch(a[None], self.aug)[0], np.float32)
+
+
+def load_run_predictor(workdir: str, which: str = "best", variant: str | None = None) -> Predictor:
+    """Predictor of a training run directory: eval weights (EMA if kept), class names, eval preprocessing."""
+    from .evaluate import load_run
+    if not os.path.isdir(workdir):
+        raise PredictError(f"--workdir {workdir}: no such directory")
+    try:
+        run = load_run(workdir, which)
+    except Exception as e:  # noqa: BLE001 — missing files, orbax errors alike
+        raise PredictError(f"--workdir {workdir}: cannot load the run: {_describe(e)}") from None
+    if variant is not None and variant != run.config.variant:
+        raise PredictError(f"--workdir {workdir} holds a {run.config.variant} model, not --variant {variant}")
+    transform = RunTransform(run.config.resolution, run.saved["mean"], run.saved["std"])
+    return Predictor(run.model, run.variables, run.config.variant, list(run.class_names), transform)
+
+
 def make_eval_fn(model, k: int):
     """One jitted function (variables, images) -> (top-k probabilities, top-k indices), sorted descending."""
     import jax
@@ -190,9 +233,11 @@ def _batches(items: list[ImageItem], size: int) -> Iterator[list[ImageItem]]:
         yield items[i:i + size]
 
 
-def predict(pred: Predictor, items: list[ImageItem], out: TextIO, topk: int = 5, batch_size: int = 32) -> int:
+def predict(pred: Predictor, items: list[ImageItem], out: TextIO, topk: int = 5, batch_size: int = 32,
+            progress: bool | None = None) -> int:
     """Write one JSON line per image to `out`. Returns the number of images that could not be read (in folders).
-    Raises `PredictError` for an unreadable image named directly."""
+    Raises `PredictError` for an unreadable image named directly. `progress`: None shows a tqdm bar on stderr
+    when it is a terminal and there is more than one batch."""
     from tqdm import tqdm
 
     import jax
@@ -204,13 +249,16 @@ def predict(pred: Predictor, items: list[ImageItem], out: TextIO, topk: int = 5,
     size = pred.transform.input_size if hasattr(pred.transform, "input_size") else None
     batches = list(_batches(items, batch_size))
     failed = 0
+    if progress is None:
+        progress = len(batches) > 1 and sys.stderr.isatty()
+    show = bool(progress)
 
     def prepare(batch: list[ImageItem]) -> list[np.ndarray | str]:
         return [_load(it, pred.transform) for it in batch]
 
     # decode/resize the next batch on a thread while the current one runs (PIL and XLA release the GIL)
     with concurrent.futures.ThreadPoolExecutor(1) as pool, \
-            tqdm(total=len(items), unit="img", file=sys.stderr, disable=len(batches) <= 1) as bar:
+            tqdm(total=len(items), unit="img", file=sys.stderr, disable=not show) as bar:
         pending = pool.submit(prepare, batches[0])
         for bi, batch in enumerate(batches):
             arrays = pending.result()
@@ -244,8 +292,15 @@ def main(argv: list[str] | None = None) -> int:
         "Top-k class predictions of an EfficientNet for images (files or folders), as JSON lines."))
     p.add_argument("images", nargs="+", metavar="IMG", help="image files or folders (searched recursively)")
     p.add_argument("--variant", default=None, help="b0..b7, lite0..lite4 (from model.json for --init DIR)")
-    p.add_argument("--init", default="imagenet",
+    p.add_argument("--init", default=None,
                    help="'imagenet' (default), a PyTorch .pth file, or a model directory from effnet_jax.convert")
+    p.add_argument("--workdir", default=None,
+                   help="a training run directory (effnet_jax.train) instead of --init: its weights, classes and "
+                        "eval preprocessing")
+    p.add_argument("--which", default="best", choices=("best", "latest"), help="the run's checkpoint (--workdir)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="tqdm progress bar on stderr (default: when stderr is a terminal and there are several "
+                        "batches)")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--batch-size", type=int, default=32, help="images per jitted batch (default 32)")
     p.add_argument("--output", default=None, help="write the JSON lines to this file instead of stdout")
@@ -262,16 +317,22 @@ def main(argv: list[str] | None = None) -> int:
         for item in items:
             if not item.in_folder:
                 _check_readable(item)
-        pred = load_predictor(args.init, args.variant)
+        if args.workdir is not None:
+            if args.init is not None:
+                raise PredictError("--workdir excludes --init")
+            pred = load_run_predictor(args.workdir, args.which, args.variant)
+        else:
+            pred = load_predictor(args.init or "imagenet", args.variant)
+        progress = args.progress
         if args.output is not None:
             try:
                 out = open(args.output, "w", encoding="utf-8")
             except OSError as e:
                 raise PredictError(f"--output {args.output}: {e.strerror or e}") from None
             with out:
-                failed = predict(pred, items, out, args.topk, args.batch_size)
+                failed = predict(pred, items, out, args.topk, args.batch_size, progress)
         else:
-            failed = predict(pred, items, sys.stdout, args.topk, args.batch_size)
+            failed = predict(pred, items, sys.stdout, args.topk, args.batch_size, progress)
     except PredictError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -67,10 +67,10 @@ def image_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lite0_run(image_dir, tmp_path_factory):
-    """`predict --variant lite0 --init imagenet --batch-size 2 --output FILE DIR`: (rc, lines, stderr)."""
+    """`predict --variant lite0 --init imagenet --batch-size 2 --progress --output FILE DIR`: (rc, lines, stderr)."""
     out = tmp_path_factory.mktemp("lite0") / "pred.jsonl"
     rc, stdout, stderr = run_main(predict.main, ["--variant", "lite0", "--init", "imagenet", "--batch-size", "2",
-                                                 "--output", out, image_dir])
+                                                 "--progress", "--output", out, image_dir])
     assert stdout == ""  # --output: nothing on stdout
     return rc, read_lines(out.read_text()) if out.exists() else [], stderr
 
