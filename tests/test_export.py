@@ -1,0 +1,276 @@
+"""Export to ONNX and StableHLO (`python -m effnet_jax.export`) and `predict --workdir`.
+
+The exported files are checked against independent computations on real images (CIFAR-10 JPEGs from
+../shared/data): onnxruntime's logits and the deserialized StableHLO's logits against JAX's `model.apply`
+(depthwise convolutions by the CPU default, shifted sums, while the artifacts use XLA grouped convolutions / ONNX
+grouped Conv), at batch sizes 1 and 7 from one file; for B0 also against torchvision itself. Models: Lite0 with its
+real ImageNet weights, B0 from a torchvision state dict with random weights and randomized BN statistics, and a
+tiny fine-tuned Lite0 run. Small resolutions (32-64 px) keep XLA's compile times low.
+
+Figures (max |difference|) are printed with `-s`.
+"""
+
+import contextlib
+import io
+import json
+import pathlib
+import tarfile
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from effnet_jax import export, predict, variants
+from effnet_jax.preprocess import EvalTransform, preprocess_config
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CIFAR_TAR = REPO / "../shared/data/cifar10-jpeg-train.tar.gz"
+R = 64
+TOL = 1e-4
+
+
+def run_main(main, argv):
+    """(exit status, stdout, stderr) of an in-process CLI `main(argv)`."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cifar_files():
+    """{class: [JPEG bytes, ...]}: the first 10 real CIFAR-10 training JPEGs of two classes."""
+    if not CIFAR_TAR.exists():
+        pytest.skip(f"{CIFAR_TAR.resolve()} not found")
+    files: dict[str, list[bytes]] = {}
+    with tarfile.open(CIFAR_TAR) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            cls = member.name.split("/")[-2]
+            if cls in files or len(files) < 2:
+                if len(files.setdefault(cls, [])) < 10:
+                    files[cls].append(tar.extractfile(member).read())
+            if len(files) == 2 and all(len(v) == 10 for v in files.values()):
+                break
+    return files
+
+
+@pytest.fixture(scope="module")
+def images(cifar_files):
+    """7 real images (PIL, RGB)."""
+    data = [b for v in cifar_files.values() for b in v][::2][:7]
+    return [Image.open(io.BytesIO(b)).convert("RGB") for b in data]
+
+
+def ort_session(path):
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def export_both(tmp, argv):
+    """Export with the CLI in both formats; returns {format: path}."""
+    paths = {}
+    for fmt in export.FORMATS:
+        out = tmp / f"model.{fmt}"
+        rc, stdout, stderr = run_main(export.main, [*argv, "--format", fmt, "--out", out])
+        assert rc == 0, stderr
+        assert json.loads(stdout.splitlines()[-1])["out"] == str(out)
+        paths[fmt] = out
+    return paths
+
+
+def check_against(paths, x, ref, label):
+    """onnxruntime and the deserialized StableHLO, at batch 1 and 7 from one file, against `ref` logits."""
+    assert x.shape[0] == 7
+    sess = ort_session(paths["onnx"])
+    assert sess.get_inputs()[0].shape[0] == "batch" and sess.get_outputs()[0].shape[0] == "batch"
+    call, meta = export.load_stablehlo(paths["stablehlo"])
+    diffs = {}
+    for n in (1, 7):
+        got_onnx = sess.run(["logits"], {"images": x[:n]})[0]
+        got_shlo = np.asarray(call(x[:n]))
+        assert got_onnx.shape == got_shlo.shape == (n, ref.shape[1])
+        diffs[f"onnx@{n}"] = float(np.abs(got_onnx - ref[:n]).max())
+        diffs[f"stablehlo@{n}"] = float(np.abs(got_shlo - ref[:n]).max())
+    print(f"\n{label}: max |logits - JAX| {diffs} (logits scale {float(np.abs(ref).max()):.3g})")
+    assert max(diffs.values()) <= TOL, diffs
+    assert np.array_equal(sess.run(["logits"], {"images": x})[0].argmax(-1), ref.argmax(-1))
+    return meta
+
+
+def onnx_meta(path):
+    meta = export.onnx_metadata(path)
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(props["mean"]) == meta["preprocess"]["mean"]
+    assert json.loads(props["class_names"]) == meta["class_names"]
+    return meta
+
+
+# ----------------------------------------------------------------------------------------- real weights
+
+def test_lite0_imagenet(images, tmp_path):
+    paths = export_both(tmp_path, ["--variant", "lite0", "--init", "imagenet", "--resolution", R])
+    meta = onnx_meta(paths["onnx"])
+    expected_pre = dict(preprocess_config("lite0"), input_size=R)
+    assert meta["preprocess"] == expected_pre  # tf crop style: the crop ratio is a function of input_size
+    assert meta["input"] == {"name": "images", "layout": "NHWC", "shape": ["batch", R, R, 3], "dtype": "float32",
+                             "normalized": True}
+    assert meta["num_classes"] == 1000 and meta["class_names"][0] == "tench"
+    x = np.stack([EvalTransform(**meta["preprocess"])(im) for im in images])
+    pred = predict.load_predictor("imagenet", "lite0")  # the JAX model, CPU default depthwise implementation
+    ref = np.asarray(jax.jit(lambda v, x: pred.model.apply(v, x))(pred.variables, x))
+    shlo_meta = check_against(paths, x, ref, "lite0 imagenet")
+    assert {k: v for k, v in shlo_meta.items() if k != "format"} == {k: v for k, v in meta.items() if k != "format"}
+
+
+def test_b0_from_torchvision_pth(images, tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torchvision")
+    from test_convert import randomized_torchvision  # random weights, BN statistics calibrated then perturbed
+
+    pre = dict(preprocess_config("b0"), input_size=R, resize_size=round(256 * R / 224))
+    x = np.stack([EvalTransform(**pre)(im) for im in images])
+    m = randomized_torchvision("b0", 3, x)
+    src = tmp_path / "b0.pth"
+    torch.save(m.state_dict(), src)
+    paths = export_both(tmp_path, ["--variant", "b0", "--init", src, "--resolution", R])
+    assert onnx_meta(paths["onnx"])["preprocess"] == pre
+    with torch.no_grad():
+        torch_logits = m(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).numpy()
+    pred = predict.load_predictor(str(src), "b0")
+    ref = np.asarray(jax.jit(lambda v, x: pred.model.apply(v, x))(pred.variables, x))
+    check_against(paths, x, ref, "b0 random .pth")
+    onnx_vs_torch = float(np.abs(ort_session(paths["onnx"]).run(None, {"images": x})[0] - torch_logits).max())
+    print(f"b0 random .pth: max |onnx - torch| {onnx_vs_torch:.3g}")
+    assert onnx_vs_torch <= TOL
+
+
+# ----------------------------------------------------------------------------------------- a fine-tuned run
+
+@pytest.fixture(scope="module")
+def run_dir(cifar_files, tmp_path_factory):
+    """A 1-epoch Lite0 fine-tune (ImageNet init) at 32 px on 20 real CIFAR images of two classes. (No EMA: with
+    `ema_decay > 0` the trainer's first step fails here, "Attempt to donate the same buffer twice", since the EMA
+    starts as the very parameter arrays; train.py is not this test's to fix.)"""
+    from effnet_jax.train import TrainConfig, train_and_evaluate
+    root = tmp_path_factory.mktemp("run")
+    data = root / "data"
+    for cls, blobs in cifar_files.items():
+        (data / cls).mkdir(parents=True)
+        for i, b in enumerate(blobs):
+            (data / cls / f"{i:02d}.jpg").write_bytes(b)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EFFNET_JAX_CACHE", str(root / "cache"))
+        with contextlib.redirect_stdout(io.StringIO()):
+            train_and_evaluate(TrainConfig(variant="lite0", dataset=f"folder:{data}", init="imagenet", epochs=1,
+                                           batch_size=8, resolution=32, max_train_examples=16,
+                                           progress=False, workdir=str(root / "work")))
+    return root / "work", data
+
+
+@pytest.fixture(scope="module")
+def run_reference(run_dir):
+    """(image files, normalized inputs, JAX logits of the run's eval weights) for 7 of the run's images."""
+    from effnet_jax import data as data_lib
+    from effnet_jax.train import TrainConfig, build_model, restore_checkpoint
+    work, data = run_dir
+    saved = json.loads((work / "config.json").read_text())
+    files = sorted(data.rglob("*.jpg"))[::3][:7]
+    u8 = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    aug = data_lib.AugmentConfig(resolution=saved["resolution"], mean=saved["mean"], std=saved["std"])
+    x = np.asarray(data_lib.eval_batch(u8, aug))
+    tree, _ = restore_checkpoint(work / "checkpoints" / "best")
+    model = build_model(TrainConfig(variant="lite0", resolution=32), saved["num_classes"],
+                        overrides=saved["model_overrides"])
+    eval_vars = tree.get("ema") or {"params": tree["params"], "batch_stats": tree["batch_stats"]}
+    ref = np.asarray(jax.jit(lambda v, x: model.apply(v, x))(eval_vars, x))
+    return files, x, ref
+
+
+def test_finetuned_run(run_dir, run_reference, tmp_path):
+    work, _ = run_dir
+    files, x, ref = run_reference
+    paths = export_both(tmp_path, ["--workdir", work])
+    meta = onnx_meta(paths["onnx"])
+    saved = json.loads((work / "config.json").read_text())
+    assert meta["class_names"] == json.loads((work / "class_names.json").read_text())
+    assert meta["preprocess"]["mean"] == saved["mean"] and meta["preprocess"]["std"] == saved["std"]
+    assert meta["input"]["shape"] == ["batch", 32, 32, 3] and meta["variant"] == "lite0"
+    check_against(paths, x, ref, "lite0 fine-tuned run")
+
+
+def test_predict_workdir(run_dir, run_reference, tmp_path):
+    """predict --workdir on a folder: the run's class names, eval preprocessing and weights, batched."""
+    work, _ = run_dir
+    files, _, ref = run_reference
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, f in enumerate(files):
+        (folder / f"{i:02d}.jpg").write_bytes(f.read_bytes())
+    out = tmp_path / "pred.jsonl"
+    rc, stdout, stderr = run_main(predict.main, ["--workdir", work, "--batch-size", 3, "--topk", 2,
+                                                 "--no-progress", "--output", out, folder])
+    assert rc == 0, stderr
+    assert stderr == ""  # --no-progress
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    names = json.loads((work / "class_names.json").read_text())
+    probs = np.asarray(jax.nn.softmax(ref, axis=-1))
+    assert len(lines) == 7
+    for rec, p in zip(lines, probs):
+        top = rec["top2"]
+        assert [t["index"] for t in top] == list(np.argsort(-p)[:2])
+        assert [t["class"] for t in top] == [names[t["index"]] for t in top]
+        np.testing.assert_allclose([t["prob"] for t in top], np.sort(p)[::-1][:2], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- every variant
+
+@pytest.mark.parametrize("variant", variants.VARIANTS)
+def test_every_variant_exports(variant, tmp_path):
+    """`--init scratch` (random weights, no download) at 32 px: both formats export; the ONNX file runs in
+    onnxruntime at batch 1 and 3; the StableHLO file deserializes with a symbolic batch dimension. (All 13 take
+    about 50 s here, B7 12 s, so none is marked slow.)"""
+    paths = export_both(tmp_path, ["--variant", variant, "--init", "scratch", "--resolution", 32])
+    sess = ort_session(paths["onnx"])
+    for n in (1, 3):
+        y = sess.run(None, {"images": np.zeros((n, 32, 32, 3), np.float32)})[0]
+        assert y.shape == (n, 1000) and np.isfinite(y).all()
+    exported = jax.export.deserialize(bytearray(paths["stablehlo"].read_bytes()))
+    (aval,) = exported.in_avals
+    assert not isinstance(aval.shape[0], int) and aval.shape[1:] == (32, 32, 3)
+    assert exported.out_avals[0].shape[1:] == (1000,)
+
+
+# ----------------------------------------------------------------------------------------- CLI errors
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variant", "b9", "--init", "scratch", "--format", "onnx"], "unknown variant"),
+    (["--workdir", "/nonexistent/run", "--format", "onnx"], "no such directory"),
+    (["--variant", "b0", "--init", "scratch", "--format", "tflite"], "--format must be one of"),
+    (["--variant", "b0", "--init", "scratch", "--format", "onnx", "--dtype", "bfloat16"], "float32 only"),
+    (["--variant", "b0", "--init", "scratch", "--format", "onnx", "--resolution", 16], "too small"),
+    (["--variant", "b0", "--init", "/nonexistent.pth", "--format", "onnx"], "--init"),
+    (["--workdir", ".", "--variant", "b0", "--format", "onnx"], "excludes"),
+])
+def test_cli_errors(argv, message, tmp_path):
+    rc, stdout, stderr = run_main(export.main, [*argv, "--out", tmp_path / "m.onnx"])
+    assert rc == 2 and stdout == ""
+    assert stderr.startswith("error: ") and message in stderr and stderr.count("\n") == 1, stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_existing_out_needs_overwrite(tmp_path):
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"keep")
+    argv = ["--variant", "lite0", "--init", "scratch", "--format", "onnx", "--resolution", 32, "--out", out]
+    rc, _, stderr = run_main(export.main, argv)
+    assert rc == 2 and "--overwrite" in stderr and out.read_bytes() == b"keep"
+    rc, _, stderr = run_main(export.main, [*argv, "--overwrite"])
+    assert rc == 0, stderr
+    assert export.onnx_metadata(out)["variant"] == "lite0"
