@@ -51,22 +51,25 @@ class TrainConfig:
     data_dir: str | None = None
     init: str = "imagenet"              # 'imagenet', 'scratch', a .pth file, or a run / model directory
     workdir: str = "runs/default"
-    epochs: int = 10
+    epochs: int = 4
     batch_size: int = 64                # global
     eval_batch_size: int = 256
     optimizer: str = "adamw"
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 1e-4
     schedule: str = "cosine"
     warmup_epochs: float | None = None  # None: min(1, epochs / 5)
     label_smoothing: float = 0.1
     grad_clip: float = 0.0
-    freeze: str = "none"
+    freeze: str | None = None           # None: '6' (top 6 blocks + head, the measured recipe) for pretrained
+                                        # weights, 'none' from scratch
+    head_init: str = "zero"             # a new classifier: 'zero' (big_vision's; measured better) or 'uniform'
+                                        # (torchvision's)
     two_phase: bool = False
     phase1_epochs: int = 0
     phase2_lr_scale: float = 0.1
     ema_decay: float = 0.0
-    resolution: int = 64                # training/eval input side; CIFAR's 32 px images are resized to it
+    resolution: int = 96                # training/eval input side; CIFAR's 32 px images are resized to it
     crop_padding: int = 4
     flip: bool = True
     rotation: float = 0.0
@@ -88,7 +91,8 @@ class TrainConfig:
         return optim.OptimConfig(
             optimizer=self.optimizer, lr=self.lr, weight_decay=self.weight_decay,
             warmup_epochs=min(1.0, self.epochs / 5) if self.warmup_epochs is None else self.warmup_epochs,
-            epochs=self.epochs, grad_clip=self.grad_clip, label_smoothing=self.label_smoothing, freeze=self.freeze,
+            epochs=self.epochs, grad_clip=self.grad_clip, label_smoothing=self.label_smoothing,
+            freeze=self.freeze if self.freeze is not None else ("none" if self.init == "scratch" else "6"),
             two_phase=self.two_phase, phase1_epochs=self.phase1_epochs, phase2_lr_scale=self.phase2_lr_scale,
             ema_decay=self.ema_decay, schedule=self.schedule)
 
@@ -139,32 +143,33 @@ def initial_variables(cfg: TrainConfig, num_classes: int, key: jax.Array) -> tup
         model = build_model(cfg, num_classes)
         x = jnp.zeros((1, cfg.resolution, cfg.resolution, 3))
         return jax.jit(lambda k: model.init(k, x, train=False))(key), {}
+    overrides: dict = {}
     if init == "imagenet":
-        return convert.pretrained(cfg.variant, num_classes=num_classes, rng=key), {}
-    if init.endswith((".pth", ".pt")):
+        variables = convert.pretrained(cfg.variant)
+    elif init.endswith((".pth", ".pt")):
         from .torch_reader import read_torch_state_dict
         sd = read_torch_state_dict(init)
         overrides = convert.layout_overrides(convert.detect_layout(sd), cfg.variant)
-        return convert.convert_state_dict(sd, cfg.variant, num_classes, key, source=init), overrides
-    d = pathlib.Path(init)
-    if (d / "config.json").exists() and (d / "checkpoints").exists():  # a previous run
-        prev = json.loads((d / "config.json").read_text())
-        state, _ = restore_checkpoint(d / "checkpoints" / "best")
+        variables = convert.convert_state_dict(sd, cfg.variant, source=init)
+    elif (pathlib.Path(init) / "config.json").exists() and (pathlib.Path(init) / "checkpoints").exists():
+        prev = json.loads((pathlib.Path(init) / "config.json").read_text())  # a previous run
+        state, _ = restore_checkpoint(pathlib.Path(init) / "checkpoints" / "best")
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
         overrides = prev.get("model_overrides", {})
-    elif (d / checkpoint.META_FILE).exists():  # python -m effnet_jax.convert output
-        _, variables, meta = checkpoint.load_model(d)
+    elif (pathlib.Path(init) / checkpoint.META_FILE).exists():  # python -m effnet_jax.convert output
+        _, variables, meta = checkpoint.load_model(init)
         overrides = meta.get("overrides", {})
     else:
         raise ValueError(f"--init {init!r}: not 'imagenet', 'scratch', a .pth file, a run directory or a "
                          "converted model directory")
     head = variables["params"]["classifier"]
-    if head["bias"].shape[0] != num_classes:
+    if head["bias"].shape[0] != num_classes:  # a new head: torchvision's uniform init, or zeros
         from .models import _classifier_init
-        variables["params"]["classifier"] = {
-            "kernel": _classifier_init(key, (head["kernel"].shape[0], num_classes)),
-            "bias": jnp.zeros((num_classes,), jnp.float32)}
-        log.info("--init %s: backbone loaded; new %d-class head", init, num_classes)
+        shape = (head["kernel"].shape[0], num_classes)
+        kernel = jnp.zeros(shape, jnp.float32) if cfg.head_init == "zero" else _classifier_init(key, shape)
+        variables["params"]["classifier"] = {"kernel": kernel, "bias": jnp.zeros((num_classes,), jnp.float32)}
+        log.info("--init %s: backbone loaded; new %d-class head (%s init; the weights had %d classes)", init,
+                 num_classes, cfg.head_init, head["bias"].shape[0])
     return variables, overrides
 
 
@@ -173,7 +178,8 @@ def initial_variables(cfg: TrainConfig, num_classes: int, key: jax.Array) -> tup
 def create_train_state(variables: PyTree, tx: optax.GradientTransformation, cfg: TrainConfig) -> TrainState:
     params = jax.tree.map(jnp.asarray, variables["params"])
     batch_stats = jax.tree.map(jnp.asarray, variables["batch_stats"])
-    ema = {"params": params, "batch_stats": batch_stats} if cfg.ema_decay > 0 else None
+    # a copy: the state is donated, and one buffer cannot be donated twice
+    ema = jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats}) if cfg.ema_decay > 0 else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params), ema=ema, rng=jax.random.key(cfg.seed))
 
@@ -260,7 +266,17 @@ class Mesh:
         return jax.make_array_from_process_local_data(self.batch, local, global_array.shape)
 
     def replicate(self, tree: PyTree) -> PyTree:
-        return jax.device_put(tree, self.replicated)
+        """A copy of `tree` on every device of the mesh. With several processes each one holds the same values
+        and builds the global array from them (`device_put` cannot address other processes' devices)."""
+        if jax.process_count() == 1:
+            return jax.device_put(tree, self.replicated)
+
+        def put(x):
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+            a = np.asarray(x)
+            return jax.make_array_from_callback(a.shape, self.replicated, lambda index: a[index])
+        return jax.tree.map(put, tree)
 
 
 def evaluate(variables: PyTree, split: tuple[jax.Array, jax.Array], n: int, eval_fn, mesh: Mesh,
@@ -309,7 +325,18 @@ def restore_checkpoint(directory: pathlib.Path, target: dict | None = None) -> t
         step = mgr.latest_step()
         if step is None:
             raise FileNotFoundError(f"{directory}: no checkpoint")
-        state_args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
+        if target is None:  # as saved, but replicated on this process's devices (the saving run may have had others)
+            absl = logging.getLogger("absl")  # (which warns that the item has no step-level metadata file)
+            level = absl.level
+            absl.setLevel(logging.ERROR)
+            try:
+                with ocp.StandardCheckpointer() as reader:
+                    saved = reader.metadata(directory / str(step) / "state").item_metadata
+            finally:
+                absl.setLevel(level)
+            here = NamedSharding(jax.sharding.Mesh(np.asarray(jax.local_devices()), ("data",)), P())
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), saved)
+        state_args = ocp.args.StandardRestore(target)
         out = mgr.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
     return out["state"], out["meta"]
 
@@ -418,12 +445,20 @@ def augment_config(cfg: TrainConfig, mean, std) -> data_lib.AugmentConfig:
 
 
 def train_and_evaluate(cfg: TrainConfig) -> dict:
-    """Run the fine-tune described by `cfg`; returns the summary (also printed as the last stdout line)."""
+    """Run the fine-tune described by `cfg`; returns the summary (also printed as the last stdout line).
+    SIGTERM/SIGINT from here on stop the run at the next step with a checkpoint (`Interrupted`)."""
+    with StopRequest() as stop:
+        return _train_and_evaluate(cfg, stop)
+
+
+def _train_and_evaluate(cfg: TrainConfig, stop: StopRequest) -> dict:
     t0 = time.time()
     workdir = pathlib.Path(cfg.workdir)
     is_main = jax.process_index() == 0
     mesh = Mesh()
     mesh.check_batch(cfg.batch_size)
+    if cfg.head_init not in ("uniform", "zero"):
+        raise ValueError(f"--head-init must be 'uniform' or 'zero', got {cfg.head_init!r}")
     if cfg.resolution < 32:
         raise ValueError(f"--resolution {cfg.resolution} is too small: EfficientNet downsamples by 32; use >= 32")
     variants.model_config(cfg.variant)  # unknown variant -> ValueError listing names
@@ -514,7 +549,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
         log.info("before fine-tuning: val top-1 %.2f%%", 100 * pre["top1"])
 
     step_fns: dict[int, Any] = {}
-    with StopRequest() as stop, latest_mgr, best_mgr:  # (closing the managers waits for their saves)
+    with latest_mgr, best_mgr:  # (closing the managers waits for their saves)
         for epoch in range(start_epoch, cfg.epochs + 1):
             phase = [p for p in optim.phases(ocfg) if p.start_epoch < epoch][-1]
             fu = optim.frozen_units(mcfg, phase.freeze)

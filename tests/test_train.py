@@ -182,6 +182,7 @@ def image_folder(tmp_path_factory) -> pathlib.Path:
 
 def base_argv(folder, workdir, *extra):
     return ["--dataset", f"folder:{folder}", "--variant", "b0", "--resolution", 32, "--batch-size", BATCH,
+            "--lr", 1e-3, "--freeze", "none",  # explicit: the tests below expect these, whatever the defaults
             "--eval-batch-size", 16, "--val-fraction", VAL_FRACTION, "--no-progress", "--workdir", workdir, *extra]
 
 

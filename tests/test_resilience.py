@@ -1,0 +1,314 @@
+"""Scale-out, killed runs and bad inputs (`train.py` as a user runs it, in subprocesses).
+
+* Two processes on 127.0.0.1 (`jax.distributed`, 2 CPU devices each) against one process with 4 devices:
+  the same final parameters (≤ 1e-6) and the same metrics.
+* A run killed with SIGKILL mid-epoch (while it saves a checkpoint every step) and resumed ends bit-identical
+  to an uninterrupted run; SIGTERM saves a checkpoint and exits 143, and that run resumed ends the same too;
+  an interrupted orbax save (its temporary directory) does not hide the previous checkpoint.
+* Bad inputs: one `error: ...` line, exit 2, no traceback, no checkpoint lost.
+
+The data is a small folder of real CIFAR-10 JPEGs (from ../shared/data); the model lite0 from scratch at
+32 px, SGD (linear in the gradient: see tests/test_train.py on Adam's first step). The subprocesses share
+JAX's persistent compilation cache, so a step is compiled once per device layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+
+from effnet_jax import train as trainer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CIFAR_TAR = REPO / "../shared/data/cifar10-jpeg-train.tar.gz"
+CLASSES, PER_CLASS = 4, 10                    # 40 images: 32 train, 8 validation (val fraction 0.2)
+STEPS_PER_EPOCH, EPOCHS = 32 // 4, 2
+BASE = ["--variant", "lite0", "--init", "scratch", "--resolution", "32", "--batch-size", "4",
+        "--eval-batch-size", "8", "--val-fraction", "0.2", "--epochs", str(EPOCHS), "--optimizer", "sgd",
+        "--lr", "0.01", "--freeze", "none", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resilience_env")
+    e = dict(os.environ, JAX_PLATFORMS="cpu", EFFNET_JAX_CACHE=str(root / "data_cache"),
+             JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    e.pop("XLA_FLAGS", None)
+    return e
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> pathlib.Path:
+    """<class>/NNNN.jpg: the first PER_CLASS training JPEGs of the first CLASSES classes, as in the tarball."""
+    if not CIFAR_TAR.exists():
+        pytest.skip(f"{CIFAR_TAR.resolve()} not found")
+    root = tmp_path_factory.mktemp("cifar_folder")
+    counts: dict[str, int] = {}
+    with tarfile.open(CIFAR_TAR) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            cls = member.name.split("/")[-2]
+            if counts.get(cls, 0) >= PER_CLASS or (cls not in counts and len(counts) == CLASSES):
+                continue
+            counts[cls] = counts.get(cls, 0) + 1
+            (root / cls).mkdir(exist_ok=True)
+            (root / cls / pathlib.Path(member.name).name).write_bytes(tar.extractfile(member).read())
+            if sum(counts.values()) == CLASSES * PER_CLASS:
+                break
+    return root
+
+
+def start(env, folder, workdir, *extra, devices=1):
+    e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    argv = [sys.executable, str(REPO / "train.py"), *BASE, "--dataset", f"folder:{folder}", "--workdir",
+            str(workdir), *map(str, extra)]
+    return subprocess.Popen(argv, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def run(env, folder, workdir, *extra, devices=1, ok=True):
+    proc = start(env, folder, workdir, *extra, devices=devices)
+    out, err = proc.communicate(timeout=600)
+    if ok:
+        assert proc.returncode == 0, err
+    return proc.returncode, out, err
+
+
+def final_state(workdir) -> dict:
+    tree, meta = trainer.restore_checkpoint(pathlib.Path(workdir) / "checkpoints" / "latest")
+    return {"params": tree["params"], "batch_stats": tree["batch_stats"], "opt_state": tree["opt_state"],
+            "step": tree["step"], "meta": meta}
+
+
+def leaves(tree) -> list[np.ndarray]:
+    import jax
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def metrics(workdir) -> list[dict]:
+    """metrics.jsonl without the wall-clock fields."""
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in ("time_s", "img_s")} for line in lines]
+
+
+def assert_bit_identical(a_dir, b_dir):
+    a, b = final_state(a_dir), final_state(b_dir)
+    assert int(a["step"]) == int(b["step"]) == EPOCHS * STEPS_PER_EPOCH
+    for name in ("params", "batch_stats", "opt_state"):
+        la, lb = leaves(a[name]), leaves(b[name])
+        assert len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb)), name
+    assert metrics(a_dir) == metrics(b_dir)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(env, folder, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    run(env, folder, workdir)
+    return workdir
+
+
+def wait_for(predicate, proc, timeout=300.0, what=""):
+    t = time.time()
+    while not predicate():
+        assert proc.poll() is None, f"the run ended before {what}: {proc.communicate()[1][-2000:]}"
+        assert time.time() - t < timeout, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def saved_steps(workdir) -> list[int]:
+    d = pathlib.Path(workdir) / "checkpoints" / "latest"
+    return sorted(int(p.name) for p in d.glob("*") if p.name.isdigit()) if d.exists() else []
+
+
+# ------------------------------------------------------------------------------------------ killed runs
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(env, folder, uninterrupted, tmp_path):
+    workdir = tmp_path / "killed"
+    proc = start(env, folder, workdir, "--checkpoint-every", 1)   # saving nearly all the time
+    wait_for(lambda: any(s >= 3 for s in saved_steps(workdir)), proc, what="step 3's checkpoint")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (workdir / "summary.json").exists()
+    steps = saved_steps(workdir)
+    assert steps and max(steps) < EPOCHS * STEPS_PER_EPOCH  # killed before the end
+    rc, out, err = run(env, folder, workdir, "--checkpoint-every", 1, "--resume")
+    assert "resumed at epoch" in err
+    assert_bit_identical(uninterrupted, workdir)
+    assert json.loads(out.strip().splitlines()[-1])["final_val_acc"] == metrics(uninterrupted)[-1]["val_acc"]
+
+
+def test_sigterm_saves_then_resume_is_bit_identical(env, folder, uninterrupted, tmp_path):
+    workdir = tmp_path / "terminated"
+    proc = start(env, folder, workdir)  # no --checkpoint-every: the signal alone makes it save
+    # metrics.jsonl appears with epoch 0 (the accuracy before fine-tuning), just before the first step
+    wait_for(lambda: (workdir / "metrics.jsonl").exists(), proc, what="the first metrics")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped: interrupted at step" in err and "--resume" in err and "Traceback" not in err
+    step = saved_steps(workdir)[-1]
+    assert 1 <= step < EPOCHS * STEPS_PER_EPOCH
+    tree, meta = trainer.restore_checkpoint(workdir / "checkpoints" / "latest")
+    assert int(tree["step"]) == step
+    assert meta["epoch"] * STEPS_PER_EPOCH + meta.get("batches_done", 0) == step
+    run(env, folder, workdir, "--resume")
+    assert_bit_identical(uninterrupted, workdir)
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint(env, folder, uninterrupted, tmp_path):
+    """What a kill during an orbax save leaves (the step's temporary directory, half written) is ignored:
+    --resume restores the previous, complete checkpoint."""
+    workdir = tmp_path / "half_saved"
+    shutil.copytree(uninterrupted, workdir)
+    latest = workdir / "checkpoints" / "latest"
+    last = saved_steps(workdir)[-1]
+    tmp = latest / f"{last + 1}.orbax-checkpoint-tmp-1234567890"
+    shutil.copytree(latest / str(last), tmp)
+    for f in list(tmp.rglob("*"))[::2]:   # half of it missing
+        if f.is_file():
+            f.unlink()
+    tree, meta = trainer.restore_checkpoint(latest)
+    assert int(tree["step"]) == last and meta["epoch"] == EPOCHS
+    rc, out, err = run(env, folder, workdir, "--resume", "--epochs", EPOCHS + 1)
+    assert saved_steps(workdir)[-1] == (EPOCHS + 1) * STEPS_PER_EPOCH
+
+
+# ------------------------------------------------------------------------------- two processes vs one
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process_with_four_devices(env, folder, tmp_path):
+    one = tmp_path / "one_process"
+    two = tmp_path / "two_processes"
+    extra = ("--epochs", 1)
+    address = f"127.0.0.1:{free_port()}"
+    procs = [start(env, folder, two, *extra, "--coordinator-address", address, "--num-processes", 2,
+                   "--process-id", i, devices=2) for i in (0, 1)]
+    single = start(env, folder, one, *extra, devices=4)
+    outs = [p.communicate(timeout=600) for p in (*procs, single)]
+    for p, (out, err) in zip((*procs, single), outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "process 1 of 2; 2 local / 4 global devices" in outs[1][1]
+    a, b = final_state(one), final_state(two)
+    assert int(a["step"]) == int(b["step"]) == STEPS_PER_EPOCH
+    for name in ("params", "batch_stats"):
+        diff = max(float(np.max(np.abs(x - y))) for x, y in zip(leaves(a[name]), leaves(b[name])))
+        assert diff <= 1e-6, (name, diff)
+    ma, mb = metrics(one), metrics(two)
+    assert [m["epoch"] for m in ma] == [m["epoch"] for m in mb] == [0, 1]
+    for ra, rb in zip(ma, mb):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], abs=1e-6), k
+    assert json.loads(outs[0][0].strip().splitlines()[-1])["final_val_acc"] == mb[-1]["val_acc"]
+
+
+# ------------------------------------------------------------------------------------------- bad inputs
+
+def _cli():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_cli", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _lite0_file() -> pathlib.Path:
+    from effnet_jax import weights
+    return pathlib.Path(weights.weights_file("lite0", progress=False))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def _bad_input(case: str, folder: pathlib.Path, tmp: pathlib.Path) -> tuple[list, list[str]]:
+    """(extra flags, texts the message must contain)."""
+    if case == "unknown_dataset":
+        return ["--dataset", "no_such_dataset_xyz"], ["no_such_dataset_xyz"]
+    if case == "empty_folder":
+        (tmp / "empty" / "cls").mkdir(parents=True)
+        return ["--dataset", f"folder:{tmp / 'empty'}"], [str(tmp / "empty")]
+    if case == "corrupt_image":
+        bad = tmp / "corrupt"
+        shutil.copytree(folder, bad)
+        victim = sorted((bad / sorted(p.name for p in bad.iterdir())[0]).iterdir())[0]
+        victim.write_bytes(b"not a jpeg at all")
+        return ["--dataset", f"folder:{bad}"], [victim.name, "--on-corrupt"]
+    if case == "unwritable_workdir":
+        (tmp / "a_file").write_text("")
+        return ["--workdir", tmp / "a_file" / "run"], ["not writable", str(tmp / "a_file" / "run")]
+    if case == "truncated_weights":
+        data = _lite0_file().read_bytes()
+        (tmp / "cut.pth").write_bytes(data[: len(data) // 2])
+        return ["--init", tmp / "cut.pth"], [str(tmp / "cut.pth"), "truncated or corrupt"]
+    if case == "corrupt_weights":
+        data = bytearray(_lite0_file().read_bytes())
+        data[:64] = os.urandom(64)
+        (tmp / "corrupt.pth").write_bytes(bytes(data))
+        return ["--init", tmp / "corrupt.pth"], [str(tmp / "corrupt.pth")]
+    if case == "weights_of_another_variant":
+        return ["--variant", "lite1", "--init", _lite0_file()], ["lite1"]
+    if case == "forbidden_pickle_global":
+        torch = pytest.importorskip("torch")
+        torch.save({"weight": _Evil()}, tmp / "evil.pth")
+        return ["--init", tmp / "evil.pth"], [str(tmp / "evil.pth"), "system"]
+    raise AssertionError(case)
+
+
+BAD = ["unknown_dataset", "empty_folder", "corrupt_image", "unwritable_workdir", "truncated_weights",
+       "corrupt_weights", "weights_of_another_variant", "forbidden_pickle_global"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_one_message_exit_2(case, folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("EFFNET_JAX_CACHE", str(tmp_path / "data_cache"))
+    workdir = tmp_path / "run"
+    extra, texts = _bad_input(case, folder, tmp_path)
+    argv = [*BASE, "--dataset", f"folder:{folder}", "--workdir", str(workdir), *map(str, extra)]
+    rc = _cli().main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for text in texts:
+        assert text in err, (text, err)
+    assert not (workdir / "checkpoints").exists()
+
+
+def test_corrupt_image_skipped_by_flag(folder, tmp_path, monkeypatch):
+    """--on-corrupt skip goes on without the image (checked at the data level: no training needed)."""
+    monkeypatch.setenv("EFFNET_JAX_CACHE", str(tmp_path / "data_cache"))
+    _bad_input("corrupt_image", folder, tmp_path)
+    from effnet_jax import data
+    ds = data.load_dataset(f"folder:{tmp_path / 'corrupt'}", val_fraction=0.2, on_corrupt="skip")
+    assert len(ds.train) + len(ds.val) == CLASSES * PER_CLASS - 1
+
+
+def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(env, folder, tmp_path):
+    workdir = tmp_path / "nan"
+    rc, out, err = run(env, folder, workdir, "--lr", "1e30", "--checkpoint-every", 1, "--epochs", 1, ok=False)
+    assert rc == 2 and "Traceback" not in err, err
+    line = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert len(line) == 1 and "step" in line[0] and "last good checkpoint" in line[0], err
+    steps = saved_steps(workdir)
+    if steps:  # a checkpoint saved before the loss went bad holds finite numbers
+        tree, _ = trainer.restore_checkpoint(workdir / "checkpoints" / "latest")
+        assert all(np.all(np.isfinite(x)) for x in leaves(tree["params"]))
