@@ -21,7 +21,7 @@ HELP = {
     "two_phase": "first --phase1-epochs head-only, then --freeze at lr * --phase2-lr-scale",
     "resolution": "input side after augmentation (32 px CIFAR images are resized to it)",
     "schedule": "cosine (warmup + cosine decay to 0) | constant", "ema_decay": "parameter EMA, 0 = off",
-    "max_train_examples": "use only the first N training examples (smoke tests)",
+    "max_train_examples": "use only N training examples, a seeded random subset (smoke tests, quick looks)",
     "val_fraction": "seeded, stratified validation split of the training data",
 }
 

@@ -105,6 +105,14 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def sample(self, n: int, seed: int) -> Split:
+        """`n` examples drawn at random (`np.random.default_rng(seed)`), kept in their stored order; all of them
+        when n >= len. (Not the first n: the stored splits are grouped by class.)"""
+        if n >= len(self):
+            return self
+        idx = np.sort(np.random.default_rng(seed).permutation(len(self))[:n])
+        return Split(self.images[idx], self.labels[idx])
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:

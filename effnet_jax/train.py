@@ -84,7 +84,7 @@ class TrainConfig:
     resume: bool = False
     checkpoint_every: int = 0           # also save checkpoints/latest every N steps (0: at epoch ends only)
     on_corrupt: str = "error"
-    max_train_examples: int | None = None   # for smoke tests and quick looks: use only the first N
+    max_train_examples: int | None = None   # for smoke tests and quick looks: a seeded random N of them
     progress: bool = True
 
     def optim_config(self) -> optim.OptimConfig:
@@ -433,8 +433,7 @@ def load_data(cfg: TrainConfig) -> data_lib.Dataset:
     ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
                                on_corrupt=cfg.on_corrupt)
     if cfg.max_train_examples is not None:
-        ds = dataclasses.replace(ds, train=data_lib.Split(ds.train.images[:cfg.max_train_examples],
-                                                          ds.train.labels[:cfg.max_train_examples]))
+        ds = dataclasses.replace(ds, train=ds.train.sample(cfg.max_train_examples, cfg.seed))
     return ds
 
 
