@@ -1,0 +1,387 @@
+#!/usr/bin/env python3
+"""Training / inference throughput: our jitted JAX step against torchvision's same model, in one process.
+
+JAX side: the trainer's own step, `effnet_jax.train.train_step` jitted with `donate_argnums=0` exactly as
+`train_and_evaluate` builds it (model from `build_model`, optimizer from `optim.make_optimizer` with the
+project's default AdamW recipe and `--freeze`, the model's `frozen_units` for it, `augment_config`), fed an
+on-device uint8 dataset (random CIFAR-sized images, `--source-size`) and host index batches put on a
+one-device mesh each step, as training does: so a step includes the gather, the on-device augmentation
+(crop + flip + resize to `--resolution`), forward, backward, BN update and the optimizer. Eval:
+`effnet_jax.train.eval_step` (resize + normalize + forward + metrics) on an index batch.
+
+PyTorch side: torchvision's `efficientnet_bX(weights=None, num_classes=10)` (for Lite: the
+`efficientnet_lite_pytorch` package, when installed), on a ready float batch of the same size (no data
+work: the comparison is conservative for JAX); train step = forward + CrossEntropyLoss(label_smoothing 0.1)
++ backward + AdamW step (lr 3e-3, wd 1e-4) over the same trainable parameters (`--freeze`: the frozen units
+get requires_grad=False and BatchNorm in eval mode, as the JAX model's frozen units); eval =
+`torch.inference_mode()` forward. Eager, then `torch.compile` (failures are reported as null with the
+reason; `--no-torch-compile` skips it: it takes 40-110 s per model on this CPU).
+
+Timing: compile (JAX: `jit(...).lower(...).compile()`, reported as `compile_s`), `--warmup` steps, then
+`--repeats` timings of `--steps` steps each, ending in `block_until_ready` / `cuda.synchronize`; img/s is
+batch * steps / the median. torch threads = the cores JAX's CPU backend uses (`--threads` to change).
+Random weights (fan-in scaled): throughput does not depend on their values.
+
+Comma lists sweep: one row per (variant, resolution, batch size, mode). Progress goes to stderr; stdout gets
+a table, then one JSON line per row (the last line is the last row: with one combination, its result).
+`gflops` is forward multiply-accumulates per image at that resolution (`effnet_jax.models.count_flops`,
+torchvision's "GFLOPS" convention). `peak_rss_mb` is the process's peak resident memory so far (both
+frameworks, all rows before); on a GPU, `jax_peak_mb` / `torch_peak_mb` are the devices' peak allocations.
+
+    python benchmarks/throughput.py --variant b0 --resolution 32 --batch-size 64 --mode train
+    python benchmarks/throughput.py --variant b0 --resolution 224 --batch-size 16 --mode eval
+    python benchmarks/throughput.py --variant b0,b1,b2,b3,b4,b5,b6,b7 --resolution 64 --batch-size 16 \\
+        --mode train,eval --no-torch-compile          # img/s against GFLOPs
+    python benchmarks/throughput.py --variant b0 --resolution 96 --batch-size 8,16,32,64,128 --mode train
+    python benchmarks/throughput.py --variant lite0 --resolution 96 --freeze 6 --compare none
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effnet_jax import data as data_lib
+from effnet_jax import optim, variants
+from effnet_jax.models import count_flops, param_shapes
+from effnet_jax.train import (Mesh, TrainConfig, augment_config, build_model, create_train_state, eval_step,
+                              normalization, train_step)
+
+NUM_CLASSES = 10
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cpu_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------------------- JAX side
+
+def random_variables(model, resolution: int, seed: int = 0) -> dict:
+    """Variables of `model` as host (numpy) arrays, without compiling anything: kernels normal / sqrt(fan-in),
+    BN scale 1, bias 0, running mean 0, var 1. (Host arrays: every use makes its own device copy, so the
+    donated train state cannot delete the eval step's variables.)"""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        name = jax.tree_util.keystr(path, simple=True, separator="/").rsplit("/", 1)[-1]
+        if name == "kernel":
+            return rng.standard_normal(s.shape, np.float32) / np.float32(math.sqrt(max(1, math.prod(s.shape[:-1]))))
+        return np.ones(s.shape, s.dtype) if name in ("scale", "var") else np.zeros(s.shape, s.dtype)
+    return jax.tree_util.tree_map_with_path(fill, param_shapes(model, resolution))
+
+
+def model_overrides(args) -> dict:
+    return {k: getattr(args, k) for k in ("width", "depth") if getattr(args, k) is not None}
+
+
+def jax_setup(variant: str, resolution: int, batch_size: int, args) -> dict:
+    """The trainer's pieces for one (variant, resolution, batch size): config, model, optimizer, data."""
+    cfg = TrainConfig(variant=variant, init="scratch", resolution=resolution, batch_size=batch_size,
+                      freeze=args.freeze, dtype=args.dtype, seed=0, progress=False)
+    overrides = model_overrides(args)
+    base = build_model(cfg, NUM_CLASSES, overrides=overrides)
+    fu = optim.frozen_units(base.config, args.freeze)
+    n_data = max(4 * batch_size, 256)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n_data, args.source_size, args.source_size, 3), dtype=np.uint8)
+    labels = rng.integers(0, NUM_CLASSES, n_data).astype(np.int32)
+    mesh = Mesh([args.jax_device])
+    return dict(cfg=cfg, overrides=overrides, base=base, fu=fu, mesh=mesh, n_data=n_data,
+                arrays=mesh.replicate((jnp.asarray(images), jnp.asarray(labels))),
+                aug=augment_config(cfg, *normalization(cfg)),
+                variables=random_variables(base, resolution),
+                batches=data_lib.batch_indices(data_lib.epoch_permutation(n_data, 0, 1), batch_size))
+
+
+def time_steps(run, warmup: int, steps: int, repeats: int) -> list[float]:
+    """Seconds of `run(steps)` (which must end synchronized), `repeats` times, after `run(warmup)`."""
+    if warmup:
+        run(warmup)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run(steps)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def jax_train(s: dict, args) -> dict:
+    cfg, mesh = s["cfg"], s["mesh"]
+    tx = optim.make_optimizer(cfg.optim_config(), s["variables"]["params"], s["base"].config,
+                              s["n_data"] // cfg.batch_size)
+    step_fn = jax.jit(functools.partial(  # as train_and_evaluate builds it
+        train_step, model=build_model(cfg, NUM_CLASSES, s["fu"], s["overrides"]), tx=tx, aug=s["aug"],
+        label_smoothing=cfg.label_smoothing, ema_decay=cfg.ema_decay), donate_argnums=0)
+    state = mesh.replicate(create_train_state(s["variables"], tx, cfg))
+    batches = s["batches"]
+    t = time.perf_counter()
+    compiled = step_fn.lower(state, *s["arrays"], mesh.put_batch(batches[0])).compile()
+    compile_s = time.perf_counter() - t
+    box = {"state": state, "i": 0}
+
+    def run(n):
+        st, m = box["state"], None
+        for _ in range(n):
+            st, m = compiled(st, *s["arrays"], mesh.put_batch(batches[box["i"] % len(batches)]))
+            box["i"] += 1
+        jax.block_until_ready((st, m))
+        box["state"] = st
+        loss = float(m["loss"]) / float(m["count"])
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"JAX train loss {loss}")
+
+    return {"times": time_steps(run, args.warmup, args.steps, args.repeats), "compile_s": compile_s}
+
+
+def jax_eval(s: dict, args) -> dict:
+    cfg, mesh = s["cfg"], s["mesh"]
+    fn = jax.jit(functools.partial(eval_step, model=build_model(cfg, NUM_CLASSES, overrides=s["overrides"]),
+                                   aug=s["aug"]))
+    variables = mesh.replicate(jax.tree.map(jnp.asarray, s["variables"]))
+    idx = [mesh.put_batch(b) for b in s["batches"]]
+    mask = mesh.put_batch(np.ones(cfg.batch_size, bool))
+    t = time.perf_counter()
+    compiled = fn.lower(variables, *s["arrays"], idx[0], mask).compile()
+    compile_s = time.perf_counter() - t
+
+    def run(n):
+        out = [compiled(variables, *s["arrays"], idx[i % len(idx)], mask) for i in range(n)]
+        jax.block_until_ready(out)
+
+    return {"times": time_steps(run, args.warmup, args.steps, args.repeats), "compile_s": compile_s}
+
+
+# -------------------------------------------------------------------------------------------------- torch side
+
+def torch_model(variant: str, num_classes: int = NUM_CLASSES, width: float | None = None,
+                depth: float | None = None):
+    """(model, units): torchvision's EfficientNet-B (or the efficientnet_lite_pytorch Lite model) with random
+    weights and a `num_classes` head; `units` = [stem, block 0, ..., head conv], the order of
+    `effnet_jax.models.unit_names`, for freezing the first N as `frozen_units` does."""
+    import torch.nn as nn
+    if variant.startswith("lite"):
+        from efficientnet_lite_pytorch import EfficientNet  # ImportError: use --compare none
+        kw = {k: v for k, v in (("width_coefficient", width), ("depth_coefficient", depth)) if v is not None}
+        m = EfficientNet.from_name(f"efficientnet-{variant}", num_classes=num_classes, **kw)
+        return m, [nn.ModuleList([m._conv_stem, m._bn0]), *m._blocks, nn.ModuleList([m._conv_head, m._bn1])]
+    from torchvision.models import efficientnet as tv
+    if width is None and depth is None:
+        m = getattr(tv, f"efficientnet_{variant}")(weights=None, num_classes=num_classes)
+    else:
+        sc = variants.COMPOUND_SCALING[variant]
+        setting, last = tv._efficientnet_conf(f"efficientnet_{variant}", width_mult=width or sc.width,
+                                              depth_mult=depth or sc.depth)
+        m = tv.EfficientNet(setting, sc.dropout, num_classes=num_classes, last_channel=last)
+    blocks = [b for stage in m.features[1:-1] for b in stage]
+    return m, [m.features[0], *blocks, m.features[-1]]
+
+
+def torch_freeze(model, units, frozen_units: int):
+    """requires_grad=False for the first `frozen_units` units; returns a function that puts the model in
+    train mode with those units' BatchNorm in eval mode (as the JAX model's `frozen_units`)."""
+    for u in units[:frozen_units]:
+        for p in u.parameters():
+            p.requires_grad_(False)
+
+    def train_mode():
+        model.train()
+        for u in units[:frozen_units]:
+            u.eval()
+    return train_mode
+
+
+def torch_bench(variant: str, resolution: int, batch_size: int, mode: str, frozen_units: int, args) -> dict:
+    import torch
+    dev = torch.device(args.torch_device)
+    model, units = torch_model(variant, width=args.width, depth=args.depth)
+    train_mode = torch_freeze(model, units, frozen_units)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(dev, memory_format=fmt)
+    x = torch.randn(batch_size, 3, resolution, resolution, device=dev).contiguous(memory_format=fmt)
+    y = torch.randint(0, NUM_CLASSES, (batch_size,), device=dev)
+    autocast = functools.partial(torch.autocast, dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    crit = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=1e-4)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def runner(m):
+        if mode == "train":
+            train_mode()
+
+            def run(n):
+                for _ in range(n):
+                    with autocast():
+                        loss = crit(m(x).float(), y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                sync()
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"torch train loss {loss.item()}")
+        else:
+            model.eval()
+
+            def run(n):
+                with torch.inference_mode(), autocast():
+                    for _ in range(n):
+                        m(x)
+                sync()
+        return run
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    out: dict[str, Any] = {"eager_times": time_steps(runner(model), args.warmup, args.steps, args.repeats)}
+    out["compile_times"] = out["compile_s"] = out["compile_error"] = None
+    if args.torch_compile:
+        try:
+            run = runner(torch.compile(model))
+            t = time.perf_counter()
+            run(2)  # compiles (also the backward graph in train mode)
+            out["compile_s"] = time.perf_counter() - t
+            out["compile_times"] = time_steps(run, args.warmup, args.steps, args.repeats)
+        except Exception as e:  # noqa: BLE001 -- report, do not stop the benchmark
+            out["compile_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            log(f"torch.compile failed: {out['compile_error']}")
+    if dev.type == "cuda":
+        out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+# -------------------------------------------------------------------------------------------------------- main
+
+def img_s(batch_size: int, steps: int, times: list[float] | None) -> float | None:
+    return None if not times else batch_size * steps / float(np.median(times))
+
+
+def bench_row(variant: str, resolution: int, batch_size: int, mode: str, s: dict, args) -> dict:
+    log(f"{variant} {resolution}px batch {batch_size} {mode}: JAX ...")
+    j = (jax_train if mode == "train" else jax_eval)(s, args)
+    row: dict[str, Any] = {
+        "variant": variant, "resolution": resolution, "batch_size": batch_size, "mode": mode, "dtype": args.dtype,
+        "freeze": args.freeze, "device": args.device_kind,
+        "gflops": count_flops(s["base"].config, NUM_CLASSES, resolution) / 1e9,
+        "jax_img_s": img_s(batch_size, args.steps, j["times"]), "compile_s": j["compile_s"],
+        "jax_step_ms": 1e3 * float(np.median(j["times"])) / args.steps,
+        "torch_img_s": None, "torch_compile_img_s": None, "torch_compile_s": None, "torch_compile_error": None,
+        "ratio": None, "ratio_compiled": None}
+    if args.width is not None or args.depth is not None:
+        row.update(width=args.width, depth=args.depth)
+    if args.compare == "torch":
+        log(f"{variant} {resolution}px batch {batch_size} {mode}: torch ...")
+        t = torch_bench(variant, resolution, batch_size, mode, s["fu"] if mode == "train" else 0, args)
+        row["torch_img_s"] = img_s(batch_size, args.steps, t["eager_times"])
+        row["torch_compile_img_s"] = img_s(batch_size, args.steps, t["compile_times"])
+        row["torch_compile_s"], row["torch_compile_error"] = t["compile_s"], t["compile_error"]
+        if not args.torch_compile:
+            row["torch_compile_error"] = "skipped (--no-torch-compile)"
+        row["ratio"] = row["jax_img_s"] / row["torch_img_s"]
+        if row["torch_compile_img_s"]:
+            row["ratio_compiled"] = row["jax_img_s"] / row["torch_compile_img_s"]
+        if "peak_mb" in t:
+            row["torch_peak_mb"] = t["peak_mb"]
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.device_kind == "gpu":
+        stats = args.jax_device.memory_stats() or {}
+        row["jax_peak_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20 or None  # (process lifetime: no reset)
+    row["threads"] = args.threads
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+    print(f"{'variant':<8}{'px':>5}{'batch':>6}{'mode':>6}{'GFLOPs':>8}{'JAX img/s':>11}{'torch img/s':>12}"
+          f"{'compiled':>10}{'JAX/torch':>10}{'JAX compile s':>14}{'peak MB':>9}")
+    for r in rows:
+        print(f"{r['variant']:<8}{r['resolution']:>5}{r['batch_size']:>6}{r['mode']:>6}{r['gflops']:>8.3f}"
+              f"{f(r['jax_img_s'], '.1f'):>11}{f(r['torch_img_s'], '.1f'):>12}{f(r['torch_compile_img_s'], '.1f'):>10}"
+              f"{f(r['ratio'], '.2f'):>10}{r['compile_s']:>14.1f}{r['peak_rss_mb']:>9.0f}")
+    errors = {r["torch_compile_error"] for r in rows if r["torch_compile_error"]}
+    for e in sorted(errors):
+        print(f"torch.compile: {e}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", default="b0", help="comma list, e.g. b0,b1 or lite0")
+    p.add_argument("--resolution", default="32", help="comma list of sides in px, or 'native' (the variant's)")
+    p.add_argument("--batch-size", default="64", help="comma list")
+    p.add_argument("--mode", default="train", help="train, eval, or train,eval")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="JAX compute dtype (build_model); torch: autocast bf16")
+    p.add_argument("--compare", default="torch", choices=("torch", "none"))
+    p.add_argument("--freeze", default="none", help="as train.py: none | head-only | N (top N blocks + head)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
+    p.add_argument("--warmup", type=int, default=2, help="steps run before timing (after compilation)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores, "
+                   "which JAX's CPU backend uses)")
+    p.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")
+    p.add_argument("--channels-last", action="store_true", help="torch: channels_last model and input")
+    p.add_argument("--device-kind", default="auto", choices=("auto", "cpu", "gpu"),
+                   help="auto: gpu if jax.default_backend() == 'gpu' and torch.cuda.is_available()")
+    p.add_argument("--source-size", type=int, default=32,
+                   help="side of the on-device uint8 images the JAX step augments and resizes (CIFAR: 32)")
+    p.add_argument("--width", type=float, default=None, help="custom width coefficient (both sides; for tests)")
+    p.add_argument("--depth", type=float, default=None, help="custom depth coefficient (both sides; for tests)")
+    args = p.parse_args(argv)
+    if args.device_kind == "auto":
+        gpu = jax.default_backend() == "gpu"
+        if gpu and args.compare == "torch":
+            import torch
+            gpu = torch.cuda.is_available()
+        args.device_kind = "gpu" if gpu else "cpu"
+    args.jax_device = jax.devices(args.device_kind)[0]
+    args.torch_device = "cuda" if args.device_kind == "gpu" else "cpu"
+    args.threads = args.threads or cpu_threads()
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.compare == "torch":
+        import torch
+        torch.set_num_threads(args.threads)
+    modes = args.mode.split(",")
+    if set(modes) - {"train", "eval"}:
+        raise SystemExit(f"--mode must be train, eval or train,eval, got {args.mode!r}")
+    rows = []
+    for variant in args.variant.split(","):
+        for res, bs in itertools.product(args.resolution.split(","), args.batch_size.split(",")):
+            resolution = variants.model_config(variant).resolution if res == "native" else int(res)
+            s = jax_setup(variant, resolution, int(bs), args)
+            for mode in modes:
+                rows.append(bench_row(variant, resolution, int(bs), mode, s, args))
+                log(json.dumps(rows[-1]))
+            del s
+    log(f"jax {jax.__version__} ({args.jax_device.platform}: {args.jax_device.device_kind}), "
+        f"{platform.processor() or platform.machine()}, {cpu_threads()} usable cores")
+    print_table(rows)
+    for r in rows:
+        print(json.dumps(r))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""benchmarks/throughput.py and benchmarks/epoch.py run end to end and print their JSON.
+
+Tiny settings only (a b0 narrowed and shortened with --width 0.25 --depth 0.1 on both sides, 32 px, batch 4,
+one repeat of 2 steps, no torch.compile; epoch.py on a 3-class folder of 36 PNGs with --max-examples), so
+that the XLA compilations stay short: this checks the scripts work, not the figures.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("torchvision")
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+TINY = ["--variant", "b0", "--resolution", "32", "--batch-size", "4", "--width", "0.25", "--depth", "0.1"]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_throughput_train_and_eval(capsys):
+    rows = load("throughput").main(TINY + ["--mode", "train,eval", "--repeats", "1", "--steps", "2",
+                                           "--warmup", "1", "--no-torch-compile", "--device-kind", "cpu"])
+    out = capsys.readouterr().out
+    lines = [json.loads(line) for line in out.strip().splitlines()[-2:]]
+    assert lines == json.loads(json.dumps(rows)) and [r["mode"] for r in lines] == ["train", "eval"]
+    assert last_json(out)["mode"] == "eval"
+    for r in lines:
+        for k in ("jax_img_s", "torch_img_s", "ratio", "compile_s", "peak_rss_mb", "gflops"):
+            assert r[k] > 0, (k, r)
+        assert r["ratio"] == pytest.approx(r["jax_img_s"] / r["torch_img_s"])
+        assert r["torch_compile_img_s"] is None and "skipped" in r["torch_compile_error"]
+    assert "JAX img/s" in out  # the table
+
+
+def test_epoch_side_by_side(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+    monkeypatch.setenv("EFFNET_JAX_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for c in ("a", "b", "c"):
+        (tmp_path / "data" / "train" / c).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / "train" / c / f"{i}.png")
+    res = load("epoch").main(TINY + ["--dataset", f"folder:{tmp_path / 'data'}", "--max-examples", "16",
+                                     "--workers", "0", "--device-kind", "cpu"])
+    out = capsys.readouterr().out
+    assert last_json(out) == json.loads(json.dumps(res))
+    assert res["n_examples"] == 16 and res["full_epoch_examples"] > 16 and res["extrapolated"] is True
+    for k in ("jax_epoch_s", "torch_epoch_s", "ratio", "jax_compile_s", "jax_img_s", "torch_img_s"):
+        assert res[k] > 0, (k, res)
+    assert res["ratio"] == pytest.approx(res["torch_epoch_s"] / res["jax_epoch_s"])
+    assert res["jax_epoch_s"] == pytest.approx(res["jax_measured_s"] * res["full_epoch_examples"] / 16)
+    assert "extrapolated" in out
