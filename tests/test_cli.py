@@ -249,12 +249,13 @@ def test_library_path_imports_no_torch(image_dir):
     image = sorted(image_dir.glob("*.png"))[0]
     code = f"""
 import sys
+import jax
 import jax.numpy as jnp
 import effnet_jax
 from effnet_jax import predict
 variables = effnet_jax.pretrained('lite0')
 model = effnet_jax.create_model('lite0')
-logits = model.apply(variables, jnp.zeros((1, 32, 32, 3)), train=False)
+logits = jax.jit(model.apply)(variables, jnp.zeros((1, 32, 32, 3)))
 assert logits.shape == (1, 1000), logits.shape
 assert predict.main(['--variant', 'lite0', '--batch-size', '1', {str(image)!r}]) == 0
 assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)
