@@ -53,6 +53,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import throughput  # noqa: E402  (torch_model, torch_freeze, random_variables: the same model on both sides)
+from throughput import log  # noqa: E402
 
 from effnet_jax import data as data_lib  # noqa: E402
 from effnet_jax import optim  # noqa: E402
@@ -60,10 +61,6 @@ from effnet_jax.train import (PRESETS, Mesh, TrainConfig, augment_config, build_
                               normalization, train_step)
 
 DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def jax_epoch(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, num_classes: int, overrides: dict,
@@ -178,12 +175,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.data_dir is None and args.dataset == "cifar10" and DEFAULT_DATA.exists():
         args.data_dir = str(DEFAULT_DATA)
-    if args.device_kind == "auto":
-        gpu = jax.default_backend() == "gpu"
-        if gpu and args.compare == "torch":
-            import torch
-            gpu = torch.cuda.is_available()
-        args.device_kind = "gpu" if gpu else "cpu"
+    args.device_kind = throughput.device_kind(args.device_kind, args.compare)
     return args
 
 

@@ -75,6 +75,17 @@ def cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
+def device_kind(requested: str, compare: str) -> str:
+    """'auto' -> 'gpu' if JAX runs on a GPU (and, when comparing, torch sees CUDA), else 'cpu'."""
+    if requested != "auto":
+        return requested
+    gpu = jax.default_backend() == "gpu"
+    if gpu and compare == "torch":
+        import torch
+        gpu = torch.cuda.is_available()
+    return "gpu" if gpu else "cpu"
+
+
 # ---------------------------------------------------------------------------------------------------- JAX side
 
 def random_variables(model, resolution: int, seed: int = 0) -> dict:
@@ -346,12 +357,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=float, default=None, help="custom width coefficient (both sides; for tests)")
     p.add_argument("--depth", type=float, default=None, help="custom depth coefficient (both sides; for tests)")
     args = p.parse_args(argv)
-    if args.device_kind == "auto":
-        gpu = jax.default_backend() == "gpu"
-        if gpu and args.compare == "torch":
-            import torch
-            gpu = torch.cuda.is_available()
-        args.device_kind = "gpu" if gpu else "cpu"
+    args.device_kind = device_kind(args.device_kind, args.compare)
     args.jax_device = jax.devices(args.device_kind)[0]
     args.torch_device = "cuda" if args.device_kind == "gpu" else "cpu"
     args.threads = args.threads or cpu_threads()
