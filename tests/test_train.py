@@ -543,3 +543,23 @@ def test_two_device_step_equals_one_device_step(sharded_proc):
     assert r["params_diff"] <= 1e-6
     assert r["batch_stats_rel_diff"] <= 1e-5
     assert abs(r["loss"][0] - r["loss"][1]) <= 1e-6
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc tunables: Linux only")
+def test_train_py_restarts_once_with_huge_page_malloc(monkeypatch):
+    """`python train.py` re-executes itself (same interpreter flags and arguments) with glibc's
+    `malloc.hugetlb=1` added to GLIBC_TUNABLES, once; not when it is there already or when turned off."""
+    calls = []
+    monkeypatch.setattr(cli.os, "execve", lambda *a: calls.append(a))
+    monkeypatch.delenv("EFFNET_JAX_NO_REEXEC", raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    cli.with_fast_malloc()
+    (exe, argv, env), = calls
+    assert exe == sys.executable and argv == [sys.executable, *sys.orig_argv[1:]]
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    monkeypatch.setenv("GLIBC_TUNABLES", env["GLIBC_TUNABLES"])   # the restarted process
+    cli.with_fast_malloc()
+    monkeypatch.setenv("GLIBC_TUNABLES", "")
+    monkeypatch.setenv("EFFNET_JAX_NO_REEXEC", "1")
+    cli.with_fast_malloc()
+    assert len(calls) == 1
