@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 
 HELP = {
@@ -78,22 +77,7 @@ def main(argv=None) -> int:
     return 0
 
 
-MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
-def with_fast_malloc() -> None:
-    """Restart this process once (same pid, same arguments) with glibc's malloc backing its large blocks by
-    transparent huge pages. XLA on CPU allocates and frees its activation buffers every step; without this the
-    kernel faults their pages in afresh each time (a third of a 128 px run's CPU time here). Measured on this
-    2-core CPU: train step +24 % (Lite0 128 px) and +31 % (B0 32 px), 10-20x fewer page faults
-    (benchmarks/RESULTS.md). Other C libraries ignore the variable; EFFNET_JAX_NO_REEXEC=1 turns this off."""
-    if (sys.platform != "linux" or MALLOC_TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
-            or os.environ.get("EFFNET_JAX_NO_REEXEC")):
-        return
-    tunables = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), MALLOC_TUNABLE]))
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], dict(os.environ, GLIBC_TUNABLES=tunables))
-
-
 if __name__ == "__main__":
-    with_fast_malloc()
+    from effnet_jax.host import with_fast_malloc
+    with_fast_malloc()  # restarts once with huge-page malloc: effnet_jax/host.py
     sys.exit(main())

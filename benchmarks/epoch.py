@@ -57,6 +57,7 @@ from throughput import log  # noqa: E402
 
 from effnet_jax import data as data_lib  # noqa: E402
 from effnet_jax import optim  # noqa: E402
+from effnet_jax.host import with_fast_malloc  # noqa: E402
 from effnet_jax.train import (PRESETS, Mesh, TrainConfig, augment_config, build_model, create_train_state,  # noqa: E402
                               normalization, train_step)
 
@@ -238,4 +239,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    with_fast_malloc()  # both frameworks run in this process with the allocator train.py uses
     main()

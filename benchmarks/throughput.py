@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effnet_jax import data as data_lib
+from effnet_jax.host import with_fast_malloc
 from effnet_jax import optim, variants
 from effnet_jax.models import count_flops, param_shapes
 from effnet_jax.train import (Mesh, TrainConfig, augment_config, build_model, create_train_state, eval_step,
@@ -390,4 +391,5 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
+    with_fast_malloc()  # both frameworks run in this process with the allocator train.py uses
     main()

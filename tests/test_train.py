@@ -41,6 +41,7 @@ import pytest
 from PIL import Image
 
 from effnet_jax import evaluate as evaluate_cli
+from effnet_jax import host
 from effnet_jax import train as trainer
 from effnet_jax import weights
 from effnet_jax.optim import param_names
@@ -546,20 +547,36 @@ def test_two_device_step_equals_one_device_step(sharded_proc):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc tunables: Linux only")
-def test_train_py_restarts_once_with_huge_page_malloc(monkeypatch):
-    """`python train.py` re-executes itself (same interpreter flags and arguments) with glibc's
+def test_with_fast_malloc_restarts_once_with_huge_page_malloc(monkeypatch):
+    """`with_fast_malloc()` re-executes the process (same interpreter flags and arguments) with glibc's
     `malloc.hugetlb=1` added to GLIBC_TUNABLES, once; not when it is there already or when turned off."""
     calls = []
-    monkeypatch.setattr(cli.os, "execve", lambda *a: calls.append(a))
+    monkeypatch.setattr(host.os, "execve", lambda *a: calls.append(a))
     monkeypatch.delenv("EFFNET_JAX_NO_REEXEC", raising=False)
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
-    cli.with_fast_malloc()
+    host.with_fast_malloc()
     (exe, argv, env), = calls
     assert exe == sys.executable and argv == [sys.executable, *sys.orig_argv[1:]]
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
     monkeypatch.setenv("GLIBC_TUNABLES", env["GLIBC_TUNABLES"])   # the restarted process
-    cli.with_fast_malloc()
+    host.with_fast_malloc()
     monkeypatch.setenv("GLIBC_TUNABLES", "")
     monkeypatch.setenv("EFFNET_JAX_NO_REEXEC", "1")
-    cli.with_fast_malloc()
+    host.with_fast_malloc()
     assert len(calls) == 1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc tunables: Linux only")
+@pytest.mark.parametrize("script", ["train.py", "benchmarks/throughput.py", "benchmarks/epoch.py"])
+def test_entry_points_restart_with_huge_page_malloc(script, tmp_path):
+    """The scripts users run for speed call `with_fast_malloc()` under `__main__`: started without the
+    tunable, the process that prints --help has it (read from /proc/self/environ via a sitecustomize)."""
+    probe = tmp_path / "sitecustomize.py"
+    probe.write_text("import atexit, os\natexit.register(lambda: print('TUNABLES=' + "
+                     "os.environ.get('GLIBC_TUNABLES', '')))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "EFFNET_JAX_NO_REEXEC")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, str(REPO / script), "--help"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "TUNABLES=glibc.malloc.hugetlb=1" in out.stdout.splitlines()
