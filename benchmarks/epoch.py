@@ -14,7 +14,8 @@ of CIFAR-10 after the seeded validation split; loading/decoding is shared and re
   (`epoch_permutation`/`batch_indices`, `Mesh.put_batch`), the on-device gather + augmentation (+ resize to
   `--resolution`) + step, the metric sums, and every 10 steps a read of the metrics (as the progress bar
   does). The XLA compilation is done ahead (`.lower().compile()`) and reported apart as `jax_compile_s`;
-  `jax_epoch_s` = device transfer of the dataset + the steps loop.
+  `jax_epoch_s` = putting the whole training split and the train state on the device (once per run in the
+  trainer, so it is timed once and never scaled) + the steps loop.
 * PyTorch (the notebook's loop): a Dataset over the same uint8 array returning `PIL.Image`s, as
   torchvision's CIFAR10 does, with `RandomCrop(32, padding=4)`, `RandomHorizontalFlip()`, `Resize(R)` when
   R != 32, `ToTensor()`, `Normalize(ImageNet mean/std)`; `DataLoader(batch_size, shuffle=True,
@@ -27,8 +28,11 @@ of CIFAR-10 after the seeded validation split; loading/decoding is shared and re
   requires_grad=False on the same units (stem, blocks, head conv) and keeps their BatchNorm in eval mode, so
   both skip the same backward work.
 
-`--max-examples N` times N training images (a seeded random subset) only and scales both measured times to the full split
-(`n_examples` measured, `full_epoch_examples`, `extrapolated: true`; the compile time is not scaled). Both
+`--max-examples N` times the steps over the first N // batch images of the trainer's shuffled epoch order (a
+seeded random subset; the same images on both sides) and scales the step loops to the full split: JAX
+`jax_transfer_s + jax_loop_s * full / N`, torch its whole measured loop * full / N (DataLoader worker
+start-up included, so with `--workers` > 0 that start-up is scaled too) (`n_examples` measured,
+`full_epoch_examples`, `extrapolated: true`; the compile time is not scaled). Both
 sides use the same device (`--device-kind`, one device). The last stdout line is JSON with `jax_epoch_s`,
 `torch_epoch_s`, `ratio` (torch / jax: the speedup), `n_examples`, `extrapolated`.
 
@@ -65,21 +69,20 @@ DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" /
 
 
 def jax_epoch(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, num_classes: int, overrides: dict,
-              device) -> dict:
-    """One epoch over `images` with the trainer's functions (see the module docstring)."""
+              device, batches: list[np.ndarray]) -> dict:
+    """The whole training split `images` put on the device as the trainer does (timed once), then the steps
+    over `batches` (index batches into it) with the trainer's functions (see the module docstring)."""
     mesh = Mesh([device])
     base = build_model(cfg, num_classes, overrides=overrides)
     ocfg = cfg.optim_config()
     fu = optim.frozen_units(base.config, ocfg.freeze)
-    n = len(labels)
-    steps_per_epoch = n // cfg.batch_size
+    steps_per_epoch = len(labels) // cfg.batch_size
     variables = throughput.random_variables(base, cfg.resolution, cfg.seed)
     tx = optim.make_optimizer(ocfg, variables["params"], base.config, steps_per_epoch)
     step_fn = jax.jit(functools.partial(
         train_step, model=build_model(cfg, num_classes, fu, overrides), tx=tx,
         aug=augment_config(cfg, *normalization(cfg)), label_smoothing=cfg.label_smoothing,
         ema_decay=cfg.ema_decay), donate_argnums=0)
-    batches = data_lib.batch_indices(data_lib.epoch_permutation(n, cfg.seed, 1), cfg.batch_size)
 
     t0 = time.perf_counter()
     train_arrays = mesh.replicate((jnp.asarray(images), jnp.asarray(labels)))
@@ -192,21 +195,24 @@ def main(argv=None) -> dict:
     data_load_s = time.perf_counter() - t
     full_n = len(ds.train)
     n = min(args.max_examples or full_n, full_n)
-    subset = ds.train.sample(n, args.seed)  # a random n: the stored split is grouped by class
-    images, labels = subset.images, subset.labels
     if n < args.batch_size:
         raise SystemExit(f"{n} training examples are fewer than one batch of {args.batch_size}")
+    # the trainer's epoch-1 order over the whole split (it is stored grouped by class); time its first batches
+    batches = data_lib.batch_indices(data_lib.epoch_permutation(full_n, cfg.seed, 1), cfg.batch_size)
+    batches = batches[:n // args.batch_size]
+    images, labels = ds.train.images[np.concatenate(batches)], ds.train.labels[np.concatenate(batches)]
     overrides = {k: getattr(args, k) for k in ("width", "depth") if getattr(args, k) is not None}
     log(f"{ds.source}: {full_n} training images ({data_load_s:.1f} s to load); timing {n}")
 
     log("JAX epoch ...")
-    j = jax_epoch(cfg, images, labels, ds.num_classes, overrides, jax.devices(args.device_kind)[0])
+    j = jax_epoch(cfg, ds.train.images, ds.train.labels, ds.num_classes, overrides,
+                  jax.devices(args.device_kind)[0], batches)
     scale = full_n / j["examples"]  # (both sides drop the last partial batch)
     out = {"variant": args.variant, "resolution": args.resolution, "batch_size": args.batch_size,
            "freeze": args.freeze, "dtype": args.dtype, "device": args.device_kind, "data_load_s": data_load_s,
            "n_examples": j["examples"], "full_epoch_examples": full_n, "extrapolated": n < full_n,
-           "jax_epoch_s": j["epoch_s"] * scale, "jax_compile_s": j["compile_s"],
-           "jax_measured_s": j["epoch_s"], "jax_transfer_s": j["transfer_s"],
+           "jax_epoch_s": j["transfer_s"] + j["loop_s"] * scale, "jax_compile_s": j["compile_s"],
+           "jax_measured_s": j["epoch_s"], "jax_transfer_s": j["transfer_s"], "jax_loop_s": j["loop_s"],
            "jax_img_s": j["examples"] / j["loop_s"], "jax_train_loss": j["train_loss"],
            "torch_epoch_s": None, "ratio": None}
     if args.compare == "torch":
