@@ -200,7 +200,8 @@ def main(argv=None) -> dict:
     # the trainer's epoch-1 order over the whole split (it is stored grouped by class); time its first batches
     batches = data_lib.batch_indices(data_lib.epoch_permutation(full_n, cfg.seed, 1), cfg.batch_size)
     batches = batches[:n // args.batch_size]
-    images, labels = ds.train.images[np.concatenate(batches)], ds.train.labels[np.concatenate(batches)]
+    timed = np.concatenate(batches)
+    images, labels = ds.train.images[timed], ds.train.labels[timed]
     overrides = {k: getattr(args, k) for k in ("width", "depth") if getattr(args, k) is not None}
     log(f"{ds.source}: {full_n} training images ({data_load_s:.1f} s to load); timing {n}")
 

@@ -56,8 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from effnet_jax import data as data_lib
-from effnet_jax.host import with_fast_malloc
 from effnet_jax import optim, variants
+from effnet_jax.host import with_fast_malloc
 from effnet_jax.models import count_flops, param_shapes
 from effnet_jax.train import (Mesh, TrainConfig, augment_config, build_model, create_train_state, eval_step,
                               normalization, train_step)
