@@ -3,7 +3,7 @@
 * `conv_padding`: symmetric (torchvision) or TF-'SAME' (TF, lukemelas, Lite weights) explicit padding.
 * `DepthwiseConv`: k×k per-channel convolution with two interchangeable implementations (same parameters,
   same numbers): 'xla', a grouped convolution (`feature_group_count`), and 'shift', a sum of k·k shifted
-  element-wise multiplies. On CPU XLA's grouped convolution is several times slower than the shifted sum
+  element-wise multiplies with a hand-written backward pass (`shifted_depthwise_conv`). On CPU XLA's grouped convolution is several times slower than the shifted sum
   (jax#13800, jax#23713; measured figures in benchmarks/RESULTS.md), so 'auto' picks 'shift' there and the
   cuDNN/TPU grouped convolution elsewhere.
 * `BatchNorm`: batch statistics in float32 whatever the compute dtype, and running statistics updated
@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -54,6 +55,71 @@ def resolve_depthwise_impl(impl: str) -> str:
     return impl
 
 
+def _taps(xp: jax.Array, kh: int, kw: int, stride: int, oh: int, ow: int):
+    """The k·k strided windows of padded NHWC `xp` that a depthwise kernel tap (i, j) multiplies."""
+    n, _, _, c = xp.shape
+    for i in range(kh):
+        for j in range(kw):
+            yield i, j, lax.slice(xp, (0, i, j, 0), (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
+                                  (1, stride, stride, 1))
+
+
+def _pad_hw(x: jax.Array, padding) -> jax.Array:
+    return jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def shifted_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
+    """Depthwise convolution as a sum of k·k shifted multiplies, with a hand-written backward pass.
+
+    Autodiff of the shifted sum gives dx as a sum of k·k *padded* copies of the cotangent (the transpose of
+    each slice), which XLA's CPU backend fuses and schedules badly; the backward here computes dx the same
+    way as the forward, as a sum of shifted windows of the (stride-dilated, padded) cotangent times the
+    kernel taps. Measured on this project's 2-core CPU: B0 train 224 px +50 %, Lite0 128 px +10 %, 32 px
+    +5 % (benchmarks/RESULTS.md). Reverse-mode only (custom_vjp: no jax.jvp / jacfwd through it).
+    """
+    xp = _pad_hw(x, padding)
+    kh, kw = kernel.shape[:2]
+    oh, ow = (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1
+    out = None
+    for i, j, tap in _taps(xp, kh, kw, stride, oh, ow):
+        term = tap * kernel[i, j, 0]
+        out = term if out is None else out + term
+    return out
+
+
+def _shifted_fwd(x, kernel, stride, padding):
+    return shifted_depthwise_conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _shifted_bwd(stride, padding, residuals, g):
+    x, kernel = residuals
+    kh, kw = kernel.shape[:2]
+    n, h, w, c = x.shape
+    xp = _pad_hw(x, padding)
+    oh, ow = g.shape[1:3]
+    # dk[i, j] = sum over batch and positions of window(i, j) * g
+    dk = jnp.stack([jnp.sum(tap * g, axis=(0, 1, 2)) for _, _, tap in _taps(xp, kh, kw, stride, oh, ow)])
+    dk = dk.reshape(kernel.shape)
+    # dx_padded[a] = sum_i g_dilated[a - i] * k[i]: pad the stride-dilated g by k-1 in front so every tap is a
+    # window; only the unpadded region [pad_low, pad_low + size) of x is needed.
+    hp, wp = xp.shape[1:3]
+    gh, gw = (oh - 1) * stride + 1, (ow - 1) * stride + 1
+    gp = lax.pad(g, jnp.zeros((), g.dtype),
+                 ((0, 0, 0), (kh - 1, hp - gh, stride - 1), (kw - 1, wp - gw, stride - 1), (0, 0, 0)))
+    (ph, _), (pw, _) = padding
+    dx = None
+    for i in range(kh):
+        for j in range(kw):
+            a, b = kh - 1 - i + ph, kw - 1 - j + pw
+            term = lax.slice(gp, (0, a, b, 0), (n, a + h, b + w, c)) * kernel[i, j, 0]
+            dx = term if dx is None else dx + term
+    return dx, dk.astype(kernel.dtype)
+
+
+shifted_depthwise_conv.defvjp(_shifted_fwd, _shifted_bwd)
+
+
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int,
                    padding: tuple[tuple[int, int], tuple[int, int]], impl: str) -> jax.Array:
     """Depthwise convolution of NHWC `x` with an HWIO kernel of shape (kh, kw, 1, C)."""
@@ -61,18 +127,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int,
         return lax.conv_general_dilated(
             x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=x.shape[-1])
-    kh, kw = kernel.shape[:2]
-    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    n, h, w, c = x.shape
-    oh, ow = (h - kh) // stride + 1, (w - kw) // stride + 1
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            tap = lax.slice(x, (0, i, j, 0), (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
-                            (1, stride, stride, 1))
-            term = tap * kernel[i, j, 0]
-            out = term if out is None else out + term
-    return out
+    return shifted_depthwise_conv(x, kernel, stride, tuple(tuple(p) for p in padding))
 
 
 class Conv(nn.Module):
