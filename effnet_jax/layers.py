@@ -99,7 +99,9 @@ def _shifted_bwd(stride, padding, residuals, g):
     xp = _pad_hw(x, padding)
     oh, ow = g.shape[1:3]
     # dk[i, j] = sum over batch and positions of window(i, j) * g
-    dk = jnp.stack([jnp.sum(tap * g, axis=(0, 1, 2)) for _, _, tap in _taps(xp, kh, kw, stride, oh, ow)])
+    # (accumulated in float32 whatever the compute dtype: a bf16 sum over batch × positions loses the small terms)
+    dk = jnp.stack([jnp.sum(tap * g, axis=(0, 1, 2), dtype=jnp.float32)
+                    for _, _, tap in _taps(xp, kh, kw, stride, oh, ow)])
     dk = dk.reshape(kernel.shape)
     # dx_padded[a] = sum_i g_dilated[a - i] * k[i]: pad the stride-dilated g by k-1 in front so every tap is a
     # window; only the unpadded region [pad_low, pad_low + size) of x is needed.

@@ -269,3 +269,22 @@ def test_num_classes_zero_returns_features():
     assert "classifier" not in shapes["params"]
     out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((3, 32, 32, 3))), shapes)
     assert out.shape == (3, 1280)
+
+
+def test_shift_depthwise_bf16_gradients_track_float32():
+    # the hand-written backward accumulates the kernel gradient in float32: in bf16 compute it must stay within
+    # bf16 rounding of the float32 (XLA grouped-conv autodiff) gradient, summed over 2·32·32 positions
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.randn(2, 32, 32, 8).astype(np.float32))
+    w = jnp.asarray(rng.randn(3, 3, 1, 8).astype(np.float32))
+    pads = ((1, 1), (1, 1))
+
+    def grads(impl, dtype):
+        f = lambda a, b: jnp.sum(layers.depthwise_conv(a.astype(dtype), b.astype(dtype), 1, pads, impl)
+                                 .astype(jnp.float32) ** 2)
+        return jax.grad(f, argnums=(0, 1))(x, w)
+
+    gx, gw = grads("shift", jnp.bfloat16)
+    rx, rw = grads("xla", jnp.float32)
+    np.testing.assert_allclose(gw, rw, rtol=2e-2, atol=2e-2 * float(jnp.abs(rw).max()))
+    np.testing.assert_allclose(gx, rx, rtol=5e-2, atol=2e-2 * float(jnp.abs(rx).max()))
