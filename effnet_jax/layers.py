@@ -3,9 +3,9 @@
 * `conv_padding`: symmetric (torchvision) or TF-'SAME' (TF, lukemelas, Lite weights) explicit padding.
 * `DepthwiseConv`: k×k per-channel convolution with two interchangeable implementations (same parameters,
   same numbers): 'xla', a grouped convolution (`feature_group_count`), and 'shift', a sum of k·k shifted
-  element-wise multiplies with a hand-written backward pass (`shifted_depthwise_conv`). On CPU XLA's grouped convolution is several times slower than the shifted sum
-  (jax#13800, jax#23713; measured figures in benchmarks/RESULTS.md), so 'auto' picks 'shift' there and the
-  cuDNN/TPU grouped convolution elsewhere.
+  element-wise multiplies with a hand-written backward pass (`shifted_depthwise_conv`). On CPU XLA's grouped
+  convolution is several times slower than the shifted sum (jax#13800, jax#23713; measured figures in
+  benchmarks/RESULTS.md), so 'auto' picks 'shift' there and the cuDNN/TPU grouped convolution elsewhere.
 * `BatchNorm`: batch statistics in float32 whatever the compute dtype, and running statistics updated
   exactly as PyTorch does (running_var from the *unbiased* batch variance), so a JAX training step equals a
   PyTorch one.
@@ -75,8 +75,9 @@ def shifted_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding
     Autodiff of the shifted sum gives dx as a sum of k·k *padded* copies of the cotangent (the transpose of
     each slice), which XLA's CPU backend fuses and schedules badly; the backward here computes dx the same
     way as the forward, as a sum of shifted windows of the (stride-dilated, padded) cotangent times the
-    kernel taps. Measured on this project's 2-core CPU: B0 train 224 px +50 %, Lite0 128 px +10 %, 32 px
-    +5 % (benchmarks/RESULTS.md). Reverse-mode only (custom_vjp: no jax.jvp / jacfwd through it).
+    kernel taps. Measured on this project's 2-core CPU: +5 to +50 % train throughput in one window, within
+    noise in a later one (benchmarks/RESULTS.md); never slower. Reverse-mode only (custom_vjp: no jax.jvp /
+    jacfwd through it).
     """
     xp = _pad_hw(x, padding)
     kh, kw = kernel.shape[:2]
