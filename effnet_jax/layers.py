@@ -64,6 +64,15 @@ def _taps(xp: jax.Array, kh: int, kw: int, stride: int, oh: int, ow: int):
                                   (1, stride, stride, 1))
 
 
+def _tap_sum(xp: jax.Array, kernel: jax.Array, stride: int, oh: int, ow: int) -> jax.Array:
+    """sum over taps (i, j) of window(i, j) of `xp` times kernel[i, j]: the depthwise convolution of padded `xp`."""
+    out = None
+    for i, j, tap in _taps(xp, kernel.shape[0], kernel.shape[1], stride, oh, ow):
+        term = tap * kernel[i, j, 0]
+        out = term if out is None else out + term
+    return out
+
+
 def _pad_hw(x: jax.Array, padding) -> jax.Array:
     return jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
 
@@ -81,12 +90,7 @@ def shifted_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding
     """
     xp = _pad_hw(x, padding)
     kh, kw = kernel.shape[:2]
-    oh, ow = (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1
-    out = None
-    for i, j, tap in _taps(xp, kh, kw, stride, oh, ow):
-        term = tap * kernel[i, j, 0]
-        out = term if out is None else out + term
-    return out
+    return _tap_sum(xp, kernel, stride, (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1)
 
 
 def _shifted_fwd(x, kernel, stride, padding):
@@ -96,7 +100,7 @@ def _shifted_fwd(x, kernel, stride, padding):
 def _shifted_bwd(stride, padding, residuals, g):
     x, kernel = residuals
     kh, kw = kernel.shape[:2]
-    n, h, w, c = x.shape
+    h, w = x.shape[1:3]
     xp = _pad_hw(x, padding)
     oh, ow = g.shape[1:3]
     # dk[i, j] = sum over batch and positions of window(i, j) * g
@@ -104,19 +108,15 @@ def _shifted_bwd(stride, padding, residuals, g):
     dk = jnp.stack([jnp.sum(tap * g, axis=(0, 1, 2), dtype=jnp.float32)
                     for _, _, tap in _taps(xp, kh, kw, stride, oh, ow)])
     dk = dk.reshape(kernel.shape)
-    # dx_padded[a] = sum_i g_dilated[a - i] * k[i]: pad the stride-dilated g by k-1 in front so every tap is a
-    # window; only the unpadded region [pad_low, pad_low + size) of x is needed.
+    # dx_padded[a] = sum_i g_dilated[a - i] * k[i]: pad the stride-dilated g by k-1 in front, and dx is the
+    # forward's stride-1 tap sum over it with the flipped kernel; only x's unpadded region
+    # [pad_low, pad_low + size) is needed.
     hp, wp = xp.shape[1:3]
     gh, gw = (oh - 1) * stride + 1, (ow - 1) * stride + 1
     gp = lax.pad(g, jnp.zeros((), g.dtype),
                  ((0, 0, 0), (kh - 1, hp - gh, stride - 1), (kw - 1, wp - gw, stride - 1), (0, 0, 0)))
     (ph, _), (pw, _) = padding
-    dx = None
-    for i in range(kh):
-        for j in range(kw):
-            a, b = kh - 1 - i + ph, kw - 1 - j + pw
-            term = lax.slice(gp, (0, a, b, 0), (n, a + h, b + w, c)) * kernel[i, j, 0]
-            dx = term if dx is None else dx + term
+    dx = _tap_sum(gp[:, ph:, pw:], kernel[::-1, ::-1], 1, h, w)
     return dx, dk.astype(kernel.dtype)
 
 
