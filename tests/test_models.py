@@ -140,7 +140,9 @@ def test_depthwise_impls_agree_with_torch(padding, kernel, stride, size):
     torch.sin(y).sum().backward()
     for impl, (gx, gw) in grads.items():
         np.testing.assert_allclose(gx, xg.grad.numpy(), atol=1e-5, rtol=1e-5, err_msg=impl)
-        np.testing.assert_allclose(gw, wg.grad.numpy(), atol=1e-4, rtol=1e-5, err_msg=impl)
+        np.testing.assert_allclose(gw, wg.grad.numpy(), atol=1e-5, rtol=1e-5, err_msg=impl)
+    for a, b in zip(grads["shift"], grads["xla"]):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_same_padding_is_tensorflows():
