@@ -85,7 +85,7 @@ def shifted_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding
     each slice), which XLA's CPU backend fuses and schedules badly; the backward here computes dx the same
     way as the forward, as a sum of shifted windows of the (stride-dilated, padded) cotangent times the
     kernel taps. Measured on this project's 2-core CPU: +5 to +50 % train throughput in one window, within
-    noise in a later one (benchmarks/RESULTS.md); never slower. Reverse-mode only (custom_vjp: no jax.jvp /
+    noise in a later one (benchmarks/RESULTS.md). Reverse-mode only (custom_vjp: no jax.jvp /
     jacfwd through it).
     """
     xp = _pad_hw(x, padding)
