@@ -10,7 +10,7 @@ of CIFAR-10 after the seeded validation split; loading/decoding is shared and re
 * JAX (`train.py`'s path, the trainer's functions reproduced step for step as in `train_and_evaluate`'s
   epoch loop, without its evaluation, checkpoints and plots): the `notebook` preset `TrainConfig`,
   `build_model`, `optim.make_optimizer`, `create_train_state`, the dataset put on the device (`Mesh.replicate`,
-  timed), `train_step` jitted with `donate_argnums=0`, and per step the host index batch
+  timed), `jit_train_step` (state donated), and per step the host index batch
   (`epoch_permutation`/`batch_indices`, `Mesh.put_batch`), the on-device gather + augmentation (+ resize to
   `--resolution`) + step, the metric sums, and every 10 steps a read of the metrics (as the progress bar
   does). The XLA compilation is done ahead (`.lower().compile()`) and reported apart as `jax_compile_s`;
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import pathlib
 import sys
@@ -63,7 +62,7 @@ from effnet_jax import data as data_lib  # noqa: E402
 from effnet_jax import optim  # noqa: E402
 from effnet_jax.host import with_fast_malloc  # noqa: E402
 from effnet_jax.train import (PRESETS, Mesh, TrainConfig, augment_config, build_model, create_train_state,  # noqa: E402
-                              normalization, train_step)
+                              jit_train_step, normalization)
 
 DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
 
@@ -79,10 +78,8 @@ def jax_epoch(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, num_clas
     steps_per_epoch = len(labels) // cfg.batch_size
     variables = throughput.random_variables(base, cfg.resolution, cfg.seed)
     tx = optim.make_optimizer(ocfg, variables["params"], base.config, steps_per_epoch)
-    step_fn = jax.jit(functools.partial(
-        train_step, model=build_model(cfg, num_classes, fu, overrides), tx=tx,
-        aug=augment_config(cfg, *normalization(cfg)), label_smoothing=cfg.label_smoothing,
-        ema_decay=cfg.ema_decay), donate_argnums=0)
+    step_fn = jit_train_step(build_model(cfg, num_classes, fu, overrides), tx,
+                             augment_config(cfg, *normalization(cfg)), cfg.label_smoothing, cfg.ema_decay)
 
     t0 = time.perf_counter()
     train_arrays = mesh.replicate((jnp.asarray(images), jnp.asarray(labels)))

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Training / inference throughput: our jitted JAX step against torchvision's same model, in one process.
 
-JAX side: the trainer's own step, `effnet_jax.train.train_step` jitted with `donate_argnums=0` exactly as
+JAX side: the trainer's own step, `effnet_jax.train.jit_train_step` (state donated) exactly as
 `train_and_evaluate` builds it (model from `build_model`, optimizer from `optim.make_optimizer` with the
 project's default AdamW recipe and `--freeze`, the model's `frozen_units` for it, `augment_config`), fed an
 on-device uint8 dataset (random CIFAR-sized images, `--source-size`) and host index batches put on a
 one-device mesh each step, as training does: so a step includes the gather, the on-device augmentation
 (crop + flip + resize to `--resolution`), forward, backward, BN update and the optimizer. Eval:
-`effnet_jax.train.eval_step` (resize + normalize + forward + metrics) on an index batch.
+`effnet_jax.train.jit_eval_step` (resize + normalize + forward + metrics) on an index batch.
 
 PyTorch side: torchvision's `efficientnet_bX(weights=None, num_classes=10)` (for Lite: the
 `efficientnet_lite_pytorch` package, when installed), on a ready float batch of the same size (no data
@@ -59,8 +59,8 @@ from effnet_jax import data as data_lib
 from effnet_jax import optim, variants
 from effnet_jax.host import with_fast_malloc
 from effnet_jax.models import count_flops, param_shapes
-from effnet_jax.train import (Mesh, TrainConfig, augment_config, build_model, create_train_state, eval_step,
-                              normalization, train_step)
+from effnet_jax.train import (Mesh, TrainConfig, augment_config, build_model, create_train_state, jit_eval_step,
+                              jit_train_step, normalization)
 
 NUM_CLASSES = 10
 
@@ -142,9 +142,8 @@ def jax_train(s: dict, args) -> dict:
     cfg, mesh = s["cfg"], s["mesh"]
     tx = optim.make_optimizer(cfg.optim_config(), s["variables"]["params"], s["base"].config,
                               s["n_data"] // cfg.batch_size)
-    step_fn = jax.jit(functools.partial(  # as train_and_evaluate builds it
-        train_step, model=build_model(cfg, NUM_CLASSES, s["fu"], s["overrides"]), tx=tx, aug=s["aug"],
-        label_smoothing=cfg.label_smoothing, ema_decay=cfg.ema_decay), donate_argnums=0)
+    step_fn = jit_train_step(build_model(cfg, NUM_CLASSES, s["fu"], s["overrides"]), tx, s["aug"],
+                             cfg.label_smoothing, cfg.ema_decay)
     state = mesh.replicate(create_train_state(s["variables"], tx, cfg))
     batches = s["batches"]
     t = time.perf_counter()
@@ -168,8 +167,7 @@ def jax_train(s: dict, args) -> dict:
 
 def jax_eval(s: dict, args) -> dict:
     cfg, mesh = s["cfg"], s["mesh"]
-    fn = jax.jit(functools.partial(eval_step, model=build_model(cfg, NUM_CLASSES, overrides=s["overrides"]),
-                                   aug=s["aug"]))
+    fn = jit_eval_step(build_model(cfg, NUM_CLASSES, overrides=s["overrides"]), s["aug"])
     variables = mesh.replicate(jax.tree.map(jnp.asarray, s["variables"]))
     idx = [mesh.put_batch(b) for b in s["batches"]]
     mask = mesh.put_batch(np.ones(cfg.batch_size, bool))

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import pathlib
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -55,7 +53,7 @@ def load_run(workdir: str | pathlib.Path, which: str = "best", **model_overrides
 def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_dir: str | None = None,
                  split: str = "val", which: str = "best", batch_size: int | None = None) -> dict:
     from . import data as data_lib
-    from .train import Mesh, augment_config, eval_step, evaluate, load_data
+    from .train import Mesh, augment_config, evaluate, jit_eval_step, load_data
 
     run = load_run(workdir, which)
     saved, cfg, run_classes, meta = run.saved, run.config, run.class_names, run.meta
@@ -79,7 +77,7 @@ def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_d
     aug = augment_config(cfg, tuple(saved["mean"]), tuple(saved["std"]))
     mesh = Mesh()
     arrays = mesh.replicate((jnp.asarray(chosen.images), jnp.asarray(labels)))
-    eval_fn = jax.jit(functools.partial(eval_step, model=model, aug=aug))
+    eval_fn = jit_eval_step(model, aug)
     res = evaluate(mesh.replicate(variables), arrays, len(chosen), eval_fn, mesh, batch_size or cfg.eval_batch_size,
                    return_logits=True)
     pred = res.pop("logits").argmax(-1)

@@ -222,6 +222,19 @@ def eval_step(variables: PyTree, images: jax.Array, labels: jax.Array, indices: 
             "count": jnp.sum(m), "logits": logits}
 
 
+def jit_train_step(model: EfficientNet, tx: optax.GradientTransformation, aug: data_lib.AugmentConfig,
+                   label_smoothing: float, ema_decay: float):
+    """`train_step` compiled as the trainer runs it, the state donated (argument 0). The benchmarks and the
+    sharding test take it from here, so they time and check this very step."""
+    return jax.jit(functools.partial(train_step, model=model, tx=tx, aug=aug, label_smoothing=label_smoothing,
+                                     ema_decay=ema_decay), donate_argnums=0)
+
+
+def jit_eval_step(model: EfficientNet, aug: data_lib.AugmentConfig):
+    """`eval_step` compiled as the trainer and `effnet_jax.evaluate` run it."""
+    return jax.jit(functools.partial(eval_step, model=model, aug=aug))
+
+
 CLUSTER_SIZE_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
@@ -519,7 +532,7 @@ def _train_and_evaluate(cfg: TrainConfig, stop: StopRequest) -> dict:
         log.info("resumed at epoch %d, batch %d (step %d)", start_epoch, start_batch, int(state.step))
 
     eval_model = build_model(cfg, ds.num_classes, overrides=overrides)
-    eval_fn = jax.jit(functools.partial(eval_step, model=eval_model, aug=aug))
+    eval_fn = jit_eval_step(eval_model, aug)
     eval_vars = lambda s: s.ema if s.ema is not None else {"params": s.params, "batch_stats": s.batch_stats}  # noqa
 
     def write_metrics(rec):
@@ -553,9 +566,8 @@ def _train_and_evaluate(cfg: TrainConfig, stop: StopRequest) -> dict:
             phase = [p for p in optim.phases(ocfg) if p.start_epoch < epoch][-1]
             fu = optim.frozen_units(mcfg, phase.freeze)
             if fu not in step_fns:  # one compiled step per freezing phase
-                step_fns[fu] = jax.jit(functools.partial(
-                    train_step, model=build_model(cfg, ds.num_classes, fu, overrides), tx=tx, aug=aug,
-                    label_smoothing=cfg.label_smoothing, ema_decay=cfg.ema_decay), donate_argnums=0)
+                step_fns[fu] = jit_train_step(build_model(cfg, ds.num_classes, fu, overrides), tx, aug,
+                                              cfg.label_smoothing, cfg.ema_decay)
             step_fn = step_fns[fu]
             # the data order is a function of (seed, epoch) only: a resumed run skips the batches already done
             batches = data_lib.batch_indices(data_lib.epoch_permutation(n_train, cfg.seed, epoch), cfg.batch_size)

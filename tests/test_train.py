@@ -188,11 +188,11 @@ def base_argv(folder, workdir, *extra):
 
 
 SHARDED_SCRIPT = textwrap.dedent("""
-    import functools, json
+    import json
     import jax, jax.numpy as jnp, numpy as np
     from effnet_jax import create_model, data as data_lib, optim
     from effnet_jax.models import param_shapes
-    from effnet_jax.train import Mesh, TrainConfig, create_train_state, train_step
+    from effnet_jax.train import Mesh, TrainConfig, create_train_state, jit_train_step
 
     # SGD: the update is linear in the gradient. (Adam's first step is ~lr * sign(g): for parameters whose
     # gradient is analytically 0, e.g. the bias of a BN followed by another BN, it turns float noise into +-lr.)
@@ -220,8 +220,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     out = {}
     for n in (1, 2):
         mesh = Mesh(jax.devices()[:n])
-        step = jax.jit(functools.partial(train_step, model=model, tx=tx, aug=aug, label_smoothing=0.1,
-                                         ema_decay=0.0), donate_argnums=0)
+        step = jit_train_step(model, tx, aug, label_smoothing=0.1, ema_decay=0.0)
         state = mesh.replicate(create_train_state(variables, tx, cfg))
         arrays = mesh.replicate((jnp.asarray(images), jnp.asarray(labels)))
         state, m = step(state, *arrays, mesh.put_batch(indices))
