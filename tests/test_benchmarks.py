@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ TINY = ["--variant", "b0", "--resolution", "32", "--batch-size", "4", "--width",
 def load(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses (blocks.py's Flax modules) look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -68,3 +70,22 @@ def test_epoch_side_by_side(tmp_path, capsys, monkeypatch):
         res["jax_transfer_s"] + res["jax_loop_s"] * res["full_epoch_examples"] / 16)
     assert res["jax_measured_s"] == pytest.approx(res["jax_transfer_s"] + res["jax_loop_s"])
     assert "extrapolated" in out
+
+
+def test_blocks_per_unit(capsys, monkeypatch):
+    """blocks.py times every unit of the network on both sides; the units must be the same layers: the torch
+    unit fed the JAX unit's input shape gives the JAX unit's output shape (the script asserts it), and the
+    rows chain stem -> blocks -> head."""
+    monkeypatch.syspath_prepend(str(BENCH))  # blocks.py imports its sibling throughput.py
+    from effnet_jax.models import create_model, unit_names
+    res = load("blocks").main(TINY + ["--repeats", "1", "--steps", "1", "--warmup", "0"])
+    assert last_json(capsys.readouterr().out) == json.loads(json.dumps(res))
+    rows = res["rows"]
+    assert [r["unit"] for r in rows] == unit_names(create_model("b0", width=0.25, depth=0.1).config)
+    assert rows[0]["in_shape"] == [4, 32, 32, 3]
+    for a, b in zip(rows, rows[1:]):
+        assert a["out_shape"] == b["in_shape"]
+    for r in rows:
+        assert all(r[k] > 0 for k in ("jax_train_ms", "torch_train_ms", "jax_eval_ms", "torch_eval_ms")), r
+        assert ("dw_jax_train_ms" in r) == r["unit"].startswith("blocks_")
+    assert res["train_ratio"] == pytest.approx(res["totals"]["torch_train_ms"] / res["totals"]["jax_train_ms"])
