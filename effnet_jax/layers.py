@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from functools import partial
 from typing import Any, Callable
@@ -108,16 +109,46 @@ def _shifted_bwd(stride, padding, residuals, g):
     dk = jnp.stack([jnp.sum(tap * g, axis=(0, 1, 2), dtype=jnp.float32)
                     for _, _, tap in _taps(xp, kh, kw, stride, oh, ow)])
     dk = dk.reshape(kernel.shape)
-    # dx_padded[a] = sum_i g_dilated[a - i] * k[i]: pad the stride-dilated g by k-1 in front, and dx is the
-    # forward's stride-1 tap sum over it with the flipped kernel; only x's unpadded region
-    # [pad_low, pad_low + size) is needed.
-    hp, wp = xp.shape[1:3]
-    gh, gw = (oh - 1) * stride + 1, (ow - 1) * stride + 1
-    gp = lax.pad(g, jnp.zeros((), g.dtype),
-                 ((0, 0, 0), (kh - 1, hp - gh, stride - 1), (kw - 1, wp - gw, stride - 1), (0, 0, 0)))
     (ph, _), (pw, _) = padding
-    dx = _tap_sum(gp[:, ph:, pw:], kernel[::-1, ::-1], 1, h, w)
+    hp, wp = xp.shape[1:3]
+    if stride == 1:
+        # dx_padded[a] = sum_i g[a - i] * k[i]: pad g by k-1 in front, and dx is the forward's tap sum over
+        # it with the flipped kernel; only x's unpadded region [pad_low, pad_low + size) is needed.
+        gp = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (kh - 1, hp - oh, 0), (kw - 1, wp - ow, 0), (0, 0, 0)))
+        dx = _tap_sum(gp[:, ph:, pw:], kernel[::-1, ::-1], 1, h, w)
+    else:
+        dx = _strided_input_grad(g, kernel, stride, hp, wp)[:, ph:ph + h, pw:pw + w]
     return dx, dk.astype(kernel.dtype)
+
+
+def _strided_input_grad(g: jax.Array, kernel: jax.Array, stride: int, hp: int, wp: int) -> jax.Array:
+    """The cotangent of the padded input (at least hp × wp) of a stride-s depthwise convolution, by phases.
+
+    Padded row s·q + r receives g[q - m] · k[r + s·m] only from the taps i = r + s·m (i ≡ r mod s), so each of
+    the s² phases (r, t) is a stride-1 tap sum of g with the sub-kernel k[r::s, t::s], and the phases
+    interleave into the result. That is s² fewer multiply-adds than correlating the zero-dilated g with the
+    whole kernel (4× for the stride-2 blocks, which sit where the activations are largest)."""
+    kh, kw = kernel.shape[:2]
+    s = stride
+    oh, ow = g.shape[1:3]
+    qh, qw = -(-hp // s), -(-wp // s)          # rows / columns per phase
+    mh, mw = -(-kh // s), -(-kw // s)          # the most taps any phase has, per axis
+    # gp[u] = g[u - (m - 1)]: m - 1 zeros in front, enough behind for qh (qw) outputs per phase
+    gp = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (mh - 1, qh - oh, 0), (mw - 1, qw - ow, 0), (0, 0, 0)))
+    rows = []
+    for r in range(s):
+        cols = []
+        for t in range(s):
+            out = jnp.zeros((g.shape[0], qh, qw, g.shape[3]), g.dtype)  # (a phase with no tap: k < s)
+            for a, b in itertools.product(range(len(range(r, kh, s))), range(len(range(t, kw, s)))):
+                win = lax.slice(gp, (0, mh - 1 - a, mw - 1 - b, 0),
+                                (g.shape[0], mh - 1 - a + qh, mw - 1 - b + qw, g.shape[3]))
+                term = win * kernel[r + s * a, t + s * b, 0]
+                out = term if a == b == 0 else out + term
+            cols.append(out)
+        rows.append(jnp.stack(cols, axis=3))          # (n, qh, qw, s, c): column phase t
+    dxp = jnp.stack(rows, axis=2)                     # (n, qh, s, qw, s, c): row phase r
+    return dxp.reshape(g.shape[0], qh * s, qw * s, g.shape[3])
 
 
 shifted_depthwise_conv.defvjp(_shifted_fwd, _shifted_bwd)
