@@ -84,10 +84,11 @@ def shifted_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding
 
     Autodiff of the shifted sum gives dx as a sum of k·k *padded* copies of the cotangent (the transpose of
     each slice), which XLA's CPU backend fuses and schedules badly; the backward here computes dx the same
-    way as the forward, as a sum of shifted windows of the (stride-dilated, padded) cotangent times the
-    kernel taps. Measured on this project's 2-core CPU: +5 to +50 % train throughput in one window, within
-    noise in a later one (benchmarks/RESULTS.md). Reverse-mode only (custom_vjp: no jax.jvp /
-    jacfwd through it).
+    way as the forward, as a sum of shifted windows of the padded cotangent times the (flipped) kernel taps —
+    for stride > 1 phase by phase (`_strided_input_grad`), so that no multiply-add meets a dilation zero.
+    Measured on this project's 2-core CPU: +5 to +50 % train throughput in one window, within noise in a
+    later one; the phases: 1.15-3.9x on B0's stride-2 layers alone (benchmarks/RESULTS.md). Reverse-mode
+    only (custom_vjp: no jax.jvp / jacfwd through it).
     """
     xp = _pad_hw(x, padding)
     kh, kw = kernel.shape[:2]
