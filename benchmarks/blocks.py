@@ -84,7 +84,8 @@ def jax_units(model, variables: dict) -> list[tuple[str, nn.Module, dict]]:
 
 
 def jax_unit_steps(module: nn.Module, variables: dict, x: jax.Array, input_grad: bool):
-    """(train, eval) jitted functions of one unit on `x`, and the eval output (the next unit's input)."""
+    """(train, eval, params): the unit's jitted train step (vjp to params [and input]; BN batch statistics,
+    stochastic depth) and eval forward, as functions of (params, x[, g]), and its parameters."""
     params, stats = variables["params"], variables.get("batch_stats", {})
     key = jax.random.key(0)
 

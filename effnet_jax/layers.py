@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from functools import partial
 from typing import Any, Callable
@@ -126,30 +125,21 @@ def _strided_input_grad(g: jax.Array, kernel: jax.Array, stride: int, hp: int, w
     """The cotangent of the padded input (at least hp × wp) of a stride-s depthwise convolution, by phases.
 
     Padded row s·q + r receives g[q - m] · k[r + s·m] only from the taps i = r + s·m (i ≡ r mod s), so each of
-    the s² phases (r, t) is a stride-1 tap sum of g with the sub-kernel k[r::s, t::s], and the phases
-    interleave into the result. That is s² fewer multiply-adds than correlating the zero-dilated g with the
-    whole kernel (4× for the stride-2 blocks, which sit where the activations are largest)."""
+    the s² phases (r, t) is the stride-1 form of the backward — a tap sum of the front-padded g with the
+    flipped sub-kernel k[r::s, t::s] — and the phases interleave into the result. That is s² fewer
+    multiply-adds than correlating the zero-dilated g with the whole kernel (4× for the stride-2 blocks,
+    which sit where the activations are largest). Needs kernel ≥ stride (every phase has a tap)."""
     kh, kw = kernel.shape[:2]
-    s = stride
-    oh, ow = g.shape[1:3]
-    qh, qw = -(-hp // s), -(-wp // s)          # rows / columns per phase
-    mh, mw = -(-kh // s), -(-kw // s)          # the most taps any phase has, per axis
-    # gp[u] = g[u - (m - 1)]: m - 1 zeros in front, enough behind for qh (qw) outputs per phase
+    n, oh, ow, c = g.shape
+    qh, qw = -(-hp // stride), -(-wp // stride)        # rows / columns per phase
+    mh, mw = -(-kh // stride), -(-kw // stride)        # the most taps any phase has, per axis
     gp = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (mh - 1, qh - oh, 0), (mw - 1, qw - ow, 0), (0, 0, 0)))
-    rows = []
-    for r in range(s):
-        cols = []
-        for t in range(s):
-            out = jnp.zeros((g.shape[0], qh, qw, g.shape[3]), g.dtype)  # (a phase with no tap: k < s)
-            for a, b in itertools.product(range(len(range(r, kh, s))), range(len(range(t, kw, s)))):
-                win = lax.slice(gp, (0, mh - 1 - a, mw - 1 - b, 0),
-                                (g.shape[0], mh - 1 - a + qh, mw - 1 - b + qw, g.shape[3]))
-                term = win * kernel[r + s * a, t + s * b, 0]
-                out = term if a == b == 0 else out + term
-            cols.append(out)
-        rows.append(jnp.stack(cols, axis=3))          # (n, qh, qw, s, c): column phase t
-    dxp = jnp.stack(rows, axis=2)                     # (n, qh, s, qw, s, c): row phase r
-    return dxp.reshape(g.shape[0], qh * s, qw * s, g.shape[3])
+    phases = [[_tap_sum(gp[:, mh - len(range(r, kh, stride)):, mw - len(range(t, kw, stride)):],
+                        kernel[r::stride, t::stride][::-1, ::-1], 1, qh, qw)
+               for t in range(stride)] for r in range(stride)]
+    # (n, qh, s, qw, s, c): padded row s·q + r, column s·p + t
+    dxp = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)
+    return dxp.reshape(n, qh * stride, qw * stride, c)
 
 
 shifted_depthwise_conv.defvjp(_shifted_fwd, _shifted_bwd)
