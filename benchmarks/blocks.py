@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from typing import Any
 
@@ -43,7 +42,7 @@ import numpy as np
 from effnet_jax.host import with_fast_malloc
 from effnet_jax.layers import ACTIVATIONS, BatchNorm, Conv, conv_padding, depthwise_conv, resolve_depthwise_impl
 from effnet_jax.models import MBConv, create_model, unit_names
-from throughput import cpu_threads, random_variables, time_steps, torch_model
+from throughput import cpu_threads, log, random_variables, time_steps, torch_model
 
 
 class ConvBNAct(nn.Module):
@@ -124,7 +123,7 @@ def time_torch(unit, shape_nhwc, mode: str, input_grad: bool, *, warmup, steps, 
     import torch
     n, h, w, c = shape_nhwc
     x = torch.randn(n, c, h, w, requires_grad=mode == "train" and input_grad)
-    params = [p for p in unit.parameters()]
+    params = list(unit.parameters())
     if mode == "train":
         unit.train()
         g = None
@@ -177,10 +176,6 @@ def depthwise_rows(block_cfg, in_hw: tuple[int, int], batch: int, padding: str, 
         raise AssertionError(f"depthwise output shapes differ: JAX {out_shape}, torch {t_shape}")
     return {"dw_jax_train_ms": 1e3 * jt, "dw_torch_train_ms": 1e3 * tt,
             "dw_jax_eval_ms": 1e3 * je, "dw_torch_eval_ms": 1e3 * te}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

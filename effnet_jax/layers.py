@@ -84,7 +84,7 @@ def shifted_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding
     Autodiff of the shifted sum gives dx as a sum of k·k *padded* copies of the cotangent (the transpose of
     each slice), which XLA's CPU backend fuses and schedules badly; the backward here computes dx the same
     way as the forward, as a sum of shifted windows of the padded cotangent times the (flipped) kernel taps —
-    for stride > 1 phase by phase (`_strided_input_grad`), so that no multiply-add meets a dilation zero.
+    for stride > 1 phase by phase (`_padded_input_grad`), so that no multiply-add meets a dilation zero.
     Measured on this project's 2-core CPU: +5 to +50 % train throughput in one window, within noise in a
     later one; the phases: 1.15-3.9x on B0's stride-2 layers alone (benchmarks/RESULTS.md). Reverse-mode
     only (custom_vjp: no jax.jvp / jacfwd through it).
@@ -109,26 +109,21 @@ def _shifted_bwd(stride, padding, residuals, g):
     dk = jnp.stack([jnp.sum(tap * g, axis=(0, 1, 2), dtype=jnp.float32)
                     for _, _, tap in _taps(xp, kh, kw, stride, oh, ow)])
     dk = dk.reshape(kernel.shape)
+    # only x's unpadded region [pad_low, pad_low + size) of the padded input's cotangent is needed
     (ph, _), (pw, _) = padding
-    hp, wp = xp.shape[1:3]
-    if stride == 1:
-        # dx_padded[a] = sum_i g[a - i] * k[i]: pad g by k-1 in front, and dx is the forward's tap sum over
-        # it with the flipped kernel; only x's unpadded region [pad_low, pad_low + size) is needed.
-        gp = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (kh - 1, hp - oh, 0), (kw - 1, wp - ow, 0), (0, 0, 0)))
-        dx = _tap_sum(gp[:, ph:, pw:], kernel[::-1, ::-1], 1, h, w)
-    else:
-        dx = _strided_input_grad(g, kernel, stride, hp, wp)[:, ph:ph + h, pw:pw + w]
+    dx = _padded_input_grad(g, kernel, stride, *xp.shape[1:3])[:, ph:ph + h, pw:pw + w]
     return dx, dk.astype(kernel.dtype)
 
 
-def _strided_input_grad(g: jax.Array, kernel: jax.Array, stride: int, hp: int, wp: int) -> jax.Array:
+def _padded_input_grad(g: jax.Array, kernel: jax.Array, stride: int, hp: int, wp: int) -> jax.Array:
     """The cotangent of the padded input (at least hp × wp) of a stride-s depthwise convolution, by phases.
 
-    Padded row s·q + r receives g[q - m] · k[r + s·m] only from the taps i = r + s·m (i ≡ r mod s), so each of
-    the s² phases (r, t) is the stride-1 form of the backward — a tap sum of the front-padded g with the
-    flipped sub-kernel k[r::s, t::s] — and the phases interleave into the result. That is s² fewer
-    multiply-adds than correlating the zero-dilated g with the whole kernel (4× for the stride-2 blocks,
-    which sit where the activations are largest). Needs kernel ≥ stride (every phase has a tap)."""
+    Stride 1: dx_padded[a] = sum_i g[a - i] · k[i], a tap sum of g padded by k-1 in front with the flipped
+    kernel. Stride s: padded row s·q + r receives g[q - m] · k[r + s·m] only from the taps i = r + s·m
+    (i ≡ r mod s), so each of the s² phases (r, t) is that stride-1 form with the sub-kernel k[r::s, t::s],
+    and the phases interleave into the result: s² fewer multiply-adds than correlating the zero-dilated g
+    with the whole kernel (4× for the stride-2 blocks, which sit where the activations are largest). Needs
+    kernel ≥ stride (every phase has a tap)."""
     kh, kw = kernel.shape[:2]
     n, oh, ow, c = g.shape
     qh, qw = -(-hp // stride), -(-wp // stride)        # rows / columns per phase
