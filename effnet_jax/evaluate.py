@@ -1,10 +1,13 @@
 """Evaluate a fine-tuning run's checkpoint on a dataset split.
 
     python -m effnet_jax.evaluate --workdir DIR [--dataset SPEC] [--data-dir D] [--split val|test] [--which best|latest]
+                                  [--flip | --no-flip]
 
 Prints per-class accuracy and, last, one JSON line with top1, top5, loss, n. The evaluated data's classes are
 matched to the run's class names by name (a folder with a subset of the classes, or in another order, works).
 With the run's own dataset and `--split val` it recomputes exactly the validation numbers the run logged.
+`--flip` adds test-time augmentation (the mean of each image's and its mirror's logits); the default is what
+the run's validation did (its `--eval-flip`).
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ def load_run(workdir: str | pathlib.Path, which: str = "best", **model_overrides
 
 
 def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_dir: str | None = None,
-                 split: str = "val", which: str = "best", batch_size: int | None = None) -> dict:
+                 split: str = "val", which: str = "best", batch_size: int | None = None,
+                 flip: bool | None = None) -> dict:
+    """`flip`: average each image's and its mirror's logits; None: as the run's validation did (`eval_flip`)."""
     from . import data as data_lib
     from .train import Mesh, augment_config, evaluate, jit_eval_step, load_data
 
@@ -77,13 +82,14 @@ def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_d
     aug = augment_config(cfg, tuple(saved["mean"]), tuple(saved["std"]))
     mesh = Mesh()
     arrays = mesh.replicate((jnp.asarray(chosen.images), jnp.asarray(labels)))
-    eval_fn = jit_eval_step(model, aug)
+    eval_fn = jit_eval_step(model, aug, cfg.eval_flip if flip is None else flip)
     res = evaluate(mesh.replicate(variables), arrays, len(chosen), eval_fn, mesh, batch_size or cfg.eval_batch_size,
                    return_logits=True)
     pred = res.pop("logits").argmax(-1)
     per_class = {run_classes[c]: float(np.mean(pred[labels == c] == c)) for c in np.unique(labels)}
     return {"per_class": per_class, "top1": res["top1"], "top5": res["top5"], "loss": res["loss"], "n": res["n"],
-            "epoch": meta.get("epoch"), "split": split, "which": which}
+            "epoch": meta.get("epoch"), "split": split, "which": which,
+            "flip": bool(cfg.eval_flip if flip is None else flip)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,16 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="val", choices=("val", "test", "train"))
     p.add_argument("--which", default="best", choices=("best", "latest"))
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time augmentation: average each image's and its mirror's logits (default: as the "
+                        "run's validation, its --eval-flip)")
     args = p.parse_args(argv)
     try:
-        out = evaluate_run(args.workdir, args.dataset, args.data_dir, args.split, args.which, args.batch_size)
+        out = evaluate_run(args.workdir, args.dataset, args.data_dir, args.split, args.which, args.batch_size,
+                           args.flip)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     width = max(len(c) for c in out["per_class"])
     for name, acc in out["per_class"].items():
         print(f"{name:<{width}}  {100 * acc:6.2f} %")
-    summary = {k: out[k] for k in ("top1", "top5", "loss", "n", "epoch", "split", "which")}
+    summary = {k: out[k] for k in ("top1", "top5", "loss", "n", "epoch", "split", "which", "flip")}
     print(json.dumps(summary))
     return 0
 

@@ -54,6 +54,7 @@ class TrainConfig:
     epochs: int = 4
     batch_size: int = 64                # global
     eval_batch_size: int = 256
+    eval_flip: bool = False             # validation (and `evaluate`) averages each image's and its mirror's logits
     optimizer: str = "adamw"
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -210,11 +211,16 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, indices:
 
 
 def eval_step(variables: PyTree, images: jax.Array, labels: jax.Array, indices: jax.Array, mask: jax.Array, *,
-              model: EfficientNet, aug: data_lib.AugmentConfig) -> dict:
-    """Sums of loss, top-1 and top-5 hits and count over the valid (`mask`) examples of one padded batch."""
+              model: EfficientNet, aug: data_lib.AugmentConfig, flip: bool = False) -> dict:
+    """Sums of loss, top-1 and top-5 hits and count over the valid (`mask`) examples of one padded batch.
+    `flip`: test-time augmentation, the logits are the mean of the image's and its horizontal mirror's."""
     x = data_lib.eval_batch(images[indices], aug)
     y = labels[indices]
-    logits = model.apply(variables, x, train=False)
+    if flip:
+        both = model.apply(variables, jnp.concatenate([x, x[:, :, ::-1]]), train=False)
+        logits = (both[:len(x)] + both[len(x):]) / 2
+    else:
+        logits = model.apply(variables, x, train=False)
     m = mask.astype(jnp.float32)
     return {"loss": jnp.sum(optim.cross_entropy(logits, y) * m),
             "correct": jnp.sum((jnp.argmax(logits, -1) == y) * m),
@@ -230,9 +236,9 @@ def jit_train_step(model: EfficientNet, tx: optax.GradientTransformation, aug: d
                                      ema_decay=ema_decay), donate_argnums=0)
 
 
-def jit_eval_step(model: EfficientNet, aug: data_lib.AugmentConfig):
+def jit_eval_step(model: EfficientNet, aug: data_lib.AugmentConfig, flip: bool = False):
     """`eval_step` compiled as the trainer and `effnet_jax.evaluate` run it."""
-    return jax.jit(functools.partial(eval_step, model=model, aug=aug))
+    return jax.jit(functools.partial(eval_step, model=model, aug=aug, flip=flip))
 
 
 CLUSTER_SIZE_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
@@ -532,7 +538,7 @@ def _train_and_evaluate(cfg: TrainConfig, stop: StopRequest) -> dict:
         log.info("resumed at epoch %d, batch %d (step %d)", start_epoch, start_batch, int(state.step))
 
     eval_model = build_model(cfg, ds.num_classes, overrides=overrides)
-    eval_fn = jit_eval_step(eval_model, aug)
+    eval_fn = jit_eval_step(eval_model, aug, cfg.eval_flip)
     eval_vars = lambda s: s.ema if s.ema is not None else {"params": s.params, "batch_stats": s.batch_stats}  # noqa
 
     def write_metrics(rec):

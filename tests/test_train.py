@@ -374,6 +374,37 @@ def test_evaluate_cli_reproduces_the_logged_validation_exactly(run_a):
     assert np.mean([float(line.split()[1]) for line in per_class]) == pytest.approx(100 * out["top1"], abs=0.01)
 
 
+def test_eval_flip_averages_the_logits_of_the_image_and_its_mirror():
+    """`eval_step(flip=True)` against model.apply on the images and on their mirrors made by numpy."""
+    from effnet_jax import create_model, data as data_lib
+    model = create_model("b0", num_classes=3, width=0.25, depth=0.25)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 1, 0], np.int32)
+    aug = data_lib.AugmentConfig(resolution=32)
+    x = np.asarray(data_lib.eval_batch(images, aug))
+    variables = model.init(jax.random.key(0), x[:1], train=False)
+    variables = jax.tree.map(lambda v: v + rng.normal(0, 0.1, v.shape).astype(v.dtype), variables)  # BN too
+    direct, mirrored = (np.asarray(model.apply(variables, v, train=False)) for v in (x, x[:, :, ::-1].copy()))
+    assert not np.allclose(direct, mirrored, atol=1e-3)  # the mirror does change the logits
+    indices, mask = np.array([0, 1, 2, 3, 4, 0], np.int32), np.array([1, 1, 1, 1, 1, 0], bool)
+    for flip, want in ((False, direct), (True, (direct + mirrored) / 2)):
+        out = trainer.eval_step(variables, images, labels, indices, mask, model=model, aug=aug, flip=flip)
+        np.testing.assert_allclose(np.asarray(out["logits"])[:5], want, atol=1e-5)
+        logp = want - want.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        assert float(out["loss"]) == pytest.approx(-logp[np.arange(5), labels].sum(), rel=1e-5)
+        assert float(out["correct"]) == np.sum(want.argmax(-1) == labels) and float(out["count"]) == 5
+
+
+def test_evaluate_flip_flag(run_a):
+    rc, stdout, stderr = run_main(evaluate_cli.main, ["--workdir", run_a.workdir, "--which", "latest", "--flip"])
+    assert rc == 0, stderr
+    out = last_json(stdout)
+    assert out["flip"] is True and out["n"] == N_VAL and is_count(out["top1"], N_VAL)
+    assert last_json(run_a.evaluated[1])["flip"] is False  # the run's own setting (no --eval-flip)
+
+
 # ------------------------------------------------------------------------------------------------- 3. resume
 
 def test_resume_continues_at_the_next_epoch(run_a, run_c):
