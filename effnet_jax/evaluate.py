@@ -82,14 +82,15 @@ def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_d
     aug = augment_config(cfg, tuple(saved["mean"]), tuple(saved["std"]))
     mesh = Mesh()
     arrays = mesh.replicate((jnp.asarray(chosen.images), jnp.asarray(labels)))
-    eval_fn = jit_eval_step(model, aug, cfg.eval_flip if flip is None else flip)
+    flip = cfg.eval_flip if flip is None else flip
+    eval_fn = jit_eval_step(model, aug, flip)
     res = evaluate(mesh.replicate(variables), arrays, len(chosen), eval_fn, mesh, batch_size or cfg.eval_batch_size,
                    return_logits=True)
     pred = res.pop("logits").argmax(-1)
     per_class = {run_classes[c]: float(np.mean(pred[labels == c] == c)) for c in np.unique(labels)}
     return {"per_class": per_class, "top1": res["top1"], "top5": res["top5"], "loss": res["loss"], "n": res["n"],
             "epoch": meta.get("epoch"), "split": split, "which": which,
-            "flip": bool(cfg.eval_flip if flip is None else flip)}
+            "flip": bool(flip)}
 
 
 def main(argv: list[str] | None = None) -> int:
