@@ -20,6 +20,8 @@ HELP = {
     "none from scratch",
     "two_phase": "first --phase1-epochs head-only, then --freeze at lr * --phase2-lr-scale",
     "resolution": "input side after augmentation (32 px CIFAR images are resized to it)",
+    "resolution_schedule": "progressive resizing: SIDE:EPOCHS[,...] trains the first epochs at smaller sides "
+    "(e.g. 64:2), the rest at --resolution",
     "schedule": "cosine (warmup + cosine decay to 0) | constant", "ema_decay": "parameter EMA, 0 = off",
     "max_train_examples": "use only N training examples, a seeded random subset (smoke tests, quick looks)",
     "val_fraction": "seeded, stratified validation split of the training data",

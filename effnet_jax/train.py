@@ -71,6 +71,8 @@ class TrainConfig:
     phase2_lr_scale: float = 0.1
     ema_decay: float = 0.0
     resolution: int = 96                # training/eval input side; CIFAR's 32 px images are resized to it
+    resolution_schedule: str = ""       # progressive resizing: 'SIDE:EPOCHS,...' trains the first epochs at
+                                        # these sides, the rest (at least the last epoch) at `resolution`
     crop_padding: int = 4
     flip: bool = True
     rotation: float = 0.0
@@ -96,6 +98,27 @@ class TrainConfig:
             freeze=self.freeze if self.freeze is not None else ("none" if self.init == "scratch" else "6"),
             two_phase=self.two_phase, phase1_epochs=self.phase1_epochs, phase2_lr_scale=self.phase2_lr_scale,
             ema_decay=self.ema_decay, schedule=self.schedule)
+
+
+def resolution_plan(cfg: TrainConfig) -> list[int]:
+    """The input side of each epoch 1..cfg.epochs: `--resolution-schedule 64:2,80:1` with `--resolution 96
+    --epochs 6` gives [64, 64, 80, 96, 96, 96]. Cheap low-resolution epochs first, as the progressive
+    resizing of fast.ai and EfficientNetV2; validation follows the epoch's side, and the last epoch (whose
+    checkpoint `evaluate` reads) is always at `--resolution`."""
+    plan: list[int] = []
+    for part in filter(None, (p.strip() for p in cfg.resolution_schedule.split(","))):
+        try:
+            side, n = (int(v) for v in part.split(":"))
+        except ValueError:
+            raise ValueError(f"--resolution-schedule {cfg.resolution_schedule!r}: expected SIDE:EPOCHS[,...], "
+                             "e.g. 64:2") from None
+        if side < 32 or n < 1:
+            raise ValueError(f"--resolution-schedule {part!r}: the side must be >= 32 and the epochs >= 1")
+        plan += [side] * n
+    if len(plan) >= cfg.epochs:
+        raise ValueError(f"--resolution-schedule {cfg.resolution_schedule!r} covers {len(plan)} of the "
+                         f"{cfg.epochs} epochs; leave at least the last one to --resolution {cfg.resolution}")
+    return plan + [cfg.resolution] * (cfg.epochs - len(plan))
 
 
 # The user's reference: a torchvision notebook (B0, 32 px, crop pad 4 + flip, Adam 1e-3, batch 64, 25 epochs).
@@ -456,9 +479,10 @@ def load_data(cfg: TrainConfig) -> data_lib.Dataset:
     return ds
 
 
-def augment_config(cfg: TrainConfig, mean, std) -> data_lib.AugmentConfig:
+def augment_config(cfg: TrainConfig, mean, std, resolution: int | None = None) -> data_lib.AugmentConfig:
     return data_lib.AugmentConfig(crop_padding=cfg.crop_padding, flip=cfg.flip, rotation=cfg.rotation, zoom=cfg.zoom,
-                                  translation=cfg.translation, contrast=cfg.contrast, resolution=cfg.resolution,
+                                  translation=cfg.translation, contrast=cfg.contrast,
+                                  resolution=cfg.resolution if resolution is None else resolution,
                                   mean=mean, std=std)
 
 
@@ -481,6 +505,7 @@ def _train_and_evaluate(cfg: TrainConfig, stop: StopRequest) -> dict:
         raise ValueError(f"--resolution {cfg.resolution} is too small: EfficientNet downsamples by 32; use >= 32")
     variants.model_config(cfg.variant)  # unknown variant -> ValueError listing names
     ocfg = cfg.optim_config()
+    sides = resolution_plan(cfg)
 
     if is_main:
         check_writable(workdir)
@@ -495,7 +520,7 @@ def _train_and_evaluate(cfg: TrainConfig, stop: StopRequest) -> dict:
     key = jax.random.key(cfg.seed)
     variables, overrides = initial_variables(cfg, ds.num_classes, jax.random.fold_in(key, 1))
     mean, std = normalization(cfg)
-    aug = augment_config(cfg, mean, std)
+    augs = {r: augment_config(cfg, mean, std, r) for r in sorted(set(sides))}
     mcfg = build_model(cfg, ds.num_classes, overrides=overrides).config
     tx = optim.make_optimizer(ocfg, variables["params"], mcfg, steps_per_epoch)
     schedule = optim.lr_schedule(ocfg, steps_per_epoch)
@@ -509,7 +534,8 @@ def _train_and_evaluate(cfg: TrainConfig, stop: StopRequest) -> dict:
         if cfg.resume and (workdir / "config.json").exists():
             old = json.loads((workdir / "config.json").read_text())
             ignored = ("resume", "progress", "epochs", "workdir", "checkpoint_every")  # workdir: the same run, maybe moved or respelled
-            diff = {k for k in saved if k not in ignored and old.get(k) != saved[k]}
+            defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # (keys added since that run)
+            diff = {k for k in saved if k not in ignored and old.get(k, defaults.get(k)) != saved[k]}
             if diff:
                 raise ValueError(f"--resume: the run in {workdir} has a different config ({', '.join(sorted(diff))})")
         (workdir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
@@ -538,7 +564,7 @@ def _train_and_evaluate(cfg: TrainConfig, stop: StopRequest) -> dict:
         log.info("resumed at epoch %d, batch %d (step %d)", start_epoch, start_batch, int(state.step))
 
     eval_model = build_model(cfg, ds.num_classes, overrides=overrides)
-    eval_fn = jit_eval_step(eval_model, aug, cfg.eval_flip)
+    eval_fns = {r: jit_eval_step(eval_model, a, cfg.eval_flip) for r, a in augs.items()}
     eval_vars = lambda s: s.ema if s.ema is not None else {"params": s.params, "batch_stats": s.batch_stats}  # noqa
 
     def write_metrics(rec):
@@ -560,21 +586,21 @@ def _train_and_evaluate(cfg: TrainConfig, stop: StopRequest) -> dict:
                                                       meta=ocp.args.JsonSave(meta)))
 
     if start_epoch == 1 and start_batch == 0:  # the notebook's "pre-finetune" accuracy
-        pre = evaluate(eval_vars(state), val_arrays, n_val, eval_fn, mesh, cfg.eval_batch_size)
+        pre = evaluate(eval_vars(state), val_arrays, n_val, eval_fns[cfg.resolution], mesh, cfg.eval_batch_size)
         write_metrics({"epoch": 0, "train_loss": None, "train_acc": None, "val_loss": pre["loss"],
                        "val_acc": pre["top1"], "val_top5": pre["top5"], "img_s": None, "lr": None,
-                       "time_s": time.time() - t0})
+                       "time_s": time.time() - t0, "resolution": cfg.resolution})
         log.info("before fine-tuning: val top-1 %.2f%%", 100 * pre["top1"])
 
-    step_fns: dict[int, Any] = {}
+    step_fns: dict[tuple[int, int], Any] = {}
     with latest_mgr, best_mgr:  # (closing the managers waits for their saves)
         for epoch in range(start_epoch, cfg.epochs + 1):
             phase = [p for p in optim.phases(ocfg) if p.start_epoch < epoch][-1]
-            fu = optim.frozen_units(mcfg, phase.freeze)
-            if fu not in step_fns:  # one compiled step per freezing phase
-                step_fns[fu] = jit_train_step(build_model(cfg, ds.num_classes, fu, overrides), tx, aug,
-                                              cfg.label_smoothing, cfg.ema_decay)
-            step_fn = step_fns[fu]
+            fu, side = optim.frozen_units(mcfg, phase.freeze), sides[epoch - 1]
+            if (fu, side) not in step_fns:  # one compiled step per freezing phase and input side
+                step_fns[fu, side] = jit_train_step(build_model(cfg, ds.num_classes, fu, overrides), tx, augs[side],
+                                                    cfg.label_smoothing, cfg.ema_decay)
+            step_fn = step_fns[fu, side]
             # the data order is a function of (seed, epoch) only: a resumed run skips the batches already done
             batches = data_lib.batch_indices(data_lib.epoch_permutation(n_train, cfg.seed, epoch), cfg.batch_size)
             first = start_batch if epoch == start_epoch else 0
@@ -608,20 +634,21 @@ def _train_and_evaluate(cfg: TrainConfig, stop: StopRequest) -> dict:
             bar.close()
             sums = jax.device_get(sums)
             img_s = n_steady / max(time.time() - t_steady, 1e-9) if n_steady else None
-            val = evaluate(eval_vars(state), val_arrays, n_val, eval_fn, mesh, cfg.eval_batch_size)
+            val = evaluate(eval_vars(state), val_arrays, n_val, eval_fns[side], mesh, cfg.eval_batch_size)
             rec = {"epoch": epoch, "train_loss": float(sums["loss"] / sums["count"]),
                    "train_acc": float(sums["correct"] / sums["count"]),
                    "val_loss": val["loss"], "val_acc": val["top1"], "val_top5": val["top5"], "img_s": img_s,
-                   "lr": float(schedule(step - 1)), "time_s": time.time() - t0}
+                   "lr": float(schedule(step - 1)), "time_s": time.time() - t0, "resolution": side}
             write_metrics(rec)
             log.info("epoch %d: train loss %.4f acc %.2f%% | val loss %.4f acc %.2f%% | %.0f img/s | %.0f s", epoch,
                      rec["train_loss"], 100 * rec["train_acc"], rec["val_loss"], 100 * rec["val_acc"], img_s or 0,
                      time.time() - t_epoch)
             meta = {"epoch": epoch, "val_top1": val["top1"]}
             save_latest(step, state, zero_sums, meta)
-            best_mgr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state, zero_sums)),
-                                                         meta=ocp.args.JsonSave(meta)),
-                          metrics={"val_top1": val["top1"]})
+            if side == cfg.resolution:  # (the best checkpoint is evaluated at --resolution)
+                best_mgr.save(epoch, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(_state_tree(state, zero_sums)), meta=ocp.args.JsonSave(meta)),
+                    metrics={"val_top1": val["top1"]})
             if epoch < cfg.epochs and stop.requested(check_all=True):
                 raise Interrupted(step, epoch, workdir, stop.signal)
     trained = [r for r in records if r["epoch"] > 0]

@@ -56,7 +56,8 @@ N_VAL = round(VAL_FRACTION * N_IMAGES)  # 9: 3 per class, the stratified rule
 N_TRAIN = N_IMAGES - N_VAL              # 27
 BATCH = 4
 STEPS_PER_EPOCH = N_TRAIN // BATCH      # 6 (the last, short batch is dropped)
-METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "img_s", "lr", "time_s"}
+METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "img_s", "lr", "time_s",
+               "resolution"}
 SHARDED_TEST = "test_two_device_step_equals_one_device_step"
 
 
@@ -143,6 +144,23 @@ def test_bad_flags_exit_nonzero(argv, capsys):
         cli.parse_args(argv)
     assert info.value.code != 0
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("schedule, epochs, plan", [
+    ("", 3, [96, 96, 96]), ("64:2", 3, [64, 64, 96]), ("64:2, 80:1", 5, [64, 64, 80, 96, 96]),
+    ("128:1", 2, [128, 96])])
+def test_resolution_plan(schedule, epochs, plan):
+    cfg = cli.parse_args(["--resolution", "96", "--epochs", str(epochs), "--resolution-schedule", schedule])
+    assert trainer.resolution_plan(cfg) == plan
+
+
+@pytest.mark.parametrize("schedule, message", [
+    ("64:3", "covers 3 of the 3 epochs"), ("64", "expected SIDE:EPOCHS"), ("64:x", "expected SIDE:EPOCHS"),
+    ("16:1", "must be >= 32"), ("64:0", "must be >= 32")])
+def test_resolution_plan_refuses(schedule, message):
+    cfg = cli.parse_args(["--epochs", "3", "--resolution-schedule", schedule])
+    with pytest.raises(ValueError, match=message):
+        trainer.resolution_plan(cfg)
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
@@ -313,6 +331,7 @@ def test_metrics_records(run_a):
     assert [r["epoch"] for r in records] == [0, 1, 2]
     assert all(set(r) == METRIC_KEYS for r in records)
     assert all(records[0][k] is None for k in ("train_loss", "train_acc", "img_s", "lr"))
+    assert [r["resolution"] for r in records] == [32, 32, 32]
     for r in records:
         assert is_count(r["val_acc"], N_VAL)                  # a count of the 9 validation images
         assert r["val_top5"] == 1.0                           # 3 classes: the label is always in the top 3
@@ -498,7 +517,8 @@ def run_d(trainer_env, image_folder, tmp_path_factory):
     thread.start()
     workdir = root / "d"
     argv = base_argv(image_folder, workdir, "--init", "imagenet", "--freeze", "head-only", "--epochs", 2,
-                     "--warmup-epochs", 1.25, "--max-train-examples", 20)
+                     "--warmup-epochs", 1.25, "--max-train-examples", 20,
+                     "--resolution", 48, "--resolution-schedule", "32:1")  # progressive: epoch 1 at 32 px
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv(weights.URL_ENV_VAR, f"http://127.0.0.1:{server.server_address[1]}/mirror/")
@@ -550,6 +570,16 @@ def test_head_only_freezes_everything_but_the_classifier(run_d):
     np.testing.assert_array_equal(params["stem/kernel"], sd["features.0.0.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(stats["stem_bn/mean"], sd["features.0.1.running_mean"])
     np.testing.assert_array_equal(stats["stem_bn/var"], sd["features.0.1.running_var"])
+
+
+def test_progressive_resolution(run_d):
+    """`--resolution-schedule 32:1 --resolution 48`: epoch 1 trains and validates at 32 px, epoch 2 (and the
+    accuracy before fine-tuning, and `evaluate`) at 48; only --resolution epochs compete for checkpoints/best."""
+    assert [r["resolution"] for r in run_d.metrics] == [48, 32, 48]
+    assert step_dirs(run_d.workdir / "checkpoints" / "best") == ["2"]
+    rc, stdout, stderr = run_main(evaluate_cli.main, ["--workdir", run_d.workdir])
+    assert rc == 0, stderr
+    assert last_json(stdout)["top1"] == run_d.metrics[2]["val_acc"]
 
 
 def test_cosine_schedule_lr(run_d):
