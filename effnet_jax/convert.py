@@ -140,6 +140,7 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], variant: str, num_clas
 
     `num_classes=None` keeps the file's classifier. Any other number loads the backbone and initializes a
     fresh head (torchvision's init, from `rng`, default key 0) — the transfer fine-tune's starting point.
+    `num_classes=0` loads the backbone alone, for `create_model(variant, 0)` (pooled features).
     """
     from .models import _classifier_init, create_model, param_shapes
 
@@ -179,13 +180,15 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], variant: str, num_clas
     if extra:
         raise ConversionError(f"{source}: unexpected key {extra[0]!r} ({len(extra)} unused) for {variant}: is this "
                               f"file for another variant?")
-    if new_head:
+    if new_head and classes > 0:
         k = shapes["params"]["classifier"]["kernel"].shape
         out["params"]["classifier"] = {
             "kernel": np.asarray(_classifier_init(jax.random.key(0) if rng is None else rng, k)),
             "bias": np.zeros((classes,), np.float32)}
         log.info("%s: backbone loaded; new %d-class head initialized (the file has %s classes)", source, classes,
                  file_classes)
+    elif new_head:
+        log.info("%s: backbone loaded without its classifier (num_classes=0: pooled features)", source)
     return out
 
 

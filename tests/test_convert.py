@@ -114,6 +114,22 @@ def test_legacy_format_and_new_head(tmp_path, caplog):
     assert np.abs(v["params"]["classifier"]["kernel"]).max() <= bound
 
 
+def test_backbone_only_gives_torchvision_pooled_features(tmp_path):
+    """num_classes=0: the converted backbone without a classifier, for create_model(variant, 0)."""
+    x = np.random.RandomState(1).randn(2, 64, 64, 3).astype(np.float32)
+    m = randomized_torchvision("b0", 5, x)
+    path = tmp_path / "b0.pth"
+    torch.save(m.state_dict(), path)
+    v = convert.convert_state_dict(read_torch_state_dict(path), "b0", num_classes=0)
+    assert "classifier" not in v["params"]
+    with torch.no_grad():
+        t = torch.flatten(m.avgpool(m.features(torch.from_numpy(x).permute(0, 3, 1, 2))), 1).numpy()
+    j = np.asarray(effnet_jax.create_model("b0", 0).apply(v, x, train=False))
+    assert j.shape == (2, 1280)
+    # the same float32 tolerance as the deepest stages in test_forward_equals_torchvision
+    np.testing.assert_allclose(j, t, atol=3e-4 * max(1.0, float(np.abs(t).max())), rtol=0)
+
+
 def test_wrong_variant_names_the_key(tmp_path):
     sd = {k: v.numpy() for k, v in tv_models.efficientnet_b0().state_dict().items()}
     with pytest.raises(convert.ConversionError, match=r"features\.0\.0\.weight.*\(32, 3, 3, 3\).*b3"):
