@@ -2,6 +2,7 @@
 (torchvision, random weights, randomized BN statistics), the real Lite0 ImageNet weights against the Lite
 reference model on real images, and one Adam training step."""
 
+import functools
 import io
 import tarfile
 
@@ -70,7 +71,8 @@ def save_and_convert(m, tmp_path, variant, **kw):
 
 
 def jax_stage_outputs(model, variables, x_nhwc):
-    logits, state = model.apply(variables, jnp.asarray(x_nhwc), mutable=["intermediates"])
+    # compiled: op by op, B6/B7 spent most of a minute dispatching and compiling single operations
+    logits, state = jax.jit(functools.partial(model.apply, mutable=["intermediates"]))(variables, jnp.asarray(x_nhwc))
     inter = state["intermediates"]
     names = ["stem_out"] + [f"stage{s}" for s in range(7)] + ["head_out"]
     return [np.asarray(inter[n][0]) for n in names], np.asarray(logits), names
@@ -124,7 +126,7 @@ def test_backbone_only_gives_torchvision_pooled_features(tmp_path):
     assert "classifier" not in v["params"]
     with torch.no_grad():
         t = torch.flatten(m.avgpool(m.features(torch.from_numpy(x).permute(0, 3, 1, 2))), 1).numpy()
-    j = np.asarray(effnet_jax.create_model("b0", 0).apply(v, x, train=False))
+    j = np.asarray(jax.jit(functools.partial(effnet_jax.create_model("b0", 0).apply, train=False))(v, x))
     assert j.shape == (2, 1280)
     # the same float32 tolerance as the deepest stages in test_forward_equals_torchvision
     np.testing.assert_allclose(j, t, atol=3e-4 * max(1.0, float(np.abs(t).max())), rtol=0)
@@ -175,7 +177,7 @@ def test_lite0_imagenet_weights_equal_reference():
     x = (x - 127.0) / 128.0  # the Lite weights' normalization (see effnet_jax/weights.py)
     with torch.no_grad():
         t_logits = ref(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).numpy()
-    j_logits = np.asarray(effnet_jax.create_model("lite0").apply(variables, jnp.asarray(x)))
+    j_logits = np.asarray(jax.jit(effnet_jax.create_model("lite0").apply)(variables, jnp.asarray(x)))
     np.testing.assert_allclose(j_logits, t_logits, atol=1e-4, rtol=0)
     np.testing.assert_array_equal(np.argsort(-j_logits, 1)[:, :5], np.argsort(-t_logits, 1)[:, :5])
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import http.server
 import importlib.util
@@ -402,13 +403,15 @@ def test_eval_flip_averages_the_logits_of_the_image_and_its_mirror():
     labels = np.array([0, 1, 2, 1, 0], np.int32)
     aug = data_lib.AugmentConfig(resolution=32)
     x = np.asarray(data_lib.eval_batch(images, aug))
-    variables = model.init(jax.random.key(0), x[:1], train=False)
+    # compiled, as the trainer runs them: op by op, init and the two eval steps took ~100 s on 2 cores
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x[:1])
     variables = jax.tree.map(lambda v: v + rng.normal(0, 0.1, v.shape).astype(v.dtype), variables)  # BN too
-    direct, mirrored = (np.asarray(model.apply(variables, v, train=False)) for v in (x, x[:, :, ::-1].copy()))
+    apply = jax.jit(functools.partial(model.apply, train=False))
+    direct, mirrored = (np.asarray(apply(variables, v)) for v in (x, x[:, :, ::-1].copy()))
     assert not np.allclose(direct, mirrored, atol=1e-3)  # the mirror does change the logits
     indices, mask = np.array([0, 1, 2, 3, 4, 0], np.int32), np.array([1, 1, 1, 1, 1, 0], bool)
     for flip, want in ((False, direct), (True, (direct + mirrored) / 2)):
-        out = trainer.eval_step(variables, images, labels, indices, mask, model=model, aug=aug, flip=flip)
+        out = trainer.jit_eval_step(model, aug, flip)(variables, images, labels, indices, mask)
         np.testing.assert_allclose(np.asarray(out["logits"])[:5], want, atol=1e-5)
         logp = want - want.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
