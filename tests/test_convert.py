@@ -64,10 +64,10 @@ def torch_stage_outputs(m, x_nchw):
     return outs, logits
 
 
-def save_and_convert(m, tmp_path, variant, **kw):
+def save_and_convert(m, tmp_path, variant, num_classes=None, **kw):
     path = tmp_path / f"{variant}.pth"
     torch.save(m.state_dict(), path, **kw)
-    return convert.convert_state_dict(read_torch_state_dict(path), variant, source=str(path))
+    return convert.convert_state_dict(read_torch_state_dict(path), variant, num_classes, source=str(path))
 
 
 def jax_stage_outputs(model, variables, x_nhwc):
@@ -120,9 +120,7 @@ def test_backbone_only_gives_torchvision_pooled_features(tmp_path):
     """num_classes=0: the converted backbone without a classifier, for create_model(variant, 0)."""
     x = np.random.RandomState(1).randn(2, 64, 64, 3).astype(np.float32)
     m = randomized_torchvision("b0", 5, x)
-    path = tmp_path / "b0.pth"
-    torch.save(m.state_dict(), path)
-    v = convert.convert_state_dict(read_torch_state_dict(path), "b0", num_classes=0)
+    v = save_and_convert(m, tmp_path, "b0", num_classes=0)
     assert "classifier" not in v["params"]
     with torch.no_grad():
         t = torch.flatten(m.avgpool(m.features(torch.from_numpy(x).permute(0, 3, 1, 2))), 1).numpy()
