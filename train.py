@@ -25,6 +25,9 @@ HELP = {
     "schedule": "cosine (warmup + cosine decay to 0) | constant", "ema_decay": "parameter EMA, 0 = off",
     "max_train_examples": "use only N training examples, a seeded random subset (smoke tests, quick looks)",
     "val_fraction": "seeded, stratified validation split of the training data",
+    "width": "custom compound scaling: replaces the variant's width coefficient (channels, rounded to 8) in a "
+    "network built from scratch; --init scratch only", "depth": "custom compound scaling: replaces the "
+    "variant's depth coefficient (block repeats, rounded up); --init scratch only",
     "eval_flip": "test-time augmentation for the validation numbers: average each image's and its mirror's "
     "logits (one more forward pass per image)",
 }

@@ -82,6 +82,8 @@ class TrainConfig:
     dtype: str = "float32"
     drop_rate: float | None = None      # None: the variant's
     drop_path_rate: float | None = None
+    width: float | None = None          # custom compound scaling: these replace the variant's width/depth
+    depth: float | None = None          # coefficients (None: the variant's); --init scratch only
     val_fraction: float = 0.1
     seed: int = 0
     resume: bool = False
@@ -155,6 +157,7 @@ def build_model(cfg: TrainConfig, num_classes: int, frozen_units: int = 0, overr
         kw["drop_rate"] = cfg.drop_rate
     if cfg.drop_path_rate is not None:
         kw["drop_path_rate"] = cfg.drop_path_rate
+    kw.update({k: getattr(cfg, k) for k in ("width", "depth") if getattr(cfg, k) is not None})
     return create_model(cfg.variant, num_classes, dtype=jnp.dtype(cfg.dtype), frozen_units=frozen_units, **kw)
 
 
@@ -179,7 +182,7 @@ def initial_variables(cfg: TrainConfig, num_classes: int, key: jax.Array) -> tup
         prev = json.loads((pathlib.Path(init) / "config.json").read_text())  # a previous run
         state, _ = restore_checkpoint(pathlib.Path(init) / "checkpoints" / "best")
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-        overrides = prev.get("model_overrides", {})
+        overrides = prev.get("model_overrides", {}) | {k: prev[k] for k in ("width", "depth") if prev.get(k)}
     elif (pathlib.Path(init) / checkpoint.META_FILE).exists():  # python -m effnet_jax.convert output
         _, variables, meta = checkpoint.load_model(init)
         overrides = meta.get("overrides", {})
@@ -504,6 +507,9 @@ def _train_and_evaluate(cfg: TrainConfig, stop: StopRequest) -> dict:
     if cfg.resolution < 32:
         raise ValueError(f"--resolution {cfg.resolution} is too small: EfficientNet downsamples by 32; use >= 32")
     variants.model_config(cfg.variant)  # unknown variant -> ValueError listing names
+    if (cfg.width is not None or cfg.depth is not None) and cfg.init != "scratch":
+        raise ValueError(f"--width/--depth build a network of another shape than {cfg.variant}'s: only with "
+                         f"--init scratch (--init {cfg.init}: the weights fix the shape)")
     ocfg = cfg.optim_config()
     sides = resolution_plan(cfg)
 

@@ -5,7 +5,8 @@ batch 4, a 3-class folder of 36 PNGs), and the module turns on JAX's persistent 
 folder) so that a computation compiled once (model init, eval step, the train step of a resumed run) is not
 compiled again by a later run. The runs:
 
-* A: `--init scratch`, 2 epochs, constant schedule with a 1-epoch warmup; then `effnet_jax.evaluate` on it.
+* A: `--init scratch --width 0.25 --depth 0.1` (b0 scaled down to one block per stage: a third of b0's
+  compile time), 2 epochs, constant schedule with a 1-epoch warmup; then `effnet_jax.evaluate` on it.
 * C: a copy of A resumed with `--epochs 3` (the same compiled step: a constant schedule with an explicit warmup
   does not depend on `epochs`).
 * D: `--init imagenet` (a torchvision b0 file with random weights, served by a local HTTP server) with
@@ -60,6 +61,7 @@ STEPS_PER_EPOCH = N_TRAIN // BATCH      # 6 (the last, short batch is dropped)
 METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "img_s", "lr", "time_s",
                "resolution"}
 SHARDED_TEST = "test_two_device_step_equals_one_device_step"
+SMALL = (0.25, 0.1)                     # run A's --width, --depth
 
 
 def _load_cli():
@@ -290,11 +292,13 @@ class Run:
 
 @pytest.fixture(scope="module")
 def run_a(trainer_env, image_folder, tmp_path_factory, request):
-    """Run A (scratch, 2 epochs, constant lr after a 1-epoch warmup), then `evaluate --which latest` on it."""
+    """Run A (scratch, a small custom scaling of b0, 2 epochs, constant lr after a 1-epoch warmup), then
+    `evaluate --which latest` on it."""
     if any(item.name == SHARDED_TEST for item in request.session.items):
         request.getfixturevalue("sharded_proc")  # compile the two-device step meanwhile
     workdir = tmp_path_factory.mktemp("run") / "a"
-    argv = base_argv(image_folder, workdir, "--init", "scratch", "--epochs", 2, "--schedule", "constant",
+    argv = base_argv(image_folder, workdir, "--init", "scratch", "--width", SMALL[0], "--depth", SMALL[1],
+                     "--epochs", 2, "--schedule", "constant",
                      "--warmup-epochs", 1)  # explicit: the default warmup depends on --epochs
     run = Run(workdir, argv, *run_main(cli.main, argv))
     assert run.rc == 0, run.stderr
@@ -370,6 +374,34 @@ def test_checkpoints(run_a):
     _, best_meta = trainer.restore_checkpoint(ck / "best")
     assert step_dirs(ck / "best") == [str(best_meta["epoch"])] and best_meta["val_top1"] == best_acc
     assert run_a.metrics[best_meta["epoch"]]["val_acc"] == best_acc
+
+
+def test_width_and_depth_build_the_custom_network(run_a):
+    """--width 0.25 --depth 0.1 on b0: ceil(0.1 * repeats) = 1 block per stage (7), channels round(c / 4) to
+    multiples of 8 (stem 32 -> 8, head 1280 -> 320); the checkpoint holds that network, and `evaluate` (above)
+    rebuilt it from config.json."""
+    tree, _ = trainer.restore_checkpoint(run_a.workdir / "checkpoints" / "latest")
+    params = tree["params"]
+    assert sorted(k for k in params if k.startswith("blocks_")) == [f"blocks_{i}" for i in range(7)]
+    assert params["stem"]["kernel"].shape == (3, 3, 3, 8)
+    assert params["head"]["kernel"].shape[-1] == 320 and params["classifier"]["kernel"].shape == (320, 3)
+
+
+def test_init_from_a_custom_scaled_run(run_a, image_folder, tmp_path):
+    """`--init RUN_DIR` of run A builds run A's network (its width and depth come from its config.json), and
+    the new run's own config records them for `evaluate`."""
+    workdir = tmp_path / "from_a"
+    argv = base_argv(image_folder, workdir, "--init", run_a.workdir, "--epochs", 2, "--schedule", "constant",
+                     "--warmup-epochs", 1)  # run A's schedule: its compiled step, from the persistent cache
+    rc, stdout, stderr = run_main(cli.main, argv)
+    assert rc == 0, stderr
+    # the accuracy before fine-tuning is run A's best checkpoint's (the head kept: the same classes)
+    best = max(r["val_acc"] for r in run_a.metrics[1:])
+    assert read_metrics(workdir)[0]["val_acc"] == best
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["model_overrides"] == {"width": SMALL[0], "depth": SMALL[1]}
+    rc, stdout, stderr = run_main(evaluate_cli.main, ["--workdir", workdir, "--which", "latest"])
+    assert rc == 0, stderr
 
 
 def test_summary_line(run_a):
@@ -457,18 +489,21 @@ def test_resume_with_another_config_is_refused(run_a):
 
 # ------------------------------------------------------------------------------------------ 7. bad inputs
 
-@pytest.mark.parametrize("case", ["variant", "batch", "resolution", "missing_folder"])
+@pytest.mark.parametrize("case", ["variant", "batch", "resolution", "missing_folder", "width_with_weights"])
 def test_bad_inputs_exit_2(case, trainer_env, image_folder, tmp_path):
     workdir = tmp_path / "w"
     argv = base_argv(image_folder, workdir, "--init", "scratch")
     expect = {"variant": ["b9", *VARIANTS], "batch": [str(N_TRAIN), "64"], "resolution": ["16", "32"],
-              "missing_folder": ["/nonexistent/images", "does not exist"]}[case]
+              "missing_folder": ["/nonexistent/images", "does not exist"],
+              "width_with_weights": ["--width/--depth", "--init imagenet"]}[case]
     if case == "variant":
         argv += ["--variant", "b9"]
     elif case == "batch":
         argv += ["--batch-size", 64]
     elif case == "resolution":
         argv += ["--resolution", 16]
+    elif case == "width_with_weights":
+        argv += ["--init", "imagenet", "--width", 0.5]
     else:
         argv[1] = "folder:/nonexistent/images"
     rc, stdout, stderr = run_main(cli.main, argv)
