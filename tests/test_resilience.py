@@ -2,15 +2,17 @@
 
 * Two processes on 127.0.0.1 (`jax.distributed`, 2 CPU devices each) against one process with 4 devices:
   the same final parameters (≤ 1e-6; BN statistics ≤ 1e-5 relative) and the same metrics (this one starts
-  from the Lite0 ImageNet weights).
+  from the Lite0 ImageNet weights and trains its top 6 blocks).
 * A run killed with SIGKILL mid-epoch (while it saves a checkpoint every step) and resumed ends bit-identical
   to an uninterrupted run; SIGTERM saves a checkpoint and exits 143, and that run resumed ends the same too;
   an interrupted orbax save (its temporary directory) does not hide the previous checkpoint.
 * Bad inputs: one `error: ...` line, exit 2, no traceback, no checkpoint lost.
 
-The data is a small folder of real CIFAR-10 JPEGs (from ../shared/data); the model lite0 from scratch at
-32 px, SGD (linear in the gradient: see tests/test_train.py on Adam's first step). The subprocesses share
-JAX's persistent compilation cache, so a step is compiled once per device layout.
+The data is a small folder of real CIFAR-10 JPEGs (from ../shared/data); the model lite0 scaled down to a
+quarter of its width and depth (random weights, `--init` from a model directory: the killed-run tests do not
+depend on the network's size, and XLA compiles the small one's train step in about half the time) at 32 px,
+SGD (linear in the gradient: see tests/test_train.py on Adam's first step). The subprocesses share JAX's
+persistent compilation cache, so a step is compiled once per device layout and schedule.
 """
 
 from __future__ import annotations
@@ -72,15 +74,45 @@ def folder(tmp_path_factory) -> pathlib.Path:
     return root
 
 
-def start(env, folder, workdir, *extra, devices=1):
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> pathlib.Path:
+    """A model directory (as `python -m effnet_jax.convert` writes) of lite0 at width and depth 0.25 with
+    random weights: numpy draws of the variables' shapes, so that nothing is compiled here."""
+    from effnet_jax import checkpoint, create_model
+    from effnet_jax.models import param_shapes
+    import jax
+    overrides = {"width": 0.25, "depth": 0.25}
+    rng = np.random.default_rng(0)
+
+    def draw(path, s):
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        if name.endswith(("scale", "var")):
+            return np.ones(s.shape, np.float32)
+        if name.endswith(("mean", "bias")):
+            return np.zeros(s.shape, np.float32)
+        return (rng.normal(0, 1, s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32)
+
+    shapes = param_shapes(create_model("lite0", CLASSES, **overrides), 32)
+    directory = tmp_path_factory.mktemp("small_model") / "lite0_w0.25_d0.25"
+    checkpoint.save_model(directory, jax.tree_util.tree_map_with_path(draw, shapes),
+                          {"variant": "lite0", "num_classes": CLASSES, "overrides": overrides})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def base(folder, small_model) -> list[str]:
+    """train.py's flags common to the training runs below (the data, the small model)."""
+    return [*BASE, "--dataset", f"folder:{folder}", "--init", str(small_model)]
+
+
+def start(env, base, workdir, *extra, devices=1):
     e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    argv = [sys.executable, str(REPO / "train.py"), *BASE, "--dataset", f"folder:{folder}", "--workdir",
-            str(workdir), *map(str, extra)]
+    argv = [sys.executable, str(REPO / "train.py"), *base, "--workdir", str(workdir), *map(str, extra)]
     return subprocess.Popen(argv, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
-def run(env, folder, workdir, *extra, devices=1, ok=True):
-    proc = start(env, folder, workdir, *extra, devices=devices)
+def run(env, base, workdir, *extra, devices=1, ok=True):
+    proc = start(env, base, workdir, *extra, devices=devices)
     out, err = proc.communicate(timeout=600)
     if ok:
         assert proc.returncode == 0, err
@@ -114,9 +146,9 @@ def assert_bit_identical(a_dir, b_dir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(env, folder, tmp_path_factory):
+def uninterrupted(env, base, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    run(env, folder, workdir)
+    run(env, base, workdir)
     return workdir
 
 
@@ -135,9 +167,9 @@ def saved_steps(workdir) -> list[int]:
 
 # ------------------------------------------------------------------------------------------ killed runs
 
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(env, folder, uninterrupted, tmp_path):
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(env, base, uninterrupted, tmp_path):
     workdir = tmp_path / "killed"
-    proc = start(env, folder, workdir, "--checkpoint-every", 1)   # saving nearly all the time
+    proc = start(env, base, workdir, "--checkpoint-every", 1)   # saving nearly all the time
     wait_for(lambda: any(s >= 3 for s in saved_steps(workdir)), proc, what="step 3's checkpoint")
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
@@ -145,15 +177,15 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(env, folder, uninterrupt
     assert not (workdir / "summary.json").exists()
     steps = saved_steps(workdir)
     assert steps and max(steps) < EPOCHS * STEPS_PER_EPOCH  # killed before the end
-    rc, out, err = run(env, folder, workdir, "--checkpoint-every", 1, "--resume")
+    rc, out, err = run(env, base, workdir, "--checkpoint-every", 1, "--resume")
     assert "resumed at epoch" in err
     assert_bit_identical(uninterrupted, workdir)
     assert json.loads(out.strip().splitlines()[-1])["final_val_acc"] == metrics(uninterrupted)[-1]["val_acc"]
 
 
-def test_sigterm_saves_then_resume_is_bit_identical(env, folder, uninterrupted, tmp_path):
+def test_sigterm_saves_then_resume_is_bit_identical(env, base, uninterrupted, tmp_path):
     workdir = tmp_path / "terminated"
-    proc = start(env, folder, workdir)  # no --checkpoint-every: the signal alone makes it save
+    proc = start(env, base, workdir)  # no --checkpoint-every: the signal alone makes it save
     # metrics.jsonl appears with epoch 0 (the accuracy before fine-tuning), just before the first step
     wait_for(lambda: (workdir / "metrics.jsonl").exists(), proc, what="the first metrics")
     proc.send_signal(signal.SIGTERM)
@@ -165,11 +197,11 @@ def test_sigterm_saves_then_resume_is_bit_identical(env, folder, uninterrupted, 
     tree, meta = trainer.restore_checkpoint(workdir / "checkpoints" / "latest")
     assert int(tree["step"]) == step
     assert meta["epoch"] * STEPS_PER_EPOCH + meta.get("batches_done", 0) == step
-    run(env, folder, workdir, "--resume")
+    run(env, base, workdir, "--resume")
     assert_bit_identical(uninterrupted, workdir)
 
 
-def test_interrupted_save_leaves_the_previous_checkpoint(env, folder, uninterrupted, tmp_path):
+def test_interrupted_save_leaves_the_previous_checkpoint(env, base, uninterrupted, tmp_path):
     """What a kill during an orbax save leaves (the step's temporary directory, half written) is ignored:
     --resume restores the previous, complete checkpoint."""
     workdir = tmp_path / "half_saved"
@@ -183,7 +215,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint(env, folder, uninterrup
             f.unlink()
     tree, meta = trainer.restore_checkpoint(latest)
     assert int(tree["step"]) == last and meta["epoch"] == EPOCHS
-    rc, out, err = run(env, folder, workdir, "--resume", "--epochs", EPOCHS + 1)
+    rc, out, err = run(env, base, workdir, "--resume", "--epochs", EPOCHS + 1)
     assert saved_steps(workdir)[-1] == (EPOCHS + 1) * STEPS_PER_EPOCH
 
 
@@ -195,16 +227,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_process_with_four_devices(env, folder, tmp_path):
+def test_two_processes_equal_one_process_with_four_devices(env, base, tmp_path):
     one = tmp_path / "one_process"
     two = tmp_path / "two_processes"
     # the ImageNet weights, a small lr and 2 steps of 8 (2 per device): a well-conditioned start, where float
-    # rounding of the reductions stays at rounding level (a scratch net at batch 4 amplifies it chaotically)
-    extra = ("--epochs", 1, "--init", "imagenet", "--lr", 1e-3, "--batch-size", 8, "--max-train-examples", 16)
+    # rounding of the reductions stays at rounding level (a scratch net at batch 4 amplifies it chaotically);
+    # the top 6 blocks and the head trained, as by default with pretrained weights (their train-mode BN and
+    # gradients are reduced across the processes; the frozen part has no backward pass to compile)
+    extra = ("--epochs", 1, "--init", "imagenet", "--freeze", 6, "--lr", 1e-3, "--batch-size", 8,
+             "--max-train-examples", 16)
     address = f"127.0.0.1:{free_port()}"
-    procs = [start(env, folder, two, *extra, "--coordinator-address", address, "--num-processes", 2,
+    procs = [start(env, base, two, *extra, "--coordinator-address", address, "--num-processes", 2,
                    "--process-id", i, devices=2) for i in (0, 1)]
-    single = start(env, folder, one, *extra, devices=4)
+    single = start(env, base, one, *extra, devices=4)
     outs = [p.communicate(timeout=600) for p in (*procs, single)]
     for p, (out, err) in zip((*procs, single), outs):
         assert p.returncode == 0, err[-3000:]
@@ -309,9 +344,9 @@ def test_corrupt_image_skipped_by_flag(folder, tmp_path, monkeypatch):
     assert len(ds.train) + len(ds.val) == CLASSES * PER_CLASS - 1
 
 
-def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(env, folder, tmp_path):
+def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(env, base, tmp_path):
     workdir = tmp_path / "nan"
-    rc, out, err = run(env, folder, workdir, "--lr", "1e30", "--checkpoint-every", 1, "--epochs", 1, ok=False)
+    rc, out, err = run(env, base, workdir, "--lr", "1e30", "--checkpoint-every", 1, "--epochs", 1, ok=False)
     assert rc == 2 and "Traceback" not in err, err
     line = [x for x in err.splitlines() if x.startswith("error: ")]
     assert len(line) == 1 and "step" in line[0] and "last good checkpoint" in line[0], err
