@@ -77,24 +77,12 @@ def folder(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory) -> pathlib.Path:
     """A model directory (as `python -m effnet_jax.convert` writes) of lite0 at width and depth 0.25 with
-    random weights: numpy draws of the variables' shapes, so that nothing is compiled here."""
+    random weights drawn in numpy (`export.random_variables`), so that nothing is compiled here."""
     from effnet_jax import checkpoint, create_model
-    from effnet_jax.models import param_shapes
-    import jax
+    from effnet_jax.export import random_variables
     overrides = {"width": 0.25, "depth": 0.25}
-    rng = np.random.default_rng(0)
-
-    def draw(path, s):
-        name = jax.tree_util.keystr(path, simple=True, separator="/")
-        if name.endswith(("scale", "var")):
-            return np.ones(s.shape, np.float32)
-        if name.endswith(("mean", "bias")):
-            return np.zeros(s.shape, np.float32)
-        return (rng.normal(0, 1, s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32)
-
-    shapes = param_shapes(create_model("lite0", CLASSES, **overrides), 32)
     directory = tmp_path_factory.mktemp("small_model") / "lite0_w0.25_d0.25"
-    checkpoint.save_model(directory, jax.tree_util.tree_map_with_path(draw, shapes),
+    checkpoint.save_model(directory, random_variables(create_model("lite0", CLASSES, **overrides), 32),
                           {"variant": "lite0", "num_classes": CLASSES, "overrides": overrides})
     return directory
 
