@@ -182,7 +182,7 @@ def initial_variables(cfg: TrainConfig, num_classes: int, key: jax.Array) -> tup
         prev = json.loads((pathlib.Path(init) / "config.json").read_text())  # a previous run
         state, _ = restore_checkpoint(pathlib.Path(init) / "checkpoints" / "best")
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-        overrides = prev.get("model_overrides", {}) | {k: prev[k] for k in ("width", "depth") if prev.get(k)}
+        overrides = prev.get("model_overrides", {}) | {k: prev[k] for k in ("width", "depth") if prev.get(k) is not None}
     elif (pathlib.Path(init) / checkpoint.META_FILE).exists():  # python -m effnet_jax.convert output
         _, variables, meta = checkpoint.load_model(init)
         overrides = meta.get("overrides", {})
