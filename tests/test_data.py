@@ -361,3 +361,84 @@ def test_eval_batches_cover_each_example_once(n: int) -> None:
     assert indices.shape == mask.shape == (-(-n // 4), 4)
     assert sorted(indices[mask].tolist()) == list(range(n))
     assert ((indices >= 0) & (indices < max(n, 1))).all()
+
+
+# ----------------------------------------------------------------------------------------------------- streaming
+
+
+def _streamed(split: data.StreamSplit) -> tuple[np.ndarray, np.ndarray]:
+    return split.read_batch(np.arange(len(split)))
+
+
+def test_stream_of_a_folder_equals_the_loaded_folder(tmp_path: pathlib.Path) -> None:
+    root = make_folder(tmp_path / "data")
+    loaded = load_dataset(f"folder:{root}", val_fraction=0.25, seed=3, cache_dir=False)
+    stream = data.open_stream(f"folder:{root}", val_fraction=0.25, seed=3)
+    assert stream.class_names == loaded.class_names and stream.image_size == 8
+    for got, want in ((stream.train, loaded.train), (stream.val, loaded.val), (stream.test, loaded.test)):
+        images, labels = _streamed(got)
+        np.testing.assert_array_equal(images, want.images)
+        np.testing.assert_array_equal(labels, want.labels)
+    sampled = stream.train.sample(4, seed=1)
+    np.testing.assert_array_equal(_streamed(sampled)[0], loaded.train.sample(4, seed=1).images)
+
+
+@pytest.mark.parametrize("image_size", [None, 6])
+def test_stream_sizes_like_the_loader(tmp_path: pathlib.Path, image_size: int | None) -> None:
+    """Mixed sizes: every image resized and center-cropped to S, or to DEFAULT_RESIZE, as load_dataset does."""
+    write_image(tmp_path / "a" / "0.png", 10, (16, 16))  # square, but not the size of the other
+    write_image(tmp_path / "b" / "0.png", 200, (12, 20))
+    loaded = load_dataset(f"folder:{tmp_path}", val_fraction=0.0, image_size=image_size, cache_dir=False)
+    stream = data.open_stream(f"folder:{tmp_path}", val_fraction=0.0, image_size=image_size)
+    assert stream.image_size == (image_size or data.DEFAULT_RESIZE)
+    np.testing.assert_array_equal(_streamed(stream.train)[0], loaded.train.images)
+
+
+def test_stream_batches_in_order_from_threads(tmp_path: pathlib.Path) -> None:
+    stream = data.open_stream(f"folder:{make_folder(tmp_path / 'data', test=False)}", val_fraction=0.0)
+    batches = data.batch_indices(data.epoch_permutation(len(stream.train), 0, 1), 4)
+    got = list(data.stream_batches(stream.train, batches, num_threads=2, prefetch=3))
+    assert len(got) == len(batches) == len(stream.train) // 4
+    for (images, labels), idx in zip(got, batches):
+        want_images, want_labels = stream.train.read_batch(idx)
+        np.testing.assert_array_equal(images, want_images)
+        np.testing.assert_array_equal(labels, want_labels)
+        assert images.shape == (4, 8, 8, 3) and images.dtype == np.uint8
+
+
+def test_stream_refuses_what_it_cannot_read_at_random(tmp_path: pathlib.Path) -> None:
+    root = make_folder(tmp_path / "data")
+    tar = make_tar(root, tmp_path / "data.tar.gz", None)
+    with pytest.raises(DatasetError, match="extract it"):
+        data.open_stream(f"folder:{tar}")
+    make_cifar_python(tmp_path / "cifar", "cifar10", np.random.default_rng(0))
+    with pytest.raises(DatasetError, match="without streaming"):
+        data.open_stream("cifar10", data_dir=tmp_path / "cifar" / "cifar-10-batches-py")
+    (root / "train" / CLASSES[-1] / "04.png").write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match="04.png"):  # the size check reads every header
+        data.open_stream(f"folder:{root}", val_fraction=0.0)
+    stream = data.open_stream(f"folder:{root}", val_fraction=0.0, image_size=8)  # reads no image
+    with pytest.raises(DatasetError, match="04.png"):
+        stream.train.read_batch(np.arange(len(stream.train)))
+
+
+def test_stream_of_tfds_equals_the_loaded_dataset(cache: pathlib.Path) -> None:
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=20):
+        loaded = load_dataset("cifar10", val_fraction=0.25, cache_dir=cache)
+        stream = data.open_stream("cifar10", val_fraction=0.25)
+        streamed = {name: _streamed(getattr(stream, name)) for name in ("train", "val")}
+    assert stream.class_names == loaded.class_names and stream.image_size == 32 and stream.test is None
+    for name in ("train", "val"):
+        np.testing.assert_array_equal(streamed[name][0], getattr(loaded, name).images)
+        np.testing.assert_array_equal(streamed[name][1], getattr(loaded, name).labels)
+
+
+def test_decoded_bytes_estimates_without_decoding(tmp_path: pathlib.Path, cache: pathlib.Path) -> None:
+    root = make_folder(tmp_path / "data")  # train and test images, 8 x 8
+    assert data.decoded_bytes(f"folder:{root}") == (len(CLASSES) * PER_CLASS + 2 * 2) * 8 * 8 * 3
+    assert data.decoded_bytes(f"folder:{make_tar(root, tmp_path / 'd.tar', None)}") is None  # cannot stream
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=20):
+        size = data.decoded_bytes("cifar10")
+    assert size in (None, 60_000 * 32 * 32 * 3)  # the registered split sizes, or unknown when not prepared
