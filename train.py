@@ -28,6 +28,10 @@ HELP = {
     "width": "custom compound scaling: replaces the variant's width coefficient (channels, rounded to 8) in a "
     "network built from scratch; --init scratch only", "depth": "custom compound scaling: replaces the "
     "variant's depth coefficient (block repeats, rounded up); --init scratch only",
+    "stream": "read the images from the source as training goes (grain threads decode the next batches) instead of "
+    "holding the decoded dataset in memory and on the device: for datasets larger than memory; a tfds name or an "
+    "image folder (a directory); same results as without. Default: streamed when the decoded images would take "
+    "more than 4 GiB",
     "eval_flip": "test-time augmentation for the validation numbers: average each image's and its mirror's "
     "logits (one more forward pass per image)",
 }
@@ -48,7 +52,7 @@ def parse(argv=None):
     launch.add_argument("--process-id", type=int, metavar="I", help="0..N-1")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
+        if f.type in (bool, "bool", "bool | None"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP.get(f.name))
         else:
             typ = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)

@@ -55,8 +55,9 @@ def load_run(workdir: str | pathlib.Path, which: str = "best", **model_overrides
 
 def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_dir: str | None = None,
                  split: str = "val", which: str = "best", batch_size: int | None = None,
-                 flip: bool | None = None) -> dict:
-    """`flip`: average each image's and its mirror's logits; None: as the run's validation did (`eval_flip`)."""
+                 flip: bool | None = None, stream: bool | None = None) -> dict:
+    """`flip`: average each image's and its mirror's logits; None: as the run's validation did (`eval_flip`).
+    `stream`: read the images as it goes instead of loading the split (None: as the run's --stream says)."""
     from . import data as data_lib
     from .train import Mesh, augment_config, evaluate, jit_eval_step, load_data
 
@@ -66,6 +67,8 @@ def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_d
         cfg = dataclasses.replace(cfg, dataset=dataset, data_dir=data_dir)
     elif data_dir is not None:
         cfg = dataclasses.replace(cfg, data_dir=data_dir)
+    if stream is not None:
+        cfg = dataclasses.replace(cfg, stream=stream)
     ds = load_data(dataclasses.replace(cfg, max_train_examples=None))
     chosen = {"val": ds.val, "test": ds.test, "train": ds.train}.get(split)
     if chosen is None:
@@ -81,11 +84,15 @@ def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_d
     model, variables = run.model, run.variables
     aug = augment_config(cfg, tuple(saved["mean"]), tuple(saved["std"]))
     mesh = Mesh()
-    arrays = mesh.replicate((jnp.asarray(chosen.images), jnp.asarray(labels)))
+    streamed = isinstance(chosen, data_lib.StreamSplit)
+    if streamed:  # read as it goes
+        split_data = dataclasses.replace(chosen, labels=labels)
+    else:
+        split_data = mesh.replicate((jnp.asarray(chosen.images), jnp.asarray(labels)))
     flip = cfg.eval_flip if flip is None else flip
-    eval_fn = jit_eval_step(model, aug, flip)
-    res = evaluate(mesh.replicate(variables), arrays, len(chosen), eval_fn, mesh, batch_size or cfg.eval_batch_size,
-                   return_logits=True)
+    eval_fn = jit_eval_step(model, aug, flip, streamed)
+    res = evaluate(mesh.replicate(variables), split_data, len(chosen), eval_fn, mesh,
+                   batch_size or cfg.eval_batch_size, return_logits=True)
     pred = res.pop("logits").argmax(-1)
     per_class = {run_classes[c]: float(np.mean(pred[labels == c] == c)) for c in np.unique(labels)}
     return {"per_class": per_class, "top1": res["top1"], "top5": res["top5"], "loss": res["loss"], "n": res["n"],
@@ -104,10 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="test-time augmentation: average each image's and its mirror's logits (default: as the "
                         "run's validation, its --eval-flip)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="read the images as evaluation goes instead of loading the split into memory (default: as "
+                        "the run, its --stream)")
     args = p.parse_args(argv)
     try:
         out = evaluate_run(args.workdir, args.dataset, args.data_dir, args.split, args.which, args.batch_size,
-                           args.flip)
+                           args.flip, args.stream)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

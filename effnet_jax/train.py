@@ -89,6 +89,9 @@ class TrainConfig:
     resume: bool = False
     checkpoint_every: int = 0           # also save checkpoints/latest every N steps (0: at epoch ends only)
     on_corrupt: str = "error"
+    stream: bool | None = None          # read the images from the source as training goes (grain threads) instead
+                                        # of holding the decoded dataset on the device; None: when it would take
+                                        # more than STREAM_ABOVE_BYTES decoded
     max_train_examples: int | None = None   # for smoke tests and quick looks: a seeded random N of them
     progress: bool = True
 
@@ -213,11 +216,13 @@ def create_train_state(variables: PyTree, tx: optax.GradientTransformation, cfg:
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array, *,
                model: EfficientNet, tx: optax.GradientTransformation, aug: data_lib.AugmentConfig,
-               label_smoothing: float, ema_decay: float) -> tuple[TrainState, dict]:
-    """One optimizer step on the examples `indices` of the on-device dataset (`images` uint8, `labels`)."""
+               label_smoothing: float, ema_decay: float, streamed: bool = False) -> tuple[TrainState, dict]:
+    """One optimizer step on the examples `indices` of the on-device dataset (`images` uint8, `labels`).
+    `streamed`: `images`/`labels` are the batch itself, and `indices` its examples' indices (which key each
+    example's augmentation, so a streamed run trains exactly as one with the data on the device)."""
     key = jax.random.fold_in(state.rng, state.step)
-    x = data_lib.augment_batch(jax.random.fold_in(key, 0), images[indices], indices, aug)
-    y = labels[indices]
+    images, y = (images, labels) if streamed else (images[indices], labels[indices])
+    x = data_lib.augment_batch(jax.random.fold_in(key, 0), images, indices, aug)
 
     def loss_fn(params):
         logits, new = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
@@ -237,11 +242,12 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, indices:
 
 
 def eval_step(variables: PyTree, images: jax.Array, labels: jax.Array, indices: jax.Array, mask: jax.Array, *,
-              model: EfficientNet, aug: data_lib.AugmentConfig, flip: bool = False) -> dict:
+              model: EfficientNet, aug: data_lib.AugmentConfig, flip: bool = False, streamed: bool = False) -> dict:
     """Sums of loss, top-1 and top-5 hits and count over the valid (`mask`) examples of one padded batch.
-    `flip`: test-time augmentation, the logits are the mean of the image's and its horizontal mirror's."""
-    x = data_lib.eval_batch(images[indices], aug)
-    y = labels[indices]
+    `flip`: test-time augmentation, the logits are the mean of the image's and its horizontal mirror's.
+    `streamed`: `images`/`labels` are the batch itself (as in `train_step`)."""
+    images, y = (images, labels) if streamed else (images[indices], labels[indices])
+    x = data_lib.eval_batch(images, aug)
     if flip:
         both = model.apply(variables, jnp.concatenate([x, x[:, :, ::-1]]), train=False)
         logits = (both[:len(x)] + both[len(x):]) / 2
@@ -255,16 +261,16 @@ def eval_step(variables: PyTree, images: jax.Array, labels: jax.Array, indices: 
 
 
 def jit_train_step(model: EfficientNet, tx: optax.GradientTransformation, aug: data_lib.AugmentConfig,
-                   label_smoothing: float, ema_decay: float):
+                   label_smoothing: float, ema_decay: float, streamed: bool = False):
     """`train_step` compiled as the trainer runs it, the state donated (argument 0). The benchmarks and the
     sharding test take it from here, so they time and check this very step."""
     return jax.jit(functools.partial(train_step, model=model, tx=tx, aug=aug, label_smoothing=label_smoothing,
-                                     ema_decay=ema_decay), donate_argnums=0)
+                                     ema_decay=ema_decay, streamed=streamed), donate_argnums=0)
 
 
-def jit_eval_step(model: EfficientNet, aug: data_lib.AugmentConfig, flip: bool = False):
+def jit_eval_step(model: EfficientNet, aug: data_lib.AugmentConfig, flip: bool = False, streamed: bool = False):
     """`eval_step` compiled as the trainer and `effnet_jax.evaluate` run it."""
-    return jax.jit(functools.partial(eval_step, model=model, aug=aug, flip=flip))
+    return jax.jit(functools.partial(eval_step, model=model, aug=aug, flip=flip, streamed=streamed))
 
 
 CLUSTER_SIZE_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
@@ -306,9 +312,23 @@ class Mesh:
     def put_batch(self, global_array: np.ndarray) -> jax.Array:
         """A global batch array (identical on every process) sharded over the mesh: each process contributes
         its slice."""
+        return self.put_local(self.local_rows(global_array), global_array.shape)
+
+    @staticmethod
+    def local_rows(global_array: np.ndarray) -> np.ndarray:
+        """This process's slice of a global batch (all of it with one process)."""
         n = jax.process_count()
-        local = np.array_split(global_array, n)[jax.process_index()] if n > 1 else global_array
-        return jax.make_array_from_process_local_data(self.batch, local, global_array.shape)
+        return np.array_split(global_array, n)[jax.process_index()] if n > 1 else global_array
+
+    def put_local(self, local: np.ndarray, global_shape: tuple[int, ...]) -> jax.Array:
+        """This process's rows (`local_rows`) of a global batch of `global_shape`, sharded over the mesh."""
+        return jax.make_array_from_process_local_data(self.batch, local, global_shape)
+
+    def put_stream(self, feed, global_rows: int) -> tuple[jax.Array, jax.Array]:
+        """The next (images, labels) of a `data.stream_batches` feed of this process's rows, as global arrays."""
+        images, labels = next(feed)
+        return (self.put_local(images, (global_rows, *images.shape[1:])),
+                self.put_local(labels, (global_rows, *labels.shape[1:])))
 
     def replicate(self, tree: PyTree) -> PyTree:
         """A copy of `tree` on every device of the mesh. With several processes each one holds the same values
@@ -324,14 +344,19 @@ class Mesh:
         return jax.tree.map(put, tree)
 
 
-def evaluate(variables: PyTree, split: tuple[jax.Array, jax.Array], n: int, eval_fn, mesh: Mesh,
-             batch_size: int, return_logits: bool = False) -> dict:
-    """Loss, top-1, top-5 over all `n` examples of an on-device split (each counted exactly once)."""
+def evaluate(variables: PyTree, split: tuple[jax.Array, jax.Array] | data_lib.StreamSplit, n: int, eval_fn,
+             mesh: Mesh, batch_size: int, return_logits: bool = False) -> dict:
+    """Loss, top-1, top-5 over all `n` examples of an on-device split (each counted exactly once), or of a
+    `StreamSplit` read as it goes (`eval_fn` then compiled with `streamed=True`)."""
     idx, mask = data_lib.eval_batches(n, batch_size)
+    streamed = isinstance(split, data_lib.StreamSplit)
+    if streamed:
+        feed = data_lib.stream_batches(split, [mesh.local_rows(i) for i in idx])
     sums = {"loss": 0.0, "correct": 0.0, "top5": 0.0, "count": 0.0}
     all_logits = []
     for i, m in zip(idx, mask):
-        out = eval_fn(variables, *split, mesh.put_batch(i.astype(np.int32)), mesh.put_batch(m))
+        data = mesh.put_stream(feed, len(i)) if streamed else split
+        out = eval_fn(variables, *data, mesh.put_batch(i.astype(np.int32)), mesh.put_batch(m))
         for k in sums:
             sums[k] += float(out[k])
         if return_logits:
@@ -474,9 +499,28 @@ def check_writable(workdir: pathlib.Path) -> None:
         raise ValueError(f"--workdir {workdir} is not writable: {e.strerror or e}") from None
 
 
-def load_data(cfg: TrainConfig) -> data_lib.Dataset:
-    ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                               on_corrupt=cfg.on_corrupt)
+STREAM_ABOVE_BYTES = 4 << 30  # --stream's default: datasets whose decoded uint8 images take more are streamed
+
+
+def load_data(cfg: TrainConfig) -> data_lib.Dataset | data_lib.StreamDataset:
+    """The dataset in memory, or streamed (`--stream`; by default when `data.decoded_bytes` says it would take
+    more than STREAM_ABOVE_BYTES)."""
+    stream, why = cfg.stream, ""
+    if stream is None:
+        size = data_lib.decoded_bytes(cfg.dataset, cfg.data_dir)
+        stream = size is not None and size > STREAM_ABOVE_BYTES
+        if stream:
+            why = (f"about {size / 2**30:.1f} GiB decoded, more than {STREAM_ABOVE_BYTES / 2**30:.1f} GiB: streamed "
+                   "(--no-stream loads it anyway)")
+            log.info("%s: %s", cfg.dataset, why)
+    if stream:
+        if cfg.on_corrupt != "error":
+            raise ValueError("--on-corrupt skip needs the whole dataset decoded first; it does not go with --stream"
+                             + (f" ({cfg.dataset}: {why})" if why else ""))
+        ds = data_lib.open_stream(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    else:
+        ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                   on_corrupt=cfg.on_corrupt)
     if cfg.max_train_examples is not None:
         ds = dataclasses.replace(ds, train=ds.train.sample(cfg.max_train_examples, cfg.seed))
     return ds
@@ -539,7 +583,8 @@ def _train_and_evaluate(cfg: TrainConfig, stop: StopRequest) -> dict:
             raise FileNotFoundError(f"--resume: no checkpoint in {workdir / 'checkpoints' / 'latest'}")
         if cfg.resume and (workdir / "config.json").exists():
             old = json.loads((workdir / "config.json").read_text())
-            ignored = ("resume", "progress", "epochs", "workdir", "checkpoint_every")  # workdir: the same run, maybe moved or respelled
+            # workdir: the same run, maybe moved or respelled; stream: where the images are read, not what they are
+            ignored = ("resume", "progress", "epochs", "workdir", "checkpoint_every", "stream")
             defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # (keys added since that run)
             diff = {k for k in saved if k not in ignored and old.get(k, defaults.get(k)) != saved[k]}
             if diff:
@@ -547,8 +592,12 @@ def _train_and_evaluate(cfg: TrainConfig, stop: StopRequest) -> dict:
         (workdir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
         (workdir / "class_names.json").write_text(json.dumps(list(ds.class_names)) + "\n")
 
-    train_arrays = mesh.replicate((jnp.asarray(ds.train.images), jnp.asarray(ds.train.labels)))
-    val_arrays = mesh.replicate((jnp.asarray(ds.val.images), jnp.asarray(ds.val.labels)))
+    streamed = isinstance(ds, data_lib.StreamDataset)
+    if streamed:  # read as it goes
+        train_arrays, val_data = None, ds.val
+    else:  # on the device, as uint8
+        train_arrays = mesh.replicate((jnp.asarray(ds.train.images), jnp.asarray(ds.train.labels)))
+        val_data = mesh.replicate((jnp.asarray(ds.val.images), jnp.asarray(ds.val.labels)))
     state = mesh.replicate(create_train_state(variables, tx, cfg))
     zero_sums = mesh.replicate({"loss": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.int32),
                                 "count": jnp.zeros((), jnp.float32)})
@@ -570,7 +619,7 @@ def _train_and_evaluate(cfg: TrainConfig, stop: StopRequest) -> dict:
         log.info("resumed at epoch %d, batch %d (step %d)", start_epoch, start_batch, int(state.step))
 
     eval_model = build_model(cfg, ds.num_classes, overrides=overrides)
-    eval_fns = {r: jit_eval_step(eval_model, a, cfg.eval_flip) for r, a in augs.items()}
+    eval_fns = {r: jit_eval_step(eval_model, a, cfg.eval_flip, streamed) for r, a in augs.items()}
     eval_vars = lambda s: s.ema if s.ema is not None else {"params": s.params, "batch_stats": s.batch_stats}  # noqa
 
     def write_metrics(rec):
@@ -592,7 +641,7 @@ def _train_and_evaluate(cfg: TrainConfig, stop: StopRequest) -> dict:
                                                       meta=ocp.args.JsonSave(meta)))
 
     if start_epoch == 1 and start_batch == 0:  # the notebook's "pre-finetune" accuracy
-        pre = evaluate(eval_vars(state), val_arrays, n_val, eval_fns[cfg.resolution], mesh, cfg.eval_batch_size)
+        pre = evaluate(eval_vars(state), val_data, n_val, eval_fns[cfg.resolution], mesh, cfg.eval_batch_size)
         write_metrics({"epoch": 0, "train_loss": None, "train_acc": None, "val_loss": pre["loss"],
                        "val_acc": pre["top1"], "val_top5": pre["top5"], "img_s": None, "lr": None,
                        "time_s": time.time() - t0, "resolution": cfg.resolution})
@@ -605,17 +654,20 @@ def _train_and_evaluate(cfg: TrainConfig, stop: StopRequest) -> dict:
             fu, side = optim.frozen_units(mcfg, phase.freeze), sides[epoch - 1]
             if (fu, side) not in step_fns:  # one compiled step per freezing phase and input side
                 step_fns[fu, side] = jit_train_step(build_model(cfg, ds.num_classes, fu, overrides), tx, augs[side],
-                                                    cfg.label_smoothing, cfg.ema_decay)
+                                                    cfg.label_smoothing, cfg.ema_decay, streamed)
             step_fn = step_fns[fu, side]
             # the data order is a function of (seed, epoch) only: a resumed run skips the batches already done
             batches = data_lib.batch_indices(data_lib.epoch_permutation(n_train, cfg.seed, epoch), cfg.batch_size)
             first = start_batch if epoch == start_epoch else 0
+            if streamed:  # background threads read this process's rows of the batches ahead
+                feed = data_lib.stream_batches(ds.train, [mesh.local_rows(b) for b in batches[first:]])
             sums = start_sums if epoch == start_epoch else zero_sums  # summed on device, read once per epoch
             t_epoch, t_steady, n_steady = time.time(), time.time(), 0
             bar = tqdm(range(first, len(batches)), initial=first, total=len(batches), unit="batch",
                        desc=f"epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and is_main), dynamic_ncols=True)
             for i in bar:
-                state, m = step_fn(state, *train_arrays, mesh.put_batch(batches[i].astype(np.int32)))
+                data = mesh.put_stream(feed, len(batches[i])) if streamed else train_arrays
+                state, m = step_fn(state, *data, mesh.put_batch(batches[i].astype(np.int32)))
                 sums = jax.tree.map(jnp.add, sums, {k: m[k] for k in sums})
                 step = (epoch - 1) * steps_per_epoch + i + 1  # == state.step, without waiting for it
                 if i == first:
@@ -640,7 +692,7 @@ def _train_and_evaluate(cfg: TrainConfig, stop: StopRequest) -> dict:
             bar.close()
             sums = jax.device_get(sums)
             img_s = n_steady / max(time.time() - t_steady, 1e-9) if n_steady else None
-            val = evaluate(eval_vars(state), val_arrays, n_val, eval_fns[side], mesh, cfg.eval_batch_size)
+            val = evaluate(eval_vars(state), val_data, n_val, eval_fns[side], mesh, cfg.eval_batch_size)
             rec = {"epoch": epoch, "train_loss": float(sums["loss"] / sums["count"]),
                    "train_acc": float(sums["correct"] / sums["count"]),
                    "val_loss": val["loss"], "val_acc": val["top1"], "val_top5": val["top5"], "img_s": img_s,

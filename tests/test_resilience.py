@@ -1,8 +1,9 @@
 """Scale-out, killed runs and bad inputs (`train.py` as a user runs it, in subprocesses).
 
-* Two processes on 127.0.0.1 (`jax.distributed`, 2 CPU devices each) against one process with 4 devices:
-  the same final parameters (≤ 1e-6; BN statistics ≤ 1e-5 relative) and the same metrics (this one starts
-  from the Lite0 ImageNet weights and trains its top 6 blocks).
+* Two processes on 127.0.0.1 (`jax.distributed`, 2 CPU devices each, reading the images with `--stream`)
+  against one process with 4 devices and the images on them: the same final parameters (≤ 1e-6; BN statistics
+  ≤ 1e-5 relative) and the same metrics (this one starts from the Lite0 ImageNet weights and trains its top 6
+  blocks).
 * A run killed with SIGKILL mid-epoch (while it saves a checkpoint every step) and resumed ends bit-identical
   to an uninterrupted run; SIGTERM saves a checkpoint and exits 143, and that run resumed ends the same too;
   an interrupted orbax save (its temporary directory) does not hide the previous checkpoint.
@@ -225,7 +226,8 @@ def test_two_processes_equal_one_process_with_four_devices(env, base, tmp_path):
     extra = ("--epochs", 1, "--init", "imagenet", "--freeze", 6, "--lr", 1e-3, "--batch-size", 8,
              "--max-train-examples", 16)
     address = f"127.0.0.1:{free_port()}"
-    procs = [start(env, base, two, *extra, "--coordinator-address", address, "--num-processes", 2,
+    # the two processes stream the images (each reads its rows of every batch), the single one holds them
+    procs = [start(env, base, two, *extra, "--stream", "--coordinator-address", address, "--num-processes", 2,
                    "--process-id", i, devices=2) for i in (0, 1)]
     single = start(env, base, one, *extra, devices=4)
     outs = [p.communicate(timeout=600) for p in (*procs, single)]

@@ -459,6 +459,44 @@ def test_evaluate_flip_flag(run_a):
     assert last_json(run_a.evaluated[1])["flip"] is False  # the run's own setting (no --eval-flip)
 
 
+def test_streamed_run_equals_the_run_with_the_data_on_the_device(run_a, tmp_path):
+    """Run A again with --stream (the images decoded from the folder by grain threads, batch by batch): the same
+    data order and per-example augmentation, so the same metrics and weights; evaluate follows the run's --stream."""
+    workdir = tmp_path / "streamed"
+    argv = [a if a != run_a.workdir else workdir for a in run_a.argv] + ["--stream"]
+    rc, stdout, stderr = run_main(cli.main, argv)
+    assert rc == 0, stderr
+    assert json.loads((workdir / "config.json").read_text())["stream"] is True
+    metrics = read_metrics(workdir)
+    keys = ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5")
+    assert [r["epoch"] for r in metrics] == [r["epoch"] for r in run_a.metrics]
+    for got, want in zip(metrics, run_a.metrics):  # (epoch 0 has no train figures)
+        assert [k for k in keys if got[k] is None] == [k for k in keys if want[k] is None]
+        assert ({k: got[k] for k in keys if got[k] is not None}
+                == pytest.approx({k: want[k] for k in keys if want[k] is not None}, rel=1e-5, abs=1e-6))
+    got, _ = trainer.restore_checkpoint(workdir / "checkpoints" / "latest")
+    want, _ = trainer.restore_checkpoint(run_a.workdir / "checkpoints" / "latest")
+    for k, v in flat(want["params"]).items():
+        np.testing.assert_allclose(flat(got["params"])[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+    rc, stdout, stderr = run_main(evaluate_cli.main, ["--workdir", workdir, "--which", "latest"])
+    assert rc == 0, stderr
+    assert last_json(stdout)["top1"] == metrics[-1]["val_acc"]
+
+
+def test_stream_by_default_above_the_size_limit(image_folder, trainer_env, monkeypatch):
+    """--stream unset: streamed when `data.decoded_bytes` exceeds STREAM_ABOVE_BYTES; --stream/--no-stream win."""
+    from effnet_jax import data as data_lib
+    argv = ["--dataset", f"folder:{image_folder}", "--val-fraction", str(VAL_FRACTION)]
+    assert isinstance(trainer.load_data(cli.parse_args(argv)), data_lib.Dataset)
+    assert isinstance(trainer.load_data(cli.parse_args([*argv, "--stream"])), data_lib.StreamDataset)
+    monkeypatch.setattr(trainer, "STREAM_ABOVE_BYTES", len(CLASSES) * PER_CLASS * 32 * 32 * 3 - 1)
+    streamed = trainer.load_data(cli.parse_args(argv))
+    assert isinstance(streamed, data_lib.StreamDataset) and len(streamed.val) == N_VAL
+    assert isinstance(trainer.load_data(cli.parse_args([*argv, "--no-stream"])), data_lib.Dataset)
+    with pytest.raises(ValueError, match="does not go with --stream"):
+        trainer.load_data(cli.parse_args([*argv, "--stream", "--on-corrupt", "skip"]))
+
+
 # ------------------------------------------------------------------------------------------------- 3. resume
 
 def test_resume_continues_at_the_next_epoch(run_a, run_c):
