@@ -5,8 +5,9 @@
   ≤ 1e-5 relative) and the same metrics (this one starts from the Lite0 ImageNet weights and trains its top 6
   blocks).
 * A run killed with SIGKILL mid-epoch (while it saves a checkpoint every step) and resumed ends bit-identical
-  to an uninterrupted run; SIGTERM saves a checkpoint and exits 143, and that run resumed ends the same too;
-  an interrupted orbax save (its temporary directory) does not hide the previous checkpoint.
+  to an uninterrupted run; SIGTERM saves a checkpoint and exits 143, and that run resumed ends the same too
+  (this one reads the images with `--stream`, against a reference that holds them); an interrupted orbax save
+  (its temporary directory) does not hide the previous checkpoint.
 * Bad inputs: one `error: ...` line, exit 2, no traceback, no checkpoint lost.
 
 The data is a small folder of real CIFAR-10 JPEGs (from ../shared/data); the model lite0 scaled down to a
@@ -173,8 +174,10 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(env, base, uninterrupted
 
 
 def test_sigterm_saves_then_resume_is_bit_identical(env, base, uninterrupted, tmp_path):
+    """The interrupted and the resumed run read the images with --stream (the reference holds them): the
+    resumed feed starts at the saved batch, and the streamed step computes what the gathering one does."""
     workdir = tmp_path / "terminated"
-    proc = start(env, base, workdir)  # no --checkpoint-every: the signal alone makes it save
+    proc = start(env, base, workdir, "--stream")  # no --checkpoint-every: the signal alone makes it save
     # metrics.jsonl appears with epoch 0 (the accuracy before fine-tuning), just before the first step
     wait_for(lambda: (workdir / "metrics.jsonl").exists(), proc, what="the first metrics")
     proc.send_signal(signal.SIGTERM)
@@ -186,7 +189,7 @@ def test_sigterm_saves_then_resume_is_bit_identical(env, base, uninterrupted, tm
     tree, meta = trainer.restore_checkpoint(workdir / "checkpoints" / "latest")
     assert int(tree["step"]) == step
     assert meta["epoch"] * STEPS_PER_EPOCH + meta.get("batches_done", 0) == step
-    run(env, base, workdir, "--resume")
+    run(env, base, workdir, "--resume", "--stream")
     assert_bit_identical(uninterrupted, workdir)
 
 
