@@ -420,6 +420,8 @@ def test_stream_refuses_what_it_cannot_read_at_random(tmp_path: pathlib.Path) ->
     stream = data.open_stream(f"folder:{root}", val_fraction=0.0, image_size=8)  # reads no image
     with pytest.raises(DatasetError, match="04.png"):
         stream.train.read_batch(np.arange(len(stream.train)))
+    with pytest.raises(DatasetError, match="04.png"):  # from grain's threads to the consumer, as it was raised
+        list(data.stream_batches(stream.train, [np.arange(len(stream.train))]))
 
 
 def test_stream_of_tfds_equals_the_loaded_dataset(cache: pathlib.Path) -> None:
