@@ -73,6 +73,8 @@ class TrainConfig:
     resolution: int = 96                # training/eval input side; CIFAR's 32 px images are resized to it
     resolution_schedule: str = ""       # progressive resizing: 'SIDE:EPOCHS,...' trains the first epochs at
                                         # these sides, the rest (at least the last epoch) at `resolution`
+    mean: str | None = None             # input normalization 'R,G,B' (of pixels in [0, 1]); None: the init
+    std: str | None = None              # weights' preprocessing (ImageNet's for B, (x - 127) / 128 for Lite)
     crop_padding: int = 4
     flip: bool = True
     rotation: float = 0.0
@@ -147,10 +149,24 @@ class TrainState:
 # ----------------------------------------------------------------------------------------------- the model
 
 def normalization(cfg: TrainConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean/std of the init weights' preprocessing (ImageNet's for B, TF's (x-127)/128 for Lite)."""
+    """Mean/std of the inputs: `--mean`/`--std` when given, else the init weights' preprocessing (ImageNet's for
+    B, TF's (x-127)/128 for Lite)."""
     from .weights import weights_entry
     e = weights_entry(cfg.variant)
-    return tuple(e.mean), tuple(e.std)
+
+    def parse(flag: str, text: str | None, default) -> tuple[float, ...]:
+        if text is None:
+            return tuple(default)
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != 3 or not all(math.isfinite(v) for v in values) or (flag == "--std" and min(values) <= 0):
+            raise ValueError(f"{flag} {text!r}: expected three numbers R,G,B for pixels in [0, 1], e.g. "
+                             f"{','.join(f'{v:g}' for v in default)}" + (" (all > 0)" if flag == "--std" else ""))
+        return values
+
+    return parse("--mean", cfg.mean, e.mean), parse("--std", cfg.std, e.std)
 
 
 def build_model(cfg: TrainConfig, num_classes: int, frozen_units: int = 0, overrides: dict | None = None
@@ -556,6 +572,7 @@ def _train_and_evaluate(cfg: TrainConfig, stop: StopRequest) -> dict:
                          f"--init scratch (--init {cfg.init}: the weights fix the shape)")
     ocfg = cfg.optim_config()
     sides = resolution_plan(cfg)
+    mean, std = normalization(cfg)
 
     if is_main:
         check_writable(workdir)
@@ -569,7 +586,6 @@ def _train_and_evaluate(cfg: TrainConfig, stop: StopRequest) -> dict:
 
     key = jax.random.key(cfg.seed)
     variables, overrides = initial_variables(cfg, ds.num_classes, jax.random.fold_in(key, 1))
-    mean, std = normalization(cfg)
     augs = {r: augment_config(cfg, mean, std, r) for r in sorted(set(sides))}
     mcfg = build_model(cfg, ds.num_classes, overrides=overrides).config
     tx = optim.make_optimizer(ocfg, variables["params"], mcfg, steps_per_epoch)

@@ -149,6 +149,18 @@ def test_bad_flags_exit_nonzero(argv, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_normalization_is_the_weights_unless_given():
+    from effnet_jax.weights import IMAGENET_MEAN, IMAGENET_STD, TF_LITE_MEAN, TF_LITE_STD
+    assert trainer.normalization(cli.parse_args(["--variant", "b3"])) == (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
+    assert trainer.normalization(cli.parse_args(["--variant", "lite0"])) == (tuple(TF_LITE_MEAN), tuple(TF_LITE_STD))
+    cfg = cli.parse_args(["--variant", "lite0", "--mean", "0.4914,0.4822,0.4465", "--std", "0.247,0.243,0.261"])
+    assert trainer.normalization(cfg) == ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
+    assert trainer.normalization(cli.parse_args(["--mean", "0.5,0.5,0.5"]))[1] == tuple(IMAGENET_STD)
+    for flag, text in (("--mean", "0.5,0.5"), ("--mean", "a,b,c"), ("--std", "1,-1,1"), ("--std", "nan,1,1")):
+        with pytest.raises(ValueError, match=f"{flag} '{text}': expected three numbers"):
+            trainer.normalization(cli.parse_args([flag, text]))
+
+
 @pytest.mark.parametrize("schedule, epochs, plan", [
     ("", 3, [96, 96, 96]), ("64:2", 3, [64, 64, 96]), ("64:2, 80:1", 5, [64, 64, 80, 96, 96]),
     ("128:1", 2, [128, 96])])
@@ -527,13 +539,14 @@ def test_resume_with_another_config_is_refused(run_a):
 
 # ------------------------------------------------------------------------------------------ 7. bad inputs
 
-@pytest.mark.parametrize("case", ["variant", "batch", "resolution", "missing_folder", "width_with_weights"])
+@pytest.mark.parametrize("case", ["variant", "batch", "resolution", "missing_folder", "width_with_weights", "std"])
 def test_bad_inputs_exit_2(case, trainer_env, image_folder, tmp_path):
     workdir = tmp_path / "w"
     argv = base_argv(image_folder, workdir, "--init", "scratch")
     expect = {"variant": ["b9", *VARIANTS], "batch": [str(N_TRAIN), "64"], "resolution": ["16", "32"],
               "missing_folder": ["/nonexistent/images", "does not exist"],
-              "width_with_weights": ["--width/--depth", "--init imagenet"]}[case]
+              "width_with_weights": ["--width/--depth", "--init imagenet"],
+              "std": ["--std '0.2,0,0.2'", "three numbers", "all > 0"]}[case]
     if case == "variant":
         argv += ["--variant", "b9"]
     elif case == "batch":
@@ -542,6 +555,8 @@ def test_bad_inputs_exit_2(case, trainer_env, image_folder, tmp_path):
         argv += ["--resolution", 16]
     elif case == "width_with_weights":
         argv += ["--init", "imagenet", "--width", 0.5]
+    elif case == "std":
+        argv += ["--std", "0.2,0,0.2"]
     else:
         argv[1] = "folder:/nonexistent/images"
     rc, stdout, stderr = run_main(cli.main, argv)
