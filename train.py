@@ -32,8 +32,8 @@ HELP = {
     "holding the decoded dataset in memory and on the device: for datasets larger than memory; a tfds name or an "
     "image folder (a directory); same results as without. Default: streamed when the decoded images would take "
     "more than 4 GiB",
-    "mean": "input normalization R,G,B for pixels in [0, 1], e.g. 0.4914,0.4822,0.4465; default: the init "
-    "weights' (ImageNet's for B0-B7, 0.498 for Lite)", "std": "as --mean, e.g. 0.247,0.243,0.261",
+    "input_mean": "input normalization R,G,B for pixels in [0, 1], e.g. 0.4914,0.4822,0.4465; default: the init "
+    "weights' (ImageNet's for B0-B7, 0.498 for Lite)", "input_std": "as --input-mean, e.g. 0.247,0.243,0.261",
     "eval_flip": "test-time augmentation for the validation numbers: average each image's and its mirror's "
     "logits (one more forward pass per image)",
 }

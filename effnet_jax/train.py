@@ -73,8 +73,8 @@ class TrainConfig:
     resolution: int = 96                # training/eval input side; CIFAR's 32 px images are resized to it
     resolution_schedule: str = ""       # progressive resizing: 'SIDE:EPOCHS,...' trains the first epochs at
                                         # these sides, the rest (at least the last epoch) at `resolution`
-    mean: str | None = None             # input normalization 'R,G,B' (of pixels in [0, 1]); None: the init
-    std: str | None = None              # weights' preprocessing (ImageNet's for B, (x - 127) / 128 for Lite)
+    input_mean: str | None = None       # input normalization 'R,G,B' (of pixels in [0, 1]); None: the init
+    input_std: str | None = None        # weights' preprocessing (ImageNet's for B, (x - 127) / 128 for Lite)
     crop_padding: int = 4
     flip: bool = True
     rotation: float = 0.0
@@ -149,7 +149,7 @@ class TrainState:
 # ----------------------------------------------------------------------------------------------- the model
 
 def normalization(cfg: TrainConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean/std of the inputs: `--mean`/`--std` when given, else the init weights' preprocessing (ImageNet's for
+    """Mean/std of the inputs: `--input-mean`/`--input-std` when given, else the init weights' preprocessing (ImageNet's for
     B, TF's (x-127)/128 for Lite)."""
     from .weights import weights_entry
     e = weights_entry(cfg.variant)
@@ -161,12 +161,12 @@ def normalization(cfg: TrainConfig) -> tuple[tuple[float, ...], tuple[float, ...
             values = tuple(float(v) for v in text.split(","))
         except ValueError:
             values = ()
-        if len(values) != 3 or not all(math.isfinite(v) for v in values) or (flag == "--std" and min(values) <= 0):
+        if len(values) != 3 or not all(math.isfinite(v) for v in values) or (flag == "--input-std" and min(values) <= 0):
             raise ValueError(f"{flag} {text!r}: expected three numbers R,G,B for pixels in [0, 1], e.g. "
-                             f"{','.join(f'{v:g}' for v in default)}" + (" (all > 0)" if flag == "--std" else ""))
+                             f"{','.join(f'{v:g}' for v in default)}" + (" (all > 0)" if flag == "--input-std" else ""))
         return values
 
-    return parse("--mean", cfg.mean, e.mean), parse("--std", cfg.std, e.std)
+    return parse("--input-mean", cfg.input_mean, e.mean), parse("--input-std", cfg.input_std, e.std)
 
 
 def build_model(cfg: TrainConfig, num_classes: int, frozen_units: int = 0, overrides: dict | None = None

@@ -153,10 +153,11 @@ def test_normalization_is_the_weights_unless_given():
     from effnet_jax.weights import IMAGENET_MEAN, IMAGENET_STD, TF_LITE_MEAN, TF_LITE_STD
     assert trainer.normalization(cli.parse_args(["--variant", "b3"])) == (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
     assert trainer.normalization(cli.parse_args(["--variant", "lite0"])) == (tuple(TF_LITE_MEAN), tuple(TF_LITE_STD))
-    cfg = cli.parse_args(["--variant", "lite0", "--mean", "0.4914,0.4822,0.4465", "--std", "0.247,0.243,0.261"])
+    cfg = cli.parse_args(["--variant", "lite0", "--input-mean", "0.4914,0.4822,0.4465", "--input-std", "0.247,0.243,0.261"])
     assert trainer.normalization(cfg) == ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
-    assert trainer.normalization(cli.parse_args(["--mean", "0.5,0.5,0.5"]))[1] == tuple(IMAGENET_STD)
-    for flag, text in (("--mean", "0.5,0.5"), ("--mean", "a,b,c"), ("--std", "1,-1,1"), ("--std", "nan,1,1")):
+    assert trainer.normalization(cli.parse_args(["--input-mean", "0.5,0.5,0.5"]))[1] == tuple(IMAGENET_STD)
+    for flag, text in (("--input-mean", "0.5,0.5"), ("--input-mean", "a,b,c"), ("--input-std", "1,-1,1"),
+                       ("--input-std", "nan,1,1")):
         with pytest.raises(ValueError, match=f"{flag} '{text}': expected three numbers"):
             trainer.normalization(cli.parse_args([flag, text]))
 
@@ -546,7 +547,7 @@ def test_bad_inputs_exit_2(case, trainer_env, image_folder, tmp_path):
     expect = {"variant": ["b9", *VARIANTS], "batch": [str(N_TRAIN), "64"], "resolution": ["16", "32"],
               "missing_folder": ["/nonexistent/images", "does not exist"],
               "width_with_weights": ["--width/--depth", "--init imagenet"],
-              "std": ["--std '0.2,0,0.2'", "three numbers", "all > 0"]}[case]
+              "std": ["--input-std '0.2,0,0.2'", "three numbers", "all > 0"]}[case]
     if case == "variant":
         argv += ["--variant", "b9"]
     elif case == "batch":
@@ -556,7 +557,7 @@ def test_bad_inputs_exit_2(case, trainer_env, image_folder, tmp_path):
     elif case == "width_with_weights":
         argv += ["--init", "imagenet", "--width", 0.5]
     elif case == "std":
-        argv += ["--std", "0.2,0,0.2"]
+        argv += ["--input-std", "0.2,0,0.2"]
     else:
         argv[1] = "folder:/nonexistent/images"
     rc, stdout, stderr = run_main(cli.main, argv)
