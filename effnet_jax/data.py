@@ -435,9 +435,7 @@ def _load_image_folder(path: pathlib.Path, image_size: int | None, on_corrupt: s
     folders: set[tuple[str, ...]] = set()
     skipped: list[str] = []
     for parts, data in _walk(path):
-        folder = parts if data is None else parts[:-1]
-        if folder not in folders:
-            folders.update(folder[:i] for i in range(1, len(folder) + 1))
+        _add_folders(folders, parts, data)
         if data is None:
             continue
         try:
@@ -451,8 +449,7 @@ def _load_image_folder(path: pathlib.Path, image_size: int | None, on_corrupt: s
         images.add(parts, image)
     files = sorted(images.arrays)
     if not files and not skipped:
-        raise DatasetError(f"no images in {path} (expected train/<class>/*.jpg or <class>/*.jpg, extensions "
-                           f"{', '.join(IMAGE_EXTENSIONS)})")
+        raise _no_images(path)
     (train_keys, train_labels), test, class_names = _folder_layout(path, files, folders)
     test_split = Split(images.stack(test[0]), test[1]) if test is not None else None
     return _Decoded(Split(images.stack(train_keys), train_labels), test_split, class_names, f"image folder {path}",
@@ -460,6 +457,18 @@ def _load_image_folder(path: pathlib.Path, image_size: int | None, on_corrupt: s
 
 
 _Keyed = tuple[list[tuple[str, ...]], np.ndarray]  # (file keys in order, their labels)
+
+
+def _add_folders(folders: set[tuple[str, ...]], parts: tuple[str, ...], entry: object) -> None:
+    """Record the folder `parts` (a `_walk` entry of None) or a file's folder, and all of their ancestors."""
+    folder = parts if entry is None else parts[:-1]
+    if folder not in folders:
+        folders.update(folder[:i] for i in range(1, len(folder) + 1))
+
+
+def _no_images(path: pathlib.Path) -> DatasetError:
+    return DatasetError(f"no images in {path} (expected train/<class>/*.jpg or <class>/*.jpg, extensions "
+                        f"{', '.join(IMAGE_EXTENSIONS)})")
 
 
 def _folder_layout(path: pathlib.Path, files: Sequence[tuple[str, ...]], folders: set[tuple[str, ...]]
@@ -516,7 +525,6 @@ class StreamSplit:
     labels: np.ndarray
     positions: np.ndarray                    # the examples' positions in the source
     read: Any                                # position -> uint8 (S, S, 3)
-    name: str = ""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -638,18 +646,16 @@ def _folder_streams(path: pathlib.Path, sizes: bool
     files = sorted(k for k, v in listing.items() if v is not None)
     folders: set[tuple[str, ...]] = set()
     for parts, where in listing.items():
-        folder = parts if where is None else parts[:-1]
-        folders.update(folder[:i] for i in range(1, len(folder) + 1))
+        _add_folders(folders, parts, where)
     if not files:
-        raise DatasetError(f"no images in {path} (expected train/<class>/*.jpg or <class>/*.jpg, extensions "
-                           f"{', '.join(IMAGE_EXTENSIONS)})")
+        raise _no_images(path)
     train, test, class_names = _folder_layout(path, files, folders)
 
-    def stream(keyed: _Keyed, name: str) -> StreamSplit:
+    def stream(keyed: _Keyed) -> StreamSplit:
         paths = [listing[k] for k in keyed[0]]
-        return StreamSplit(keyed[1], np.arange(len(paths)), functools.partial(_read_file, tuple(paths)), name)
+        return StreamSplit(keyed[1], np.arange(len(paths)), functools.partial(_read_file, tuple(paths)))
 
-    splits = {"train": stream(train, "train")} | ({"test": stream(test, "test")} if test is not None else {})
+    splits = {"train": stream(train)} | ({"test": stream(test)} if test is not None else {})
     shape = None
     if sizes:
         found = set()
@@ -680,8 +686,7 @@ def _tfds_streams(name: str, data_dir: str | os.PathLike[str] | None
     splits = {}
     for split_name, src in sources.items():
         labels = np.fromiter((src[i][label_key] for i in range(len(src))), np.int32, len(src))
-        splits[split_name] = StreamSplit(labels, np.arange(len(src)), functools.partial(_read_tfds, src, image_key),
-                                         split_name)
+        splits[split_name] = StreamSplit(labels, np.arange(len(src)), functools.partial(_read_tfds, src, image_key))
     shape = tuple(info.features[image_key].shape[:2])
     return (splits, tuple(info.features[label_key].names), f"tfds {name} ({info.data_dir}, streamed)",
             shape if None not in shape else None)

@@ -149,8 +149,8 @@ class TrainState:
 # ----------------------------------------------------------------------------------------------- the model
 
 def normalization(cfg: TrainConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean/std of the inputs: `--input-mean`/`--input-std` when given, else the init weights' preprocessing (ImageNet's for
-    B, TF's (x-127)/128 for Lite)."""
+    """Mean/std of the inputs: `--input-mean`/`--input-std` when given, else the init weights' preprocessing
+    (ImageNet's for B, TF's (x-127)/128 for Lite)."""
     from .weights import weights_entry
     e = weights_entry(cfg.variant)
 
@@ -161,9 +161,10 @@ def normalization(cfg: TrainConfig) -> tuple[tuple[float, ...], tuple[float, ...
             values = tuple(float(v) for v in text.split(","))
         except ValueError:
             values = ()
-        if len(values) != 3 or not all(math.isfinite(v) for v in values) or (flag == "--input-std" and min(values) <= 0):
+        positive = flag == "--input-std"
+        if len(values) != 3 or not all(math.isfinite(v) for v in values) or (positive and min(values) <= 0):
             raise ValueError(f"{flag} {text!r}: expected three numbers R,G,B for pixels in [0, 1], e.g. "
-                             f"{','.join(f'{v:g}' for v in default)}" + (" (all > 0)" if flag == "--input-std" else ""))
+                             f"{','.join(f'{v:g}' for v in default)}" + (" (all > 0)" if positive else ""))
         return values
 
     return parse("--input-mean", cfg.input_mean, e.mean), parse("--input-std", cfg.input_std, e.std)
@@ -201,7 +202,8 @@ def initial_variables(cfg: TrainConfig, num_classes: int, key: jax.Array) -> tup
         prev = json.loads((pathlib.Path(init) / "config.json").read_text())  # a previous run
         state, _ = restore_checkpoint(pathlib.Path(init) / "checkpoints" / "best")
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-        overrides = prev.get("model_overrides", {}) | {k: prev[k] for k in ("width", "depth") if prev.get(k) is not None}
+        overrides = prev.get("model_overrides", {}) | {k: prev[k] for k in ("width", "depth")
+                                                       if prev.get(k) is not None}
     elif (pathlib.Path(init) / checkpoint.META_FILE).exists():  # python -m effnet_jax.convert output
         _, variables, meta = checkpoint.load_model(init)
         overrides = meta.get("overrides", {})

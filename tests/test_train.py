@@ -153,7 +153,8 @@ def test_normalization_is_the_weights_unless_given():
     from effnet_jax.weights import IMAGENET_MEAN, IMAGENET_STD, TF_LITE_MEAN, TF_LITE_STD
     assert trainer.normalization(cli.parse_args(["--variant", "b3"])) == (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
     assert trainer.normalization(cli.parse_args(["--variant", "lite0"])) == (tuple(TF_LITE_MEAN), tuple(TF_LITE_STD))
-    cfg = cli.parse_args(["--variant", "lite0", "--input-mean", "0.4914,0.4822,0.4465", "--input-std", "0.247,0.243,0.261"])
+    cfg = cli.parse_args(["--variant", "lite0", "--input-mean", "0.4914,0.4822,0.4465",
+                          "--input-std", "0.247,0.243,0.261"])
     assert trainer.normalization(cfg) == ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
     assert trainer.normalization(cli.parse_args(["--input-mean", "0.5,0.5,0.5"]))[1] == tuple(IMAGENET_STD)
     for flag, text in (("--input-mean", "0.5,0.5"), ("--input-mean", "a,b,c"), ("--input-std", "1,-1,1"),
