@@ -2,10 +2,16 @@
 
 Loading — `load_dataset(spec, data_dir)` returns a `Dataset` of uint8 NHWC arrays and int32 labels:
 
-* `spec` a TensorFlow Datasets name ('cifar10', 'cifar100', 'svhn_cropped', 'tf_flowers', ...): read through
-  `tfds.data_source` (random access, no TensorFlow needed; tfds downloads and prepares it where there is
-  internet). The 'train' split, and 'test' when the dataset has one; class names from the label feature.
-  `data_dir` is then the tfds data folder, unless it is a local dataset (below).
+* `spec` 'cifar10' / 'cifar100' without `data_dir`: the official python version (`cifar-10-python.tar.gz`,
+  163 MiB; `cifar-100-python.tar.gz`, 161 MiB), downloaded once from the CIFAR site (`cifar_archive`; size and
+  SHA-256 checked before the file is kept, `EFFNET_JAX_DATA_URL` for a mirror) into `downloads_dir()`, then read
+  as below. No TensorFlow involved.
+* `spec` a TensorFlow Datasets name ('svhn_cropped', 'tf_flowers', ..., or 'tfds:NAME' to go through tfds for
+  CIFAR too): read through `tfds.data_source` (random access). A prepared dataset is read without TensorFlow;
+  preparing it (tfds downloads and converts it) needs TensorFlow (`pip install -e '.[tfds]'`), so without it an
+  unprepared dataset is refused before anything is downloaded. The 'train' split, and 'test' when the dataset
+  has one; class names from the label feature. `data_dir` is then the tfds data folder, unless it is a local
+  dataset (below).
 * `spec` 'cifar10' / 'cifar100' with `data_dir` the official python version (`cifar-10-python.tar.gz`, or the
   folder `cifar-10-batches-py` extracted from it; `cifar-100-python.tar.gz` / `cifar-100-python`, fine labels).
   The batches are pickles; they are read with an unpickler that only admits numpy arrays.
@@ -52,8 +58,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import io
 import json
+import logging
 import os
 import pathlib
 import pickle
@@ -70,12 +78,16 @@ import numpy as np
 from jax.scipy.ndimage import map_coordinates
 from PIL import Image
 
+from effnet_jax.download import ChecksumError, DownloadError, check_digest, download, file_sha256
 from effnet_jax.weights import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Split", "Dataset", "DatasetError", "DatasetUnavailableError", "load_dataset", "stratified_split",
     "StreamSplit", "StreamDataset", "open_stream", "stream_batches", "decoded_bytes",
-    "default_cache_dir", "CACHE_ENV_VAR", "DEFAULT_RESIZE", "IMAGE_EXTENSIONS",
+    "default_cache_dir", "downloads_dir", "CACHE_ENV_VAR", "DATA_URL_ENV_VAR", "CIFAR_BASE_URL", "CIFAR_ARCHIVES",
+    "Archive", "cifar_archive", "cifar_url", "DEFAULT_RESIZE", "IMAGE_EXTENSIONS",
     "AugmentConfig", "augment_batch", "eval_batch",
     "epoch_permutation", "batch_indices", "eval_batches",
 ]
@@ -89,8 +101,26 @@ _CIFAR_PYTHON = {  # spec -> (folder in the official tarball, train files, test 
                 "batches.meta", b"labels", b"label_names"),
     "cifar100": ("cifar-100-python", ("train",), "test", "meta", b"fine_labels", b"fine_label_names"),
 }
-_CIFAR_URLS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-               "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}
+DATA_URL_ENV_VAR = "EFFNET_JAX_DATA_URL"  # replaces CIFAR_BASE_URL: a mirror serving the same file names
+CIFAR_BASE_URL = "https://www.cs.toronto.edu/~kriz"
+
+
+@dataclasses.dataclass(frozen=True)
+class Archive:
+    """A dataset file published at `CIFAR_BASE_URL/file_name`, with the size and SHA-256 it is checked against."""
+    file_name: str
+    size: int
+    sha256: str
+
+
+# The official python versions (the same files torchvision and Keras download; size and SHA-256 as Keras'
+# `cifar10.load_data` / `cifar100.load_data` pin them, MD5 as on the CIFAR page).
+CIFAR_ARCHIVES = {
+    "cifar10": Archive("cifar-10-python.tar.gz", 170_498_071,  # md5 c58f30108f718f92721af3b95e74349a
+                       "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"),
+    "cifar100": Archive("cifar-100-python.tar.gz", 169_001_437,  # md5 eb9058c3a382ffc7106e4002c42a8d85
+                        "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7"),
+}
 
 
 class DatasetError(ValueError):
@@ -150,14 +180,15 @@ class _Decoded:
 def load_dataset(spec: str, data_dir: str | os.PathLike[str] | None = None, *, val_fraction: float = 0.1,
                  seed: int = 0, image_size: int | None = None,
                  cache_dir: str | os.PathLike[str] | Literal[False] | None = None,
-                 on_corrupt: Literal["error", "skip"] = "error") -> Dataset:
+                 on_corrupt: Literal["error", "skip"] = "error", progress: bool = True) -> Dataset:
     """Load a dataset into memory (see the module docstring for the sources and rules).
 
     spec: a tfds name ('cifar10', 'tf_flowers', ...) or 'folder:PATH'. data_dir: the tfds data folder, or a local
     dataset (CIFAR python tarball or folder for 'cifar10'/'cifar100'; an image folder or its .tar/.tar.gz for any
     name). val_fraction, seed: the stratified validation split of train. image_size: None keeps a uniform size
     (else 256 crops); S resizes the shorter side to S and center-crops S x S. cache_dir: None for the default
-    cache, False for none. on_corrupt: 'error' or 'skip' for undecodable images in a folder.
+    cache, False for none. on_corrupt: 'error' or 'skip' for undecodable images in a folder. progress: a progress
+    bar while a CIFAR archive downloads.
     """
     if on_corrupt not in ("error", "skip"):
         raise ValueError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
@@ -166,7 +197,7 @@ def load_dataset(spec: str, data_dir: str | os.PathLike[str] | None = None, *, v
     if image_size is not None and image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
 
-    decoded = _cached(spec, data_dir, image_size, on_corrupt, cache_dir)
+    decoded = _cached(spec, data_dir, image_size, on_corrupt, cache_dir, progress)
     if decoded.skipped:
         if on_corrupt == "error":
             raise DatasetError(f"{decoded.source}: cannot decode image {decoded.skipped[0]} "
@@ -196,20 +227,66 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     return np.setdiff1d(np.arange(len(labels)), val_idx), val_idx
 
 
-def default_cache_dir() -> pathlib.Path:
-    """`$EFFNET_JAX_CACHE/datasets`, else `$XDG_CACHE_HOME/effnet_jax/datasets`, else `~/.cache/...`."""
+def _cache_root() -> pathlib.Path:
     root = os.getenv(CACHE_ENV_VAR) or os.path.join(os.getenv("XDG_CACHE_HOME", os.path.join("~", ".cache")),
                                                      "effnet_jax")
-    return pathlib.Path(root).expanduser() / "datasets"
+    return pathlib.Path(root).expanduser()
+
+
+def default_cache_dir() -> pathlib.Path:
+    """`$EFFNET_JAX_CACHE/datasets`, else `$XDG_CACHE_HOME/effnet_jax/datasets`, else `~/.cache/...`."""
+    return _cache_root() / "datasets"
+
+
+def downloads_dir() -> pathlib.Path:
+    """Where downloaded dataset archives are kept: `downloads` beside `default_cache_dir()`."""
+    return _cache_root() / "downloads"
+
+
+def cifar_url(name: str) -> str:
+    """The download URL of a `CIFAR_ARCHIVES` entry, with the `EFFNET_JAX_DATA_URL` override applied."""
+    base = os.getenv(DATA_URL_ENV_VAR) or CIFAR_BASE_URL
+    return f"{base.rstrip('/')}/{CIFAR_ARCHIVES[name].file_name}"
+
+
+def cifar_archive(name: str, progress: bool = True) -> pathlib.Path:
+    """The verified official python version of 'cifar10' / 'cifar100' in `downloads_dir()`, downloaded there first
+    when missing (`cifar_url`; size and SHA-256 checked before the file is kept). Raises
+    `DatasetUnavailableError` when it cannot be fetched or is not the expected file."""
+    archive = CIFAR_ARCHIVES[name]
+    path = downloads_dir() / archive.file_name
+    if path.is_file():
+        problem = (f"{path.stat().st_size:,} bytes, expected {archive.size:,}" if path.stat().st_size != archive.size
+                   else check_digest(file_sha256(path), archive.sha256))
+        if problem is not None:
+            raise DatasetUnavailableError(f"{path} is not the expected {name} archive ({problem}): delete it and "
+                                          "run again to download it anew")
+        return path
+    url = cifar_url(name)
+    log.info("downloading %s (%.0f MiB) into %s", url, archive.size / 2**20, path.parent)
+    try:
+        download(url, path, sha256=archive.sha256, size=archive.size, progress=progress)
+    except DownloadError as e:
+        raise DatasetUnavailableError(
+            f"{e} ({name}: {archive.size / 2**20:.0f} MiB, cached at {path}). Without internet: fetch "
+            f"{CIFAR_BASE_URL}/{archive.file_name} elsewhere and put it at {path}, or pass --data-dir "
+            f"PATH/{archive.file_name} (or the folder extracted from it); {DATA_URL_ENV_VAR}=URL downloads from a "
+            f"mirror that serves {archive.file_name}; any image folder works with --dataset folder:PATH.") from e
+    except ChecksumError as e:
+        raise DatasetUnavailableError(f"{e}. Check {DATA_URL_ENV_VAR} (now {os.getenv(DATA_URL_ENV_VAR)!r}) or "
+                                      "retry.") from e
+    return path
 
 
 def _cached(spec: str, data_dir: str | os.PathLike[str] | None, image_size: int | None, on_corrupt: str,
-            cache_dir: str | os.PathLike[str] | Literal[False] | None) -> _Decoded:
+            cache_dir: str | os.PathLike[str] | Literal[False] | None, progress: bool = True) -> _Decoded:
     """Resolve the source, then read the cache entry for it or decode it and store the entry."""
     kind, location = _resolve(spec, data_dir)
     if kind == "tfds":
         return _load_tfds(location, data_dir, image_size, cache_dir)
     path = pathlib.Path(location)
+    if data_dir is None and kind in CIFAR_ARCHIVES and not spec.startswith("folder:"):
+        path = cifar_archive(kind, progress)
     entry = _cache_entry(cache_dir, f"{path.name.split('.')[0]}-{kind}", kind=kind, path=path, image_size=image_size)
     if entry is not None and (hit := _read_cache(entry)) is not None:
         return hit
@@ -231,7 +308,11 @@ def _resolve(spec: str, data_dir: str | os.PathLike[str] | None) -> tuple[str, s
         if not path.exists():
             raise DatasetError(f"image folder {path} does not exist")
         return _local_kind(path) or "folder", str(path)
+    if spec.startswith("tfds:"):
+        return "tfds", spec[len("tfds:"):]
     if data_dir is None:
+        if spec in CIFAR_ARCHIVES:  # downloaded by us (`cifar_archive`), read as the python version
+            return spec, str(downloads_dir() / CIFAR_ARCHIVES[spec].file_name)
         return "tfds", spec
     path = pathlib.Path(data_dir).expanduser()
     if path.is_dir():
@@ -800,21 +881,46 @@ def _load_tfds(name: str, data_dir: str | os.PathLike[str] | None, image_size: i
 
 
 def _tfds_sources(name: str, data_dir: str | os.PathLike[str] | None) -> tuple[dict[str, Any], Any]:
-    """({'train': source[, 'test': source]}, dataset info) through `tfds.data_source` (random access)."""
+    """({'train': source[, 'test': source]}, dataset info) through `tfds.data_source` (random access). A dataset
+    tfds has prepared already is read as it is (no TensorFlow needed); preparing one needs TensorFlow, so without
+    it this stops before tfds downloads anything."""
     import tensorflow_datasets as tfds  # ~1 s to import: only when a tfds dataset is asked for
     from tensorflow_datasets.core.registered import DatasetNotFoundError
 
-    try:
-        sources = {"train": tfds.data_source(name, split="train", data_dir=data_dir)}
+    def open_splits(download: bool) -> tuple[dict[str, Any], Any]:
+        sources = {"train": tfds.data_source(name, split="train", data_dir=data_dir, download=download)}
         info = sources["train"].dataset_info
         if "test" in info.splits:
-            sources["test"] = tfds.data_source(name, split="test", data_dir=data_dir)
+            sources["test"] = tfds.data_source(name, split="test", data_dir=data_dir, download=False)
+        return sources, info
+
+    try:
+        try:
+            return open_splits(download=False)  # prepared already (or mocked in tests)
+        except DatasetNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001 - tfds says "not prepared" in several ways
+            if importlib.util.find_spec("tensorflow") is None:
+                raise DatasetUnavailableError(_no_tensorflow_message(name, data_dir)) from e
+        return open_splits(download=True)
     except DatasetNotFoundError as e:
         raise DatasetError(f"unknown dataset {name!r}: not a TensorFlow Datasets name; for a local image folder "
                            "pass 'folder:PATH'") from e
+    except DatasetUnavailableError:
+        raise
     except Exception as e:  # noqa: BLE001 - tfds fails in many ways when offline or unprepared
         raise DatasetUnavailableError(_unavailable_message(name, data_dir, e)) from e
-    return sources, info
+
+
+def _no_tensorflow_message(name: str, data_dir: str | os.PathLike[str] | None) -> str:
+    where = f"in {data_dir}" if data_dir is not None else "in the default tfds data folder (~/tensorflow_datasets)"
+    cifar = (f" For {name}, --dataset {name} without --data-dir downloads the official archive instead, without "
+             "TensorFlow." if name in CIFAR_ARCHIVES else "")
+    return (f"dataset {name!r} is not prepared {where}, and TensorFlow Datasets needs TensorFlow to prepare it "
+            f"(nothing was downloaded). Install it once with `pip install -e '.[tfds]'` (tensorflow-cpu) and run "
+            f"again; the prepared copy is then read without TensorFlow. Or pass --dataset folder:PATH (or "
+            f"--data-dir PATH) with an image folder (train/<class>/*.jpg, optional test/<class>/) or a .tar.gz of "
+            f"one.{cifar}")
 
 
 def _tfds_keys(name: str, info: Any) -> tuple[str, str]:
@@ -832,8 +938,9 @@ def _unavailable_message(name: str, data_dir: str | os.PathLike[str] | None, err
     where = f"data_dir={str(data_dir)!r}" if data_dir is not None else "the default tfds data folder"
     options = [f"prepare it where there is internet (python -c \"import tensorflow_datasets as tfds; "
                f"tfds.data_source('{name}', data_dir='DIR')\") and pass --data-dir DIR"]
-    if name in _CIFAR_URLS:
-        options.append(f"download {_CIFAR_URLS[name]} and pass --data-dir PATH/{_CIFAR_URLS[name].split('/')[-1]}")
+    if name in CIFAR_ARCHIVES:
+        options.append(f"--dataset {name} without --data-dir (downloads {CIFAR_BASE_URL}/"
+                       f"{CIFAR_ARCHIVES[name].file_name}, no TensorFlow needed)")
     options.append("pass --data-dir with an image folder (train/<class>/*.jpg, optional test/<class>/) or a "
                    ".tar.gz of one")
     return (f"dataset {name!r} is not available from TensorFlow Datasets in {where} ({reason}). To use it: "

@@ -538,7 +538,7 @@ def load_data(cfg: TrainConfig) -> data_lib.Dataset | data_lib.StreamDataset:
         ds = data_lib.open_stream(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
     else:
         ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                                   on_corrupt=cfg.on_corrupt)
+                                   on_corrupt=cfg.on_corrupt, progress=cfg.progress and jax.process_index() == 0)
     if cfg.max_train_examples is not None:
         ds = dataclasses.replace(ds, train=ds.train.sample(cfg.max_train_examples, cfg.seed))
     return ds

@@ -26,18 +26,13 @@ This module does not import torch.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import http.client
 import importlib.resources
 import os
 import pathlib
 import re
-import tempfile
-import urllib.error
-import urllib.request
-from typing import BinaryIO, Literal
+from typing import Literal
 
-from tqdm import tqdm
+from .download import ChecksumError, DownloadError, check_digest, download, file_sha256
 
 __all__ = [
     "DEFAULT_BASE_URL", "URL_ENV_VAR", "IMAGENET_MEAN", "IMAGENET_STD", "TF_LITE_MEAN", "TF_LITE_STD",
@@ -47,7 +42,6 @@ __all__ = [
 
 DEFAULT_BASE_URL = "https://download.pytorch.org/models"
 URL_ENV_VAR = "EFFNET_JAX_WEIGHTS_URL"
-DOWNLOAD_TIMEOUT_S = 30.0
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -159,13 +153,8 @@ def weights_url(variant: str) -> str:
 def verify_file(path: pathlib.Path) -> None:
     """Check that the SHA-256 of `path` starts with the hex prefix embedded in its name; raise
     `WeightsIntegrityError` if not."""
-    with path.open("rb") as f:
-        actual = hashlib.file_digest(f, "sha256").hexdigest()
-    expected = _expected_prefix(path.name)
-    if not actual.startswith(expected):
-        raise WeightsIntegrityError(
-            f"{path} is corrupt or not the expected file: its SHA-256 is {actual}, expected a hash starting with "
-            f"{expected}. Delete it and retry.")
+    if (problem := check_digest(file_sha256(path), _expected_prefix(path.name))) is not None:
+        raise WeightsIntegrityError(f"{path} is corrupt or not the expected file: {problem}. Delete it and retry.")
 
 
 def weights_file(variant: str, cache_dir: pathlib.Path | str | None = None, progress: bool = True) -> pathlib.Path:
@@ -216,47 +205,14 @@ def _packaged_file(variant: str, package: str, file_name: str) -> pathlib.Path:
 
 
 def _download(url: str, path: pathlib.Path, progress: bool) -> None:
-    """Fetch `url` into `path` through a temp file in the same folder: verified first, then renamed atomically."""
-    expected = _expected_prefix(path.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    tmp = pathlib.Path(tmp_name)
+    """Fetch `url` into `path` (verified before it lands there; `effnet_jax.download`)."""
     try:
-        with os.fdopen(fd, "wb") as out:
-            actual = _fetch(url, out, path, progress)
-        if not actual.startswith(expected):
-            raise WeightsIntegrityError(
-                f"The file downloaded from {url} is corrupt or not the expected file: its SHA-256 is {actual}, "
-                f"expected a hash starting with {expected}. It was not kept.")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fetch(url: str, out: BinaryIO, path: pathlib.Path, progress: bool) -> str:
-    """Stream `url` into `out`; return the SHA-256 hex digest of what was written."""
-    def unavailable(error: Exception) -> WeightsUnavailableError:
-        return WeightsUnavailableError(
-            f"Could not download {url} ({error}). Fetch that file on a machine with internet access and put it "
-            f"at {path} (torch hub's cache, shared with torchvision), or pass `--init PATH.pth` to start from a "
-            f"local PyTorch checkpoint instead.")
-
-    sha256 = hashlib.sha256()
-    try:
-        response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S)
-    except (OSError, http.client.HTTPException) as error:  # URLError, HTTPError, timeouts, refused connections
-        raise unavailable(error) from error
-    with response, tqdm(total=response.length, unit="B", unit_scale=True, unit_divisor=1024,
-                        desc=path.name, disable=not progress) as bar:
-        while True:
-            try:
-                chunk = response.read(1 << 20)
-            except (OSError, http.client.HTTPException) as error:  # connection lost mid-transfer
-                raise unavailable(error) from error
-            if not chunk:
-                break
-            out.write(chunk)
-            sha256.update(chunk)
-            bar.update(len(chunk))
-    return sha256.hexdigest()
+        download(url, path, sha256=_expected_prefix(path.name), progress=progress)
+    except DownloadError as error:
+        raise WeightsUnavailableError(
+            f"Could not download {url} ({error.reason}). Fetch that file on a machine with internet access and put "
+            f"it at {path} (torch hub's cache, shared with torchvision), or pass `--init PATH.pth` to start from a "
+            f"local PyTorch checkpoint instead.") from error
+    except ChecksumError as error:
+        raise WeightsIntegrityError(f"The file downloaded from {url} is corrupt or not the expected file: "
+                                    f"{error.problem}.") from error

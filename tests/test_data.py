@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 import pickle
 import tarfile
@@ -210,8 +211,8 @@ def test_cifar_pickle_may_not_run_code(tmp_path: pathlib.Path) -> None:
 
 def test_tfds_mock_cifar10(cache: pathlib.Path) -> None:
     tfds = pytest.importorskip("tensorflow_datasets")
-    with tfds.testing.mock_data(num_examples=20):
-        ds = load_dataset("cifar10", val_fraction=0.25, cache_dir=cache)
+    with tfds.testing.mock_data(num_examples=20):  # 'tfds:': through tfds ('cifar10' alone downloads the archive)
+        ds = load_dataset("tfds:cifar10", val_fraction=0.25, cache_dir=cache)
     assert ds.train.images.shape == (15, 32, 32, 3) and ds.train.images.dtype == np.uint8
     assert len(ds.val) == 5 and ds.num_classes == 10 and ds.train.labels.dtype == np.int32
     assert ds.test is None  # the mock knows no split list: only 'train' is read
@@ -220,18 +221,50 @@ def test_tfds_mock_cifar10(cache: pathlib.Path) -> None:
 
 def test_tfds_unavailable_and_unknown(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     tfds = pytest.importorskip("tensorflow_datasets")
+    calls: list[bool] = []
 
-    def offline(*args: object, **kwargs: object) -> None:
+    def offline(*args: object, download: bool = True, **kwargs: object) -> None:
+        calls.append(download)
         raise OSError("Temporary failure in name resolution")
 
     monkeypatch.setattr(tfds, "data_source", offline)
+    # With TensorFlow (simulated): tfds may prepare, and its failure is reported with the ways out.
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "tensorflow" else real_find_spec(name, *a))
     with pytest.raises(DatasetUnavailableError) as info:
         load_dataset("cifar10", data_dir=tmp_path / "tfds", cache_dir=False)
     message = str(info.value)
     assert "name resolution" in message and "cifar-10-python.tar.gz" in message and "--data-dir" in message
+    assert calls == [False, True]
     monkeypatch.undo()
     with pytest.raises(DatasetError, match="folder:PATH"):
         load_dataset("no_such_dataset_xyz", cache_dir=False)
+
+
+def test_tfds_without_tensorflow_stops_before_downloading(monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: pathlib.Path) -> None:
+    """tfds prepares a dataset only with TensorFlow; without it, an unprepared dataset is refused before tfds
+    downloads anything, with the extra to install and the other ways in."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    assert importlib.util.find_spec("tensorflow") is None  # the README's test venv has no TensorFlow
+    calls: list[bool] = []
+    real = tfds.data_source
+
+    def spy(*args: object, download: bool = True, **kwargs: object) -> object:
+        calls.append(download)
+        return real(*args, download=download, **kwargs)
+
+    monkeypatch.setattr(tfds, "data_source", spy)
+    for spec in ("svhn_cropped", "tfds:cifar10"):
+        with pytest.raises(DatasetUnavailableError) as info:
+            load_dataset(spec, data_dir=tmp_path / "tfds", cache_dir=False)
+        message = str(info.value)
+        assert "pip install -e '.[tfds]'" in message and "folder:PATH" in message and "--data-dir" in message
+        assert "nothing was downloaded" in message
+    assert "without --data-dir downloads the official archive" in message
+    assert calls == [False, False]  # never asked to download
+    assert not (tmp_path / "tfds" / "downloads").exists()
 
 
 # ------------------------------------------------------------------------------------------ split and the cache
@@ -427,8 +460,8 @@ def test_stream_refuses_what_it_cannot_read_at_random(tmp_path: pathlib.Path) ->
 def test_stream_of_tfds_equals_the_loaded_dataset(cache: pathlib.Path) -> None:
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=20):
-        loaded = load_dataset("cifar10", val_fraction=0.25, cache_dir=cache)
-        stream = data.open_stream("cifar10", val_fraction=0.25)
+        loaded = load_dataset("tfds:cifar10", val_fraction=0.25, cache_dir=cache)
+        stream = data.open_stream("tfds:cifar10", val_fraction=0.25)
         streamed = {name: _streamed(getattr(stream, name)) for name in ("train", "val")}
     assert stream.class_names == loaded.class_names and stream.image_size == 32 and stream.test is None
     for name in ("train", "val"):
@@ -442,5 +475,5 @@ def test_decoded_bytes_estimates_without_decoding(tmp_path: pathlib.Path, cache:
     assert data.decoded_bytes(f"folder:{make_tar(root, tmp_path / 'd.tar', None)}") is None  # cannot stream
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=20):
-        size = data.decoded_bytes("cifar10")
+        size = data.decoded_bytes("tfds:cifar10")
     assert size in (None, 60_000 * 32 * 32 * 3)  # the registered split sizes, or unknown when not prepared
