@@ -268,7 +268,7 @@ def cifar_archive(name: str, progress: bool = True) -> pathlib.Path:
         download(url, path, sha256=archive.sha256, size=archive.size, progress=progress)
     except DownloadError as e:
         raise DatasetUnavailableError(
-            f"{e} ({name}: {archive.size / 2**20:.0f} MiB, cached at {path}). Without internet: fetch "
+            f"{e}; {name} ({archive.size / 2**20:.0f} MiB) is kept at {path} once downloaded. Without internet: fetch "
             f"{CIFAR_BASE_URL}/{archive.file_name} elsewhere and put it at {path}, or pass --data-dir "
             f"PATH/{archive.file_name} (or the folder extracted from it); {DATA_URL_ENV_VAR}=URL downloads from a "
             f"mirror that serves {archive.file_name}; any image folder works with --dataset folder:PATH.") from e
