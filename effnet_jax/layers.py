@@ -29,6 +29,7 @@ Dtype = Any
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"silu": nn.silu, "relu6": nn.relu6}
 DEPTHWISE_IMPLS = ("auto", "shift", "xla")
+CONV_IMPLS = ("auto", "dot", "xla")
 
 
 def conv_padding(mode: str, size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -150,20 +151,53 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int,
     return shifted_depthwise_conv(x, kernel, stride, tuple(tuple(p) for p in padding))
 
 
+def resolve_conv_impl(impl: str) -> str:
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "dot" if jax.default_backend() == "cpu" else "xla"
+    return impl
+
+
+# 'dot' computes a k×k convolution as patches × matrix only while the patches stay small (the stem's 3 input
+# channels: 27 values per pixel); wider k×k convolutions stay convolutions.
+PATCH_DOT_MAX_DEPTH = 64
+
+
+def conv(x: jax.Array, kernel: jax.Array, stride: int, padding, impl: str) -> jax.Array:
+    """Convolution (groups=1) of NHWC `x` with an HWIO kernel. impl 'xla': `lax.conv_general_dilated`. impl 'dot':
+    the same sums as a matrix product where XLA's CPU backend runs that faster (its dots go to the GEMM library,
+    its convolutions to Eigen's spatial convolution): a 1×1 stride-1 convolution is `x @ kernel[0, 0]`; a k×k one
+    with at most PATCH_DOT_MAX_DEPTH values per patch is the (N, OH, OW, kh·kw·Cin) patches times the kernel
+    reshaped to (kh·kw·Cin, Cout). Other shapes fall back to 'xla'."""
+    kh, kw, cin, cout = kernel.shape
+    if impl == "dot":
+        if kh == kw == 1 and stride == 1 and not any(any(p) for p in padding):
+            return jnp.matmul(x, kernel[0, 0])
+        if kh * kw * cin <= PATCH_DOT_MAX_DEPTH:
+            xp = _pad_hw(x, padding)
+            oh = (xp.shape[1] - kh) // stride + 1
+            ow = (xp.shape[2] - kw) // stride + 1
+            patches = jnp.concatenate([tap for _, _, tap in _taps(xp, kh, kw, stride, oh, ow)], axis=-1)
+            return jnp.matmul(patches, kernel.reshape(kh * kw * cin, cout))
+    return lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 class Conv(nn.Module):
-    """Bias-free k×k convolution (groups=1) with symmetric or SAME padding; parameter 'kernel' (HWIO)."""
+    """Bias-free k×k convolution (groups=1) with symmetric or SAME padding; parameter 'kernel' (HWIO). `impl`
+    ('auto': 'dot' on CPU, 'xla' elsewhere) chooses the computation (`conv`), not the parameters."""
     features: int
     kernel: int = 1
     stride: int = 1
     padding: str = "symmetric"
     dtype: Dtype = jnp.float32
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         k = self.param("kernel", conv_init, (self.kernel, self.kernel, x.shape[-1], self.features), jnp.float32)
-        pads = [conv_padding(self.padding, s, self.kernel, self.stride) for s in x.shape[1:3]]
-        return lax.conv_general_dilated(x.astype(self.dtype), k.astype(self.dtype), (self.stride, self.stride),
-                                        pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        pads = tuple(conv_padding(self.padding, s, self.kernel, self.stride) for s in x.shape[1:3])
+        return conv(x.astype(self.dtype), k.astype(self.dtype), self.stride, pads, resolve_conv_impl(self.impl))
 
 
 class DepthwiseConv(nn.Module):

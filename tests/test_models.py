@@ -145,6 +145,34 @@ def test_depthwise_impls_agree_with_torch(padding, kernel, stride, size):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernel,stride,cin,padding,size", [
+    (1, 1, 16, "symmetric", 9),   # expand / project / head: x @ kernel[0, 0]
+    (3, 2, 3, "symmetric", 17),   # the stem: patches x matrix
+    (3, 2, 3, "same", 16),        # the Lite / TF stem
+    (3, 1, 32, "symmetric", 8),   # too deep for patches: stays a convolution
+])
+def test_conv_impls_agree_with_torch(kernel, stride, cin, padding, size):
+    rng = np.random.RandomState(kernel * 10 + stride + cin)
+    x = rng.randn(2, size, size + 1, cin).astype(np.float32)
+    w = rng.randn(kernel, kernel, cin, 8).astype(np.float32)
+    pads = tuple(layers.conv_padding(padding, s, kernel, stride) for s in x.shape[1:3])
+
+    def loss(impl):
+        return lambda a, b: jnp.sum(jnp.sin(layers.conv(a, b, stride, pads, impl)))
+
+    xg, wg = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
+    xt = torch.nn.functional.pad(xg.permute(0, 3, 1, 2), (*pads[1], *pads[0]))
+    y = torch.nn.functional.conv2d(xt, wg.permute(3, 2, 0, 1), stride=stride)
+    torch.sin(y).sum().backward()
+    for impl in ("dot", "xla"):
+        out = layers.conv(jnp.asarray(x), jnp.asarray(w), stride, pads, impl)
+        np.testing.assert_allclose(out, y.detach().permute(0, 2, 3, 1).numpy(), atol=1e-4, rtol=1e-4, err_msg=impl)
+        gx, gw = jax.grad(loss(impl), argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
+        np.testing.assert_allclose(gx, xg.grad.numpy(), atol=1e-4, rtol=1e-4, err_msg=impl)
+        np.testing.assert_allclose(gw, wg.grad.numpy(), atol=1e-4, rtol=1e-4, err_msg=impl)
+    assert layers.resolve_conv_impl("auto") == ("dot" if jax.default_backend() == "cpu" else "xla")
+
+
 def test_same_padding_is_tensorflows():
     # TF SAME: out = ceil(in / s), pad_total = max((out-1)*s + k - in, 0), extra pixel at the end
     assert layers.conv_padding("same", 224, 3, 2) == (0, 1)
