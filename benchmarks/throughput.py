@@ -104,7 +104,8 @@ def random_variables(model, resolution: int, seed: int = 0) -> dict:
 
 
 def model_overrides(args) -> dict:
-    return {k: getattr(args, k) for k in ("width", "depth") if getattr(args, k) is not None}
+    return {k: getattr(args, k) for k in ("width", "depth", "conv_impl", "depthwise_impl")
+            if getattr(args, k) is not None}
 
 
 def jax_setup(variant: str, resolution: int, batch_size: int, args) -> dict:
@@ -355,6 +356,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="side of the on-device uint8 images the JAX step augments and resizes (CIFAR: 32)")
     p.add_argument("--width", type=float, default=None, help="custom width coefficient (both sides; for tests)")
     p.add_argument("--depth", type=float, default=None, help="custom depth coefficient (both sides; for tests)")
+    p.add_argument("--conv-impl", default=None, choices=("auto", "dot", "xla"),
+                   help="JAX: 1x1 convolutions and the stem as matrix products or XLA convolutions (create_model)")
+    p.add_argument("--depthwise-impl", default=None, choices=("auto", "shift", "xla"), help="JAX (create_model)")
     args = p.parse_args(argv)
     args.device_kind = device_kind(args.device_kind, args.compare)
     args.jax_device = jax.devices(args.device_kind)[0]

@@ -91,7 +91,7 @@ def load_for_export(*, workdir: str | None = None, which: str = "best", variant:
         if not pathlib.Path(workdir).is_dir():
             raise ExportError(f"--workdir {workdir}: no such directory")
         try:
-            run = load_run(workdir, which, depthwise_impl="xla")
+            run = load_run(workdir, which, depthwise_impl="xla", conv_impl="xla")
         except Exception as e:  # noqa: BLE001 — missing files, orbax errors alike
             raise ExportError(f"--workdir {workdir}: cannot load the run: {_describe(e)}") from None
         r = resolution or run.config.resolution
@@ -108,7 +108,7 @@ def load_for_export(*, workdir: str | None = None, which: str = "best", variant:
     from .preprocess import preprocess_config
     if init == "scratch":
         from .models import create_model
-        model = create_model(variant, depthwise_impl="xla")
+        model = create_model(variant, depthwise_impl="xla", conv_impl="xla")
         variables = random_variables(model, resolution or model.config.resolution)
         names = _names(model.num_classes)
     else:
@@ -117,7 +117,7 @@ def load_for_export(*, workdir: str | None = None, which: str = "best", variant:
             pred = load_predictor(init or "imagenet", variant)
         except PredictError as e:
             raise ExportError(str(e)) from None
-        model, variables, names = pred.model.clone(depthwise_impl="xla"), pred.variables, pred.class_names
+        model, variables, names = pred.model.clone(depthwise_impl="xla", conv_impl="xla"), pred.variables, pred.class_names
     pre = preprocess_config(variant)
     r = resolution or pre["input_size"]
     if r != pre["input_size"] and pre["crop_style"] == "torchvision":  # keep the resize / crop ratio
@@ -309,7 +309,7 @@ def export(model, variables, meta: dict, fmt: str, out: str | os.PathLike, resol
         import onnx
         onnx.save(proto, os.fspath(out))
     else:
-        model = model.clone(dtype=jnp.dtype(dtype), depthwise_impl="xla")
+        model = model.clone(dtype=jnp.dtype(dtype), depthwise_impl="xla", conv_impl="xla")
         exp = to_stablehlo(model, variables, r)
         out.write_bytes(exp.serialize())
         out.with_name(out.name + ".json").write_text(json.dumps(full, indent=1) + "\n")

@@ -63,6 +63,7 @@ class MBConv(nn.Module):
     bn_epsilon: float
     depthwise_impl: str = "auto"
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -70,13 +71,13 @@ class MBConv(nn.Module):
         bn = lambda name: BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype, name=name)  # noqa: E731
         shortcut = x
         if cfg.expand_channels != cfg.in_channels:
-            x = Conv(cfg.expand_channels, dtype=self.dtype, name="expand_conv")(x)
+            x = Conv(cfg.expand_channels, dtype=self.dtype, impl=self.conv_impl, name="expand_conv")(x)
             x = act(bn("expand_bn")(x, not train))
         x = DepthwiseConv(cfg.kernel, cfg.stride, self.padding, self.depthwise_impl, self.dtype, name="dw_conv")(x)
         x = act(bn("dw_bn")(x, not train))
         if cfg.se_channels:
             x = SqueezeExcite(cfg.se_channels, "silu", self.dtype, name="se")(x)
-        x = Conv(cfg.out_channels, dtype=self.dtype, name="project_conv")(x)
+        x = Conv(cfg.out_channels, dtype=self.dtype, impl=self.conv_impl, name="project_conv")(x)
         x = bn("project_bn")(x, not train)
         if cfg.residual:
             x = DropPath(cfg.drop_path_rate, name="drop_path")(x, not train) + shortcut
@@ -89,6 +90,7 @@ class EfficientNet(nn.Module):
     num_classes: int = 1000
     dtype: Dtype = jnp.float32
     depthwise_impl: str = "auto"
+    conv_impl: str = "auto"
     # Fine-tuning: the first `frozen_units` of `unit_names(config)` (stem, blocks_0.., head) keep their
     # BatchNorm in inference mode even when train=True (their parameters are frozen by the optimizer).
     frozen_units: int = 0
@@ -99,15 +101,15 @@ class EfficientNet(nn.Module):
         bn = lambda name: BatchNorm(cfg.bn_momentum, cfg.bn_epsilon, self.dtype, name=name)  # noqa: E731
         trains = lambda unit: train and unit >= self.frozen_units  # noqa: E731
         x = x.astype(self.dtype)
-        x = Conv(cfg.stem_channels, 3, cfg.stem_stride, cfg.padding, self.dtype, name="stem")(x)
+        x = Conv(cfg.stem_channels, 3, cfg.stem_stride, cfg.padding, self.dtype, self.conv_impl, name="stem")(x)
         x = act(bn("stem_bn")(x, not trains(0)))
         self.sow("intermediates", "stem_out", x)
         for i, block in enumerate(cfg.blocks):
             x = MBConv(block, cfg.activation, cfg.padding, cfg.bn_momentum, cfg.bn_epsilon,
-                       self.depthwise_impl, self.dtype, name=f"blocks_{i}")(x, trains(i + 1))
+                       self.depthwise_impl, self.dtype, self.conv_impl, name=f"blocks_{i}")(x, trains(i + 1))
             if i + 1 == len(cfg.blocks) or cfg.blocks[i + 1].stage != block.stage:
                 self.sow("intermediates", f"stage{block.stage}", x)
-        x = Conv(cfg.head_channels, dtype=self.dtype, name="head")(x)
+        x = Conv(cfg.head_channels, dtype=self.dtype, impl=self.conv_impl, name="head")(x)
         x = act(bn("head_bn")(x, not trains(len(cfg.blocks) + 1)))
         self.sow("intermediates", "head_out", x)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
@@ -120,14 +122,15 @@ class EfficientNet(nn.Module):
 
 _CONFIG_OVERRIDES = ("drop_rate", "drop_path_rate", "stem_stride", "padding", "width", "depth", "resolution",
                      "bn_epsilon", "bn_momentum")
-_MODULE_OVERRIDES = ("dtype", "depthwise_impl", "frozen_units")
+_MODULE_OVERRIDES = ("dtype", "depthwise_impl", "conv_impl", "frozen_units")
 
 
 def create_model(variant: str, num_classes: int = 1000, **overrides) -> EfficientNet:
     """Build an EfficientNet ('b0'..'b7') or EfficientNet-Lite ('lite0'..'lite4').
 
     Overrides: `dtype` (compute dtype, e.g. jnp.bfloat16; parameters stay float32), `depthwise_impl`
-    ('auto', 'shift', 'xla'), `frozen_units` (BN of the first N units of `unit_names` stays in inference
+    ('auto', 'shift', 'xla'), `conv_impl` ('auto', 'dot', 'xla': 1×1 convolutions and the stem as matrix
+    products or as XLA convolutions; `layers.conv`), `frozen_units` (BN of the first N units of `unit_names` stays in inference
     mode in training), `drop_rate` (classifier dropout), `drop_path_rate` (stochastic depth of the
     last block), `stem_stride` (1 for small inputs such as CIFAR's 32 px), `padding` ('symmetric' or
     'same'), `width`/`depth`/`resolution` (custom compound scaling), `bn_epsilon`/`bn_momentum` (PyTorch
