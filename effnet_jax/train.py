@@ -580,6 +580,11 @@ def _train_and_evaluate(cfg: TrainConfig, stop: StopRequest) -> dict:
         check_writable(workdir)
     ds = load_data(cfg)
     n_train, n_val = len(ds.train), len(ds.val)
+    if n_train + n_val == 0 and ds.test is not None:  # a folder of test/<class>/ only
+        raise ValueError(f"{ds.source} has no training images, only a test split (test/<class>/); training needs "
+                         "train/<class>/ (or <class>/ at the top); to score a run on this test set: python -m "
+                         f"effnet_jax.evaluate --workdir RUN --dataset {cfg.dataset}"
+                         + (f" --data-dir {cfg.data_dir}" if cfg.data_dir else "") + " --split test")
     steps_per_epoch = n_train // cfg.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"{n_train} training examples are fewer than one batch of {cfg.batch_size}")
