@@ -7,7 +7,8 @@
 * A run killed with SIGKILL mid-epoch (while it saves a checkpoint every step) and resumed ends bit-identical
   to an uninterrupted run; SIGTERM saves a checkpoint and exits 143, and that run resumed ends the same too
   (this one reads the images with `--stream`, against a reference that holds them); an interrupted orbax save
-  (its temporary directory) does not hide the previous checkpoint.
+  (its temporary directory) does not hide the previous checkpoint. SIGTERM / SIGINT while the data loads
+  (before the first step: nothing to save) stop the run at once.
 * Bad inputs: one `error: ...` line, exit 2, no traceback, no checkpoint lost.
 
 The data is a small folder of real CIFAR-10 JPEGs (from ../shared/data); the model lite0 scaled down to a
@@ -28,6 +29,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import numpy as np
@@ -150,6 +152,18 @@ def wait_for(predicate, proc, timeout=300.0, what=""):
         time.sleep(0.01)
 
 
+def follow(stream) -> list[str]:
+    """The lines of a subprocess's pipe, read by a thread as they come (the list grows while the process runs)."""
+    lines: list[str] = []
+
+    def read():
+        for line in stream:
+            lines.append(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
 def saved_steps(workdir) -> list[int]:
     d = pathlib.Path(workdir) / "checkpoints" / "latest"
     return sorted(int(p.name) for p in d.glob("*") if p.name.isdigit()) if d.exists() else []
@@ -178,10 +192,13 @@ def test_sigterm_saves_then_resume_is_bit_identical(env, base, uninterrupted, tm
     resumed feed starts at the saved batch, and the streamed step computes what the gathering one does."""
     workdir = tmp_path / "terminated"
     proc = start(env, base, workdir, "--stream")  # no --checkpoint-every: the signal alone makes it save
-    # metrics.jsonl appears with epoch 0 (the accuracy before fine-tuning), just before the first step
-    wait_for(lambda: (workdir / "metrics.jsonl").exists(), proc, what="the first metrics")
+    err_lines = follow(proc.stderr)
+    # the log line `training: ...` comes just before the first step (before it a signal stops at once, below)
+    wait_for(lambda: any(line.startswith("training: ") for line in err_lines), proc, what="the training log line")
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
+    proc.wait(timeout=300)
+    time.sleep(0.5)  # the reader thread takes the last lines
+    err = "".join(err_lines)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "stopped: interrupted at step" in err and "--resume" in err and "Traceback" not in err
     step = saved_steps(workdir)[-1]
@@ -191,6 +208,40 @@ def test_sigterm_saves_then_resume_is_bit_identical(env, base, uninterrupted, tm
     assert meta["epoch"] * STEPS_PER_EPOCH + meta.get("batches_done", 0) == step
     run(env, base, workdir, "--resume", "--stream")
     assert_bit_identical(uninterrupted, workdir)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_while_the_data_loads_stops_at_once(env, signum, tmp_path):
+    """Before the first step there is nothing to save: SIGTERM / Ctrl-C stop the run at once (they were held
+    until training started). The data here cannot finish loading: its one image file is a FIFO that nobody
+    writes to, so reading it blocks for ever; the signal comes half a second after the `loading` log line."""
+    fifo = tmp_path / "data" / "train" / "cls" / "0.png"
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)
+    workdir = tmp_path / "run"
+    proc = start(env, [*BASE, "--dataset", f"folder:{tmp_path / 'data'}"], workdir)
+    err_lines = follow(proc.stderr)
+    try:
+        wait_for(lambda: any(line.startswith("loading folder:") for line in err_lines), proc,
+                 what="the loading log line")
+        time.sleep(0.5)  # blocked in the read by now
+        t = time.time()
+        proc.send_signal(signum)
+        proc.wait(timeout=60)
+        seconds = time.time() - t
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.2)  # the reader thread takes the last lines
+    err = "".join(err_lines)
+    assert proc.returncode == 128 + signum, err
+    assert seconds < 5, seconds
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1] == (f"stopped: {signal.Signals(signum).name} before the first training step; "
+                                    "nothing to save"), err
+    assert not any(line.startswith("training: ") for line in err_lines)
+    assert not (workdir / "checkpoints").exists()
 
 
 def test_interrupted_save_leaves_the_previous_checkpoint(env, base, uninterrupted, tmp_path):
