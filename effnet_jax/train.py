@@ -7,7 +7,9 @@ Data parallelism: one `jax.jit` step over a 1-D mesh `('data',)` of all devices 
 dataset lives on the devices as uint8 (replicated); the host sends only the global example indices of each
 batch, sharded over the mesh, and the step gathers, augments (per-example RNG keyed by the example index)
 and trains. BatchNorm's batch statistics are global reductions, i.e. synchronized. The state is donated.
-The same code runs on 1..N devices and N processes; results do not depend on the layout.
+The same code runs on 1..N devices and N processes. The data order, augmentation and initialization do not
+depend on the layout; the order of the float sums over the devices does: with SGD runs on different layouts
+agree to rounding, with Adam/AdamW they drift apart (README, "Several devices, processes and hosts").
 
 Work directory: `config.json`, `metrics.jsonl` (one record per epoch, the first being epoch 0: the
 accuracy before fine-tuning), `curves.png`, `checkpoints/latest` and `checkpoints/best` (orbax),
