@@ -315,7 +315,8 @@ def _read_cache(entry: pathlib.Path) -> _Decoded | None:
 
 
 def _write_cache(entry: pathlib.Path, d: _Decoded) -> None:
-    """Store `d` at `entry` atomically (temp file in the same folder, then rename); a failure only warns."""
+    """Store `d` at `entry` atomically (temp file in the same folder, then rename); a failure only warns. The temp
+    file goes whatever stops the write, a signal too (`train.StoppedBeforeTraining`, KeyboardInterrupt)."""
     empty_images = np.zeros((0, *d.train.images.shape[1:]), np.uint8)
     arrays = {
         "train_images": d.train.images, "train_labels": d.train.labels,
@@ -331,8 +332,10 @@ def _write_cache(entry: pathlib.Path, d: _Decoded) -> None:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, entry)
+        tmp = None
     except OSError as e:
         warnings.warn(f"could not write the dataset cache {entry}: {e}", stacklevel=4)
+    finally:
         if tmp is not None:
             pathlib.Path(tmp).unlink(missing_ok=True)
 

@@ -291,6 +291,22 @@ def test_cache_hit_and_invalidation(tmp_path: pathlib.Path, cache: pathlib.Path,
         load_dataset(f"folder:{root}", cache_dir=cache)
 
 
+def test_cache_write_stopped_leaves_no_temp_file(tmp_path: pathlib.Path, cache: pathlib.Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal while the cache is written (train.py stops at once before the first step) takes the temp file,
+    which may be gigabytes, with it."""
+    root = make_folder(tmp_path / "data")
+
+    def interrupted_savez(f, **arrays):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", interrupted_savez)
+    with pytest.raises(KeyboardInterrupt):
+        load_dataset(f"folder:{root}", cache_dir=cache)
+    assert cache.is_dir() and not list(cache.iterdir())
+
+
 def test_default_cache_dir_from_env(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(data.CACHE_ENV_VAR, str(tmp_path / "home"))
     assert data.default_cache_dir() == tmp_path / "home" / "datasets"
