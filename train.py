@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 
 HELP = {
@@ -72,14 +73,24 @@ def parse_args(argv=None):
     return parse(argv)[0]
 
 
-def main(argv=None) -> int:
+def main(argv=None, exit_at_once: bool = False) -> int:
+    """Train; returns the exit status. `exit_at_once` (the command line): a signal before the first training step
+    ends the process with `os._exit` after its message, so that neither a worker thread still retrying a download
+    nor jax.distributed's shutdown barrier (which waits for the other processes) holds it."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("effnet_jax").setLevel(logging.INFO)
-    from effnet_jax.train import Interrupted, initialize_distributed, train_and_evaluate
+    from effnet_jax.train import Interrupted, StoppedBeforeTraining, initialize_distributed, train_and_evaluate
     cfg, launch = parse(argv)
     try:
         initialize_distributed(**launch)
         summary = train_and_evaluate(cfg)
+    except StoppedBeforeTraining as e:  # SIGTERM / SIGINT while loading: nothing to save
+        print(f"stopped: {e}", file=sys.stderr)
+        if exit_at_once:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.exit_code)
+        return e.exit_code
     except Interrupted as e:  # SIGTERM / SIGINT: checkpoint saved
         print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
@@ -93,4 +104,4 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     from effnet_jax.host import with_fast_malloc
     with_fast_malloc()  # restarts once with huge-page malloc: effnet_jax/host.py
-    sys.exit(main())
+    sys.exit(main(exit_at_once=True))

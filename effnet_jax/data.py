@@ -16,10 +16,12 @@ Loading — `load_dataset(spec, data_dir)` returns a `Dataset` of uint8 NHWC arr
   folder `cifar-10-batches-py` extracted from it; `cifar-100-python.tar.gz` / `cifar-100-python`, fine labels).
   The batches are pickles; they are read with an unpickler that only admits numpy arrays.
 * `spec` 'folder:PATH', or any `spec` with `data_dir` an image folder: a tree `train/<class>/*.jpg` with an
-  optional `test/<class>/...`, or, without a `train/` level, `<class>/*.jpg`; or a `.tar`/`.tar.gz` of such a
-  tree (read as a stream). A single folder wrapping the whole tree (`mydata/train/...`) is stepped into; hidden
-  files and folders are skipped; image files are those with torchvision's `ImageFolder` extensions, searched
-  recursively inside each class folder. Class index = position in the sorted class names of `train/`.
+  optional `test/<class>/...`, or, without a `train/` level, `<class>/*.jpg`, or only `test/<class>/...` (a test
+  set, to score a run on with `evaluate --split test`: its train split, and so validation, are empty); or a
+  `.tar`/`.tar.gz` of such a tree (read as a stream). A single folder wrapping the whole tree (`mydata/train/...`)
+  is stepped into; hidden files and folders are skipped; image files are those with torchvision's `ImageFolder`
+  extensions, searched recursively inside each class folder. Class index = position in the sorted class names of
+  `train/` (of `test/` when it is the only folder).
   Images are decoded with PIL in RGB, one after another: on 2 cores neither a thread pool nor a process pool
   made the 50,000 CIFAR-10 JPEGs (~70 µs each, mostly Python overhead) load faster.
   Corrupt images raise `DatasetError` naming the file (`on_corrupt='error'`), or are left out with a warning
@@ -394,7 +396,8 @@ def _read_cache(entry: pathlib.Path) -> _Decoded | None:
 
 
 def _write_cache(entry: pathlib.Path, d: _Decoded) -> None:
-    """Store `d` at `entry` atomically (temp file in the same folder, then rename); a failure only warns."""
+    """Store `d` at `entry` atomically (temp file in the same folder, then rename); a failure only warns. The temp
+    file goes whatever stops the write, a signal too (`train.StoppedBeforeTraining`, KeyboardInterrupt)."""
     empty_images = np.zeros((0, *d.train.images.shape[1:]), np.uint8)
     arrays = {
         "train_images": d.train.images, "train_labels": d.train.labels,
@@ -410,8 +413,10 @@ def _write_cache(entry: pathlib.Path, d: _Decoded) -> None:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, entry)
+        tmp = None
     except OSError as e:
         warnings.warn(f"could not write the dataset cache {entry}: {e}", stacklevel=4)
+    finally:
         if tmp is not None:
             pathlib.Path(tmp).unlink(missing_ok=True)
 
@@ -591,6 +596,9 @@ def _folder_layout(path: pathlib.Path, files: Sequence[tuple[str, ...]], folders
         labels = np.concatenate([np.full(len(members[n]), index[n], np.int32) for n in names])
         return (keys, labels), tuple(names)
 
+    if top == {"test"}:  # only test/<class>/: a test set, no training examples
+        test, class_names = split(root + ("test",), None)
+        return ([], np.zeros(0, np.int32)), test, class_names
     train, class_names = split(level, None)
     test = split(root + ("test",), class_names)[0] if level != root and root + ("test",) in folders else None
     return train, test, class_names

@@ -4,7 +4,8 @@
                                   [--flip | --no-flip]
 
 Prints per-class accuracy and, last, one JSON line with top1, top5, loss, n. The evaluated data's classes are
-matched to the run's class names by name (a folder with a subset of the classes, or in another order, works).
+matched to the run's class names by name (a folder with a subset of the classes, or in another order, works;
+a folder of only `test/<class>/` is a test set: `--dataset folder:DIR --split test`).
 With the run's own dataset and `--split val` it recomputes exactly the validation numbers the run logged.
 `--flip` adds test-time augmentation (the mean of each image's and its mirror's logits); the default is what
 the run's validation did (its `--eval-flip`).

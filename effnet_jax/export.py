@@ -14,12 +14,13 @@ inside the graph; the metadata says what it is:
      "output": {"name": "logits", "shape": ["batch", num_classes], "dtype": "float32"},
      "preprocess": {"input_size": R, "mean": [..], "std": [..], ...}, "source": ..., "dtype": ...}
 
-`preprocess` is, for `--init imagenet|PATH.pth`, the weights' ImageNet eval transform
-(`effnet_jax.preprocess.preprocess_config`: resize/crop recipe, interpolation, mean/std; at another `--resolution`
-`input_size` is R and (torchvision crop style) `resize_size` keeps its ratio to it; `effnet_jax.preprocess.EvalTransform(**preprocess)`
-rebuilds the transform);
-for `--workdir`, the run's evaluation preprocessing: `{"input_size": R, "resize": "bilinear (jax.image.resize,
-antialiased)", "mean", "std"}` on images scaled to [0, 1] (what `effnet_jax.data.eval_batch` does).
+`preprocess` holds the fields of `effnet_jax.preprocess.EvalTransform`, so `EvalTransform(**meta["preprocess"])`
+rebuilds the transform from either source. For `--init imagenet|PATH.pth` it is the weights' ImageNet eval
+transform (`effnet_jax.preprocess.preprocess_config`: resize/crop recipe, interpolation, mean/std; at another
+`--resolution` `input_size` is R and (torchvision crop style) `resize_size` keeps its ratio to it); for
+`--workdir`, the run's evaluation preprocessing (`effnet_jax.preprocess.run_preprocess_config`, crop style 'run':
+the image as the data loader stores it, then `effnet_jax.data.eval_batch`'s bilinear resize to R and the run's
+mean/std), the same as `predict --workdir` uses.
 
 * ONNX (opset 17): written by an explicit emitter that walks the architecture (`ModelConfig`): Transpose to NCHW,
   Conv (depthwise = group C), BatchNormalization nodes with the running statistics, SiLU = x * Sigmoid(x),
@@ -88,6 +89,7 @@ def load_for_export(*, workdir: str | None = None, which: str = "best", variant:
 
     if workdir is not None:
         from .evaluate import load_run
+        from .preprocess import run_preprocess_config
         if not pathlib.Path(workdir).is_dir():
             raise ExportError(f"--workdir {workdir}: no such directory")
         try:
@@ -95,8 +97,7 @@ def load_for_export(*, workdir: str | None = None, which: str = "best", variant:
         except Exception as e:  # noqa: BLE001 — missing files, orbax errors alike
             raise ExportError(f"--workdir {workdir}: cannot load the run: {_describe(e)}") from None
         r = resolution or run.config.resolution
-        pre = {"input_size": r, "resize": "bilinear (jax.image.resize, antialiased), after scaling to [0, 1]",
-               "mean": list(run.saved["mean"]), "std": list(run.saved["std"])}
+        pre = run_preprocess_config(r, run.saved["mean"], run.saved["std"])
         meta = {"variant": run.config.variant, "num_classes": len(run.class_names),
                 "class_names": list(run.class_names), "preprocess": pre, "source": f"run {os.fspath(workdir)} "
                 f"({which} checkpoint, epoch {run.meta.get('epoch')}{', EMA weights' if run.uses_ema else ''})"}

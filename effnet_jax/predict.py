@@ -18,7 +18,8 @@ prints for every image `{"image": path, "top5": [{"class": name, "index": i, "pr
 
 `--workdir RUN_DIR` uses a training run (`effnet_jax.train`): its best (or `--which latest`) checkpoint, the EMA
 weights when the run kept an EMA (as its evaluation does, `effnet_jax.evaluate.load_run`), the class names of its
-`class_names.json`, and its evaluation preprocessing: the RGB image as the data loader stores it (kept as is when
+`class_names.json`, and its evaluation preprocessing (`effnet_jax.preprocess.run_preprocess_config`, the transform
+that `export --workdir` writes into its metadata): the RGB image as the data loader stores it (kept as is when
 square, else shorter side resized to 256 and center-cropped, as for a folder of mixed sizes), then
 `effnet_jax.data.eval_batch` (bilinear resize to the run's resolution, the run's mean/std) — so a validation
 image gets the logits that `python -m effnet_jax.evaluate` computes for it.
@@ -181,24 +182,6 @@ def load_predictor(init: str, variant: str | None) -> Predictor:
     return Predictor(model, variables, variant, _names_for(num_classes), eval_transform(variant))
 
 
-class RunTransform:
-    """PIL image -> float32 (resolution, resolution, 3): a training run's evaluation preprocessing (see the module
-    docstring)."""
-
-    def __init__(self, resolution: int, mean, std):
-        from .data import AugmentConfig
-        self.input_size = int(resolution)
-        self.aug = AugmentConfig(crop_padding=0, flip=False, resolution=self.input_size, mean=tuple(mean),
-                                 std=tuple(std))
-
-    def __call__(self, image) -> np.ndarray:
-        from .data import DEFAULT_RESIZE, _resize_center_crop, eval_batch
-        image = image.convert("RGB")
-        w, h = image.size
-        a = np.asarray(image) if w == h else _resize_center_crop(image, DEFAULT_RESIZE)
-        return np.asarray(eval_batch(a[None], self.aug)[0], np.float32)
-
-
 def load_run_predictor(workdir: str, which: str = "best", variant: str | None = None) -> Predictor:
     """Predictor of a training run directory: eval weights (EMA if kept), class names, eval preprocessing."""
     from .evaluate import load_run
@@ -210,7 +193,8 @@ def load_run_predictor(workdir: str, which: str = "best", variant: str | None = 
         raise PredictError(f"--workdir {workdir}: cannot load the run: {_describe(e)}") from None
     if variant is not None and variant != run.config.variant:
         raise PredictError(f"--workdir {workdir} holds a {run.config.variant} model, not --variant {variant}")
-    transform = RunTransform(run.config.resolution, run.saved["mean"], run.saved["std"])
+    from .preprocess import EvalTransform, run_preprocess_config
+    transform = EvalTransform(**run_preprocess_config(run.config.resolution, run.saved["mean"], run.saved["std"]))
     return Predictor(run.model, run.variables, run.config.variant, list(run.class_names), transform)
 
 

@@ -7,7 +7,9 @@ Data parallelism: one `jax.jit` step over a 1-D mesh `('data',)` of all devices 
 dataset lives on the devices as uint8 (replicated); the host sends only the global example indices of each
 batch, sharded over the mesh, and the step gathers, augments (per-example RNG keyed by the example index)
 and trains. BatchNorm's batch statistics are global reductions, i.e. synchronized. The state is donated.
-The same code runs on 1..N devices and N processes; results do not depend on the layout.
+The same code runs on 1..N devices and N processes. The data order, augmentation and initialization do not
+depend on the layout; the order of the float sums over the devices does: with SGD runs on different layouts
+agree to rounding, with Adam/AdamW they drift apart (README, "Several devices, processes and hosts").
 
 Work directory: `config.json`, `metrics.jsonl` (one record per epoch, the first being epoch 0: the
 accuracy before fine-tuning), `curves.png`, `checkpoints/latest` and `checkpoints/best` (orbax),
@@ -461,15 +463,28 @@ class Interrupted(Exception):
                          f"{workdir / 'checkpoints' / 'latest'}; continue with the same flags and --resume")
 
 
+class StoppedBeforeTraining(BaseException):
+    """SIGTERM/SIGINT arrived before the first training step (while the data or the weights load, a tfds download
+    retries, ...): there is nothing to save, so the run stops at once. A BaseException, as KeyboardInterrupt, so
+    that the loaders' `except Exception` clauses do not take it for a failed read."""
+
+    def __init__(self, signum: int):
+        import signal
+        self.exit_code = 128 + signum
+        super().__init__(f"{signal.Signals(signum).name} before the first training step; nothing to save")
+
+
 class StopRequest:
-    """Catches SIGTERM and SIGINT while training (main thread only) so that the loop can save a checkpoint and
-    stop between two steps; a second signal acts as usual. With several processes the decision is taken
-    together (`requested(check_all=True)` gathers every process's flag) so that all save the same step."""
+    """Catches SIGTERM and SIGINT (main thread only). Before `start_training()` a signal raises
+    `StoppedBeforeTraining` at once (nothing to save yet); from then on the loop saves a checkpoint and stops
+    between two steps; a second signal acts as usual. With several processes the decision is taken together
+    (`requested(check_all=True)` gathers every process's flag) so that all save the same step."""
 
     SIGNALS = ("SIGTERM", "SIGINT")
 
     def __init__(self):
         self.signal: int | None = None
+        self.training = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequest":
@@ -488,8 +503,15 @@ class StopRequest:
             signal.raise_signal(signum)
             return
         self.signal = signum
+        if not self.training:
+            raise StoppedBeforeTraining(signum)
         log.warning("%s received: saving a checkpoint after this step, then stopping (again to stop at once)",
                     signal.Signals(signum).name)
+
+    def start_training(self) -> None:
+        """From here on a signal saves a checkpoint after the current step instead of stopping at once."""
+        self.training = True
+        log.info("training: SIGTERM or Ctrl-C now saves a checkpoint after the current step, then stops")
 
     def requested(self, check_all: bool) -> bool:
         if jax.process_count() == 1:
@@ -523,6 +545,7 @@ STREAM_ABOVE_BYTES = 4 << 30  # --stream's default: datasets whose decoded uint8
 def load_data(cfg: TrainConfig) -> data_lib.Dataset | data_lib.StreamDataset:
     """The dataset in memory, or streamed (`--stream`; by default when `data.decoded_bytes` says it would take
     more than STREAM_ABOVE_BYTES)."""
+    log.info("loading %s%s", cfg.dataset, f" from {cfg.data_dir}" if cfg.data_dir else "")
     stream, why = cfg.stream, ""
     if stream is None:
         size = data_lib.decoded_bytes(cfg.dataset, cfg.data_dir)
@@ -553,7 +576,8 @@ def augment_config(cfg: TrainConfig, mean, std, resolution: int | None = None) -
 
 def train_and_evaluate(cfg: TrainConfig) -> dict:
     """Run the fine-tune described by `cfg`; returns the summary (also printed as the last stdout line).
-    SIGTERM/SIGINT from here on stop the run at the next step with a checkpoint (`Interrupted`)."""
+    SIGTERM/SIGINT before the first training step raise `StoppedBeforeTraining` at once (nothing to save); from the
+    first step on they stop the run after the current step with a checkpoint (`Interrupted`)."""
     with StopRequest() as stop:
         return _train_and_evaluate(cfg, stop)
 
@@ -580,6 +604,11 @@ def _train_and_evaluate(cfg: TrainConfig, stop: StopRequest) -> dict:
         check_writable(workdir)
     ds = load_data(cfg)
     n_train, n_val = len(ds.train), len(ds.val)
+    if n_train + n_val == 0 and ds.test is not None:  # a folder of test/<class>/ only
+        raise ValueError(f"{ds.source} has no training images, only a test split (test/<class>/); training needs "
+                         "train/<class>/ (or <class>/ at the top); to score a run on this test set: python -m "
+                         f"effnet_jax.evaluate --workdir RUN --dataset {cfg.dataset}"
+                         + (f" --data-dir {cfg.data_dir}" if cfg.data_dir else "") + " --split test")
     steps_per_epoch = n_train // cfg.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"{n_train} training examples are fewer than one batch of {cfg.batch_size}")
@@ -667,6 +696,7 @@ def _train_and_evaluate(cfg: TrainConfig, stop: StopRequest) -> dict:
 
     step_fns: dict[tuple[int, int], Any] = {}
     with latest_mgr, best_mgr:  # (closing the managers waits for their saves)
+        stop.start_training()
         for epoch in range(start_epoch, cfg.epochs + 1):
             phase = [p for p in optim.phases(ocfg) if p.start_epoch < epoch][-1]
             fu, side = optim.frozen_units(mcfg, phase.freeze), sides[epoch - 1]

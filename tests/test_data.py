@@ -97,6 +97,29 @@ def test_folder_layouts_and_archives_agree(tmp_path: pathlib.Path, cache: pathli
         np.testing.assert_array_equal(ds.test.images, reference.test.images)
 
 
+@pytest.mark.parametrize("layout", ["folder", "tar.gz+wrapper"])
+def test_folder_of_only_a_test_split(tmp_path: pathlib.Path, cache: pathlib.Path, layout: str) -> None:
+    """Only test/<class>/ (a new test set for a run): the test split, with its own class names; no training or
+    validation examples. (It was read as one class named 'test'.) The streamed folder agrees."""
+    root = tmp_path / "data"
+    for c, name in enumerate(CLASSES[1:]):
+        for j in range(3):
+            write_image(root / "test" / name / f"{j}.png", 40 * c + j)
+    path = root if layout == "folder" else make_tar(root, tmp_path / "data.tar.gz", "mydata")
+    ds = load_dataset(f"folder:{path}", cache_dir=cache)
+    assert ds.class_names == CLASSES[1:]
+    assert ds.test is not None and ds.test.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert levels(ds.test.images).tolist() == [0, 1, 2, 40, 41, 42]
+    assert len(ds.train) == len(ds.val) == 0 and ds.train.images.shape[1:] == (8, 8, 3)
+    assert load_dataset(f"folder:{path}", cache_dir=cache).test.labels.tolist() == ds.test.labels.tolist()  # cached
+    if layout == "folder":
+        stream = data.open_stream(f"folder:{root}")
+        assert stream.class_names == ds.class_names and len(stream.train) == len(stream.val) == 0
+        images, labels = _streamed(stream.test)
+        np.testing.assert_array_equal(images, ds.test.images)
+        np.testing.assert_array_equal(labels, ds.test.labels)
+
+
 def test_data_dir_image_folder_for_a_tfds_name(tmp_path: pathlib.Path, cache: pathlib.Path) -> None:
     archive = make_tar(make_folder(tmp_path / "src"), tmp_path / "mine.tar.gz", None)
     ds = load_dataset("cifar10", data_dir=archive, cache_dir=cache)
@@ -299,6 +322,22 @@ def test_cache_hit_and_invalidation(tmp_path: pathlib.Path, cache: pathlib.Path,
     write_image(root / "train" / "cat" / "00.png", 7)  # the data changed: decoded again
     with pytest.raises(DatasetError, match="decoded although cached"):
         load_dataset(f"folder:{root}", cache_dir=cache)
+
+
+def test_cache_write_stopped_leaves_no_temp_file(tmp_path: pathlib.Path, cache: pathlib.Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal while the cache is written (train.py stops at once before the first step) takes the temp file,
+    which may be gigabytes, with it."""
+    root = make_folder(tmp_path / "data")
+
+    def interrupted_savez(f, **arrays):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", interrupted_savez)
+    with pytest.raises(KeyboardInterrupt):
+        load_dataset(f"folder:{root}", cache_dir=cache)
+    assert cache.is_dir() and not list(cache.iterdir())
 
 
 def test_default_cache_dir_from_env(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:

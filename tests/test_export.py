@@ -104,6 +104,23 @@ def check_against(paths, x, ref, label):
     return meta
 
 
+def readme_snippet(onnx_path, shlo_path):
+    """Run README.md's deployment snippet ("Export and deployment": the python block that rebuilds the transform
+    with `EvalTransform(**meta["preprocess"])`) as written, with only its two file paths replaced; returns what it
+    prints, split into (class name, max |StableHLO - onnxruntime|)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Export and deployment"):]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+    (code,) = [b for b in blocks if 'EvalTransform(**meta["preprocess"])' in b]
+    assert code.count('"export/lite0.onnx"') == 2 and code.count('"export/lite0.shlo"') == 1
+    code = code.replace('"export/lite0.onnx"', repr(str(onnx_path))).replace('"export/lite0.shlo"', repr(str(shlo_path)))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), {})
+    name, diff = out.getvalue().strip().rsplit(" ", 1)
+    return name, float(diff)
+
+
 def onnx_meta(path):
     meta = export.onnx_metadata(path)
     props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
@@ -127,6 +144,8 @@ def test_lite0_imagenet(images, tmp_path):
     ref = np.asarray(jax.jit(lambda v, x: pred.model.apply(v, x))(pred.variables, x))
     shlo_meta = check_against(paths, x, ref, "lite0 imagenet")
     assert {k: v for k, v in shlo_meta.items() if k != "format"} == {k: v for k, v in meta.items() if k != "format"}
+    name, diff = readme_snippet(paths["onnx"], paths["stablehlo"])
+    assert name in meta["class_names"] and diff <= TOL
 
 
 def test_b0_from_torchvision_pth(images, tmp_path):
@@ -203,6 +222,12 @@ def test_finetuned_run(run_dir, run_reference, tmp_path):
     assert meta["preprocess"]["mean"] == saved["mean"] and meta["preprocess"]["std"] == saved["std"]
     assert meta["input"]["shape"] == ["batch", 32, 32, 3] and meta["variant"] == "lite0"
     check_against(paths, x, ref, "lite0 fine-tuned run")
+    # the metadata's transform is the run's evaluation: on its 32 px images, what eval_batch computed for them
+    transform = EvalTransform(**meta["preprocess"])
+    got = np.stack([transform(Image.open(f)) for f in files])
+    np.testing.assert_allclose(got, x, rtol=0, atol=1e-6)
+    name, diff = readme_snippet(paths["onnx"], paths["stablehlo"])  # a 300 x 200 photo: cropped to 256, then 32
+    assert name in meta["class_names"] and diff <= TOL
 
 
 def test_predict_workdir(run_dir, run_reference, tmp_path):

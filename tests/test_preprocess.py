@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from effnet_jax.preprocess import EvalTransform, eval_transform, imagenet_class_names, preprocess_config
+from effnet_jax.preprocess import (EvalTransform, eval_transform, imagenet_class_names, preprocess_config,
+                                   run_preprocess_config)
 from effnet_jax.weights import WEIGHTS
 
 CIFAR_TAR = pathlib.Path("/work/shared/data/cifar10-jpeg-train.tar.gz")
@@ -76,6 +77,34 @@ def test_config_values() -> None:
     assert preprocess_config("b3") == {
         "input_size": 300, "resize_size": 320, "interpolation": "bicubic",
         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_style": "torchvision"}
+
+
+def test_run_transform_is_the_runs_evaluation(photos: list[Image.Image], tmp_path: pathlib.Path) -> None:
+    """A run's transform (crop style 'run') against the run's own evaluation path: a folder of photos of mixed sizes
+    loaded by the data loader (`load_dataset`: 256 x 256 crops), then `eval_batch` at the run's resolution."""
+    from effnet_jax import data
+    mean, std, resolution = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), 96
+    config = run_preprocess_config(resolution, mean, std)
+    assert json.loads(json.dumps(config)) == config
+    transform = EvalTransform(**config)
+    # non-square photos (resized and cropped to 256 by the loader) and a 256 x 256 one (kept as it is)
+    images = photos[:5] + [photos[5].resize((256, 256))]
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    for i, image in enumerate(images):
+        image.save(tmp_path / "train" / "a" / f"{i}.png")
+    ds = data.load_dataset(f"folder:{tmp_path}", val_fraction=0.0, cache_dir=False)
+    assert ds.train.images.shape == (len(images), 256, 256, 3)
+    aug = data.AugmentConfig(crop_padding=0, flip=False, resolution=resolution, mean=mean, std=std)
+    expected = np.asarray(data.eval_batch(ds.train.images, aug))
+    got = np.stack([transform(image) for image in images])
+    assert got.shape == (len(images), resolution, resolution, 3) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    # a square image (a 32 px CIFAR image: kept by the loader, resized on the device)
+    small = photos[6].resize((32, 32))
+    np.testing.assert_allclose(transform(small), np.asarray(data.eval_batch(np.asarray(small)[None], aug))[0],
+                               rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="bilinear"):
+        EvalTransform(**dict(config, interpolation="bicubic"))
 
 
 def test_imagenet_class_names() -> None:

@@ -1,13 +1,16 @@
 """Scale-out, killed runs and bad inputs (`train.py` as a user runs it, in subprocesses).
 
 * Two processes on 127.0.0.1 (`jax.distributed`, 2 CPU devices each, reading the images with `--stream`)
-  against one process with 4 devices and the images on them: the same final parameters (≤ 1e-6; BN statistics
-  ≤ 1e-5 relative) and the same metrics (this one starts from the Lite0 ImageNet weights and trains its top 6
-  blocks).
+  against one process with 4 devices and the images on them (this one starts from the Lite0 ImageNet weights
+  and trains its top 6 blocks, 2 steps): with SGD the same final parameters (≤ 1e-6; BN statistics ≤ 1e-5
+  relative) and the same metrics (≤ 1e-6); with AdamW, the default, whose first steps turn rounding-level
+  gradients into steps of about lr, parameters within lr, losses within 1e-4 and the same accuracies (what the
+  README claims for each).
 * A run killed with SIGKILL mid-epoch (while it saves a checkpoint every step) and resumed ends bit-identical
   to an uninterrupted run; SIGTERM saves a checkpoint and exits 143, and that run resumed ends the same too
   (this one reads the images with `--stream`, against a reference that holds them); an interrupted orbax save
-  (its temporary directory) does not hide the previous checkpoint.
+  (its temporary directory) does not hide the previous checkpoint. SIGTERM / SIGINT while the data loads
+  (before the first step: nothing to save) stop the run at once.
 * Bad inputs: one `error: ...` line, exit 2, no traceback, no checkpoint lost.
 
 The data is a small folder of real CIFAR-10 JPEGs (from ../shared/data); the model lite0 scaled down to a
@@ -28,6 +31,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import numpy as np
@@ -150,6 +154,18 @@ def wait_for(predicate, proc, timeout=300.0, what=""):
         time.sleep(0.01)
 
 
+def follow(stream) -> list[str]:
+    """The lines of a subprocess's pipe, read by a thread as they come (the list grows while the process runs)."""
+    lines: list[str] = []
+
+    def read():
+        for line in stream:
+            lines.append(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
 def saved_steps(workdir) -> list[int]:
     d = pathlib.Path(workdir) / "checkpoints" / "latest"
     return sorted(int(p.name) for p in d.glob("*") if p.name.isdigit()) if d.exists() else []
@@ -178,10 +194,13 @@ def test_sigterm_saves_then_resume_is_bit_identical(env, base, uninterrupted, tm
     resumed feed starts at the saved batch, and the streamed step computes what the gathering one does."""
     workdir = tmp_path / "terminated"
     proc = start(env, base, workdir, "--stream")  # no --checkpoint-every: the signal alone makes it save
-    # metrics.jsonl appears with epoch 0 (the accuracy before fine-tuning), just before the first step
-    wait_for(lambda: (workdir / "metrics.jsonl").exists(), proc, what="the first metrics")
+    err_lines = follow(proc.stderr)
+    # the log line `training: ...` comes just before the first step (before it a signal stops at once, below)
+    wait_for(lambda: any(line.startswith("training: ") for line in err_lines), proc, what="the training log line")
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
+    proc.wait(timeout=300)
+    time.sleep(0.5)  # the reader thread takes the last lines
+    err = "".join(err_lines)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "stopped: interrupted at step" in err and "--resume" in err and "Traceback" not in err
     step = saved_steps(workdir)[-1]
@@ -191,6 +210,40 @@ def test_sigterm_saves_then_resume_is_bit_identical(env, base, uninterrupted, tm
     assert meta["epoch"] * STEPS_PER_EPOCH + meta.get("batches_done", 0) == step
     run(env, base, workdir, "--resume", "--stream")
     assert_bit_identical(uninterrupted, workdir)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_while_the_data_loads_stops_at_once(env, signum, tmp_path):
+    """Before the first step there is nothing to save: SIGTERM / Ctrl-C stop the run at once (they were held
+    until training started). The data here cannot finish loading: its one image file is a FIFO that nobody
+    writes to, so reading it blocks for ever; the signal comes half a second after the `loading` log line."""
+    fifo = tmp_path / "data" / "train" / "cls" / "0.png"
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)
+    workdir = tmp_path / "run"
+    proc = start(env, [*BASE, "--dataset", f"folder:{tmp_path / 'data'}"], workdir)
+    err_lines = follow(proc.stderr)
+    try:
+        wait_for(lambda: any(line.startswith("loading folder:") for line in err_lines), proc,
+                 what="the loading log line")
+        time.sleep(0.5)  # blocked in the read by now
+        t = time.time()
+        proc.send_signal(signum)
+        proc.wait(timeout=60)
+        seconds = time.time() - t
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.2)  # the reader thread takes the last lines
+    err = "".join(err_lines)
+    assert proc.returncode == 128 + signum, err
+    assert seconds < 5, seconds
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1] == (f"stopped: {signal.Signals(signum).name} before the first training step; "
+                                    "nothing to save"), err
+    assert not any(line.startswith("training: ") for line in err_lines)
+    assert not (workdir / "checkpoints").exists()
 
 
 def test_interrupted_save_leaves_the_previous_checkpoint(env, base, uninterrupted, tmp_path):
@@ -219,7 +272,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_process_with_four_devices(env, base, tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_two_processes_equal_one_process_with_four_devices(env, base, tmp_path, optimizer):
     one = tmp_path / "one_process"
     two = tmp_path / "two_processes"
     # the ImageNet weights, a small lr and 2 steps of 8 (2 per device): a well-conditioned start, where float
@@ -228,6 +282,8 @@ def test_two_processes_equal_one_process_with_four_devices(env, base, tmp_path):
     # gradients are reduced across the processes; the frozen part has no backward pass to compile)
     extra = ("--epochs", 1, "--init", "imagenet", "--freeze", 6, "--lr", 1e-3, "--batch-size", 8,
              "--max-train-examples", 16)
+    if optimizer == "adamw":  # the default optimizer, with its default lr
+        extra += ("--optimizer", "adamw", "--lr", trainer.TrainConfig().lr)
     address = f"127.0.0.1:{free_port()}"
     # the two processes stream the images (each reads its rows of every batch), the single one holds them
     procs = [start(env, base, two, *extra, "--stream", "--coordinator-address", address, "--num-processes", 2,
@@ -240,18 +296,30 @@ def test_two_processes_equal_one_process_with_four_devices(env, base, tmp_path):
     a, b = final_state(one), final_state(two)
     assert int(a["step"]) == int(b["step"]) == 2
     diff = max(float(np.max(np.abs(x - y))) for x, y in zip(leaves(a["params"]), leaves(b["params"])))
-    assert diff <= 1e-6, ("params", diff)
     # BN running variances reach the hundreds (one float32 ulp there: ~3e-5), and flax computes them as
     # E[x²] - E[x]², which cancels digits: the reduction order of 1 vs 2 processes shows at ~1e-6 relative
     rel = max(float(np.max(np.abs(x - y) / np.maximum(1.0, np.abs(y))))
               for x, y in zip(leaves(a["batch_stats"]), leaves(b["batch_stats"])))
-    assert rel <= 1e-5, ("batch_stats", rel)
     ma, mb = metrics(one), metrics(two)
     assert [m["epoch"] for m in ma] == [m["epoch"] for m in mb] == [0, 1]
-    for ra, rb in zip(ma, mb):
-        assert ra.keys() == rb.keys()
-        for k in ra:
-            assert ra[k] == pytest.approx(rb[k], abs=1e-6), k
+    assert all(ra.keys() == rb.keys() for ra, rb in zip(ma, mb))
+    mdiff = {k: max(abs(ra[k] - rb[k]) for ra, rb in zip(ma, mb) if ra[k] is not None) for k in ma[0]
+             if k != "epoch" and any(r[k] is not None for r in ma)}
+    print(f"\n{optimizer}: params max |diff| {diff:.3g}, batch_stats max rel diff {rel:.3g}, metrics max |diff| "
+          f"{ {k: float(f'{v:.3g}') for k, v in mdiff.items()} }")
+    assert rel <= 1e-5, ("batch_stats", rel)
+    if optimizer == "sgd":  # linear in the gradient: the layouts agree to float rounding
+        assert diff <= 1e-6, ("params", diff)
+        assert max(mdiff.values()) <= 1e-6, mdiff
+    else:
+        # Adam's first steps move a weight by about lr * sign(g) however small g is: where g is at rounding level
+        # (a weight whose gradient is analytically ~0) the layouts move it differently, by up to about lr (measured
+        # here: 1.3e-3 at lr 3e-3); the losses stay close (measured: 2.4e-7 train, 3.0e-5 validation) and the
+        # accuracies equal
+        assert diff <= trainer.TrainConfig().lr, ("params", diff)
+        assert max(mdiff["train_loss"], mdiff["val_loss"]) <= 1e-4, mdiff
+        assert mdiff["train_acc"] == mdiff["val_acc"] == mdiff["val_top5"] == 0, mdiff
+        assert mdiff["lr"] == 0 and mdiff["resolution"] == 0, mdiff
     assert json.loads(outs[0][0].strip().splitlines()[-1])["final_val_acc"] == mb[-1]["val_acc"]
 
 

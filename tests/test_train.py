@@ -473,6 +473,30 @@ def test_evaluate_flip_flag(run_a):
     assert last_json(run_a.evaluated[1])["flip"] is False  # the run's own setting (no --eval-flip)
 
 
+def test_evaluate_a_folder_of_only_a_test_split(run_a, image_folder, tmp_path):
+    """`evaluate --dataset folder:DIR --split test` on a folder that holds only test/<class>/ (it was read as one
+    class named 'test', and --split test answered "no 'test' split"). The folder holds run A's validation images
+    (the stratified split of its seed 0, by file), so the scores are the validation numbers the run logged; the
+    same loaded and streamed."""
+    from effnet_jax import data as data_lib
+    files = [image_folder / c / f"{i:02d}.png" for c in sorted(CLASSES) for i in range(PER_CLASS)]  # loader order
+    _, val_idx = data_lib.stratified_split(np.repeat(np.arange(len(CLASSES)), PER_CLASS), VAL_FRACTION, 0)
+    for k in val_idx:
+        dest = tmp_path / "scores" / "test" / files[k].parent.name / files[k].name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(files[k], dest)
+    last = run_a.metrics[-1]
+    for stream in ("--no-stream", "--stream"):
+        rc, stdout, stderr = run_main(evaluate_cli.main, ["--workdir", run_a.workdir, "--which", "latest", "--dataset",
+                                                          f"folder:{tmp_path / 'scores'}", "--split", "test", stream])
+        assert rc == 0, stderr
+        out = last_json(stdout)
+        assert (out["n"], out["split"]) == (N_VAL, "test")
+        assert out["top1"] == last["val_acc"] and out["top5"] == last["val_top5"], stream
+        assert out["loss"] == pytest.approx(last["val_loss"], rel=1e-6, abs=1e-7), stream
+        assert [line.split()[0] for line in stdout.strip().splitlines()[:-1]] == sorted(CLASSES)
+
+
 def test_streamed_run_equals_the_run_with_the_data_on_the_device(run_a, tmp_path):
     """Run A again with --stream (the images decoded from the folder by grain threads, batch by batch): the same
     data order and per-example augmentation, so the same metrics and weights; evaluate follows the run's --stream."""
@@ -541,14 +565,17 @@ def test_resume_with_another_config_is_refused(run_a):
 
 # ------------------------------------------------------------------------------------------ 7. bad inputs
 
-@pytest.mark.parametrize("case", ["variant", "batch", "resolution", "missing_folder", "width_with_weights", "std"])
+@pytest.mark.parametrize("case", ["variant", "batch", "resolution", "missing_folder", "width_with_weights", "std",
+                                  "test_split_only"])
 def test_bad_inputs_exit_2(case, trainer_env, image_folder, tmp_path):
     workdir = tmp_path / "w"
     argv = base_argv(image_folder, workdir, "--init", "scratch")
     expect = {"variant": ["b9", *VARIANTS], "batch": [str(N_TRAIN), "64"], "resolution": ["16", "32"],
               "missing_folder": ["/nonexistent/images", "does not exist"],
               "width_with_weights": ["--width/--depth", "--init imagenet"],
-              "std": ["--input-std '0.2,0,0.2'", "three numbers", "all > 0"]}[case]
+              "std": ["--input-std '0.2,0,0.2'", "three numbers", "all > 0"],
+              "test_split_only": ["no training images, only a test split", "train/<class>/",
+                                  f"--dataset folder:{tmp_path / 'tests'} --split test"]}[case]
     if case == "variant":
         argv += ["--variant", "b9"]
     elif case == "batch":
@@ -559,6 +586,9 @@ def test_bad_inputs_exit_2(case, trainer_env, image_folder, tmp_path):
         argv += ["--init", "imagenet", "--width", 0.5]
     elif case == "std":
         argv += ["--input-std", "0.2,0,0.2"]
+    elif case == "test_split_only":  # a test set: train.py cannot use it, and says what to do with it
+        shutil.copytree(image_folder, tmp_path / "tests" / "test")
+        argv[1] = f"folder:{tmp_path / 'tests'}"
     else:
         argv[1] = "folder:/nonexistent/images"
     rc, stdout, stderr = run_main(cli.main, argv)
