@@ -206,8 +206,8 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], variant: str, num_clas
 
 def pretrained(variant: str, path: str | os.PathLike | None = None, num_classes: int | None = None,
                rng: jax.Array | None = None) -> dict:
-    """ImageNet-pretrained variables for `variant`: torchvision's file for B0-B7 and V2-S/M/L (downloaded into / reused from
-    the torch hub cache), the packaged file for Lite0-2, or the .pth at `path`. See `convert_state_dict` for
+    """ImageNet-pretrained variables for `variant`: torchvision's file for B0-B7 and V2-S/M/L (downloaded into /
+    reused from the torch hub cache), the packaged file for Lite0-2, or the .pth at `path`. See `convert_state_dict` for
     `num_classes`. A B-model file in the lukemelas layout (TF-ported) needs
     `create_model(variant, **layout_overrides("lukemelas", variant))`; torchvision and Lite files need none."""
     from .weights import weights_file

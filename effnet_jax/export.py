@@ -24,8 +24,9 @@ antialiased)", "mean", "std"}` on images scaled to [0, 1] (what `effnet_jax.data
 * ONNX (opset 17): written by an explicit emitter that walks the architecture (`ModelConfig`): Transpose to NCHW,
   Conv (depthwise = group C; V2's Fused-MBConv: plain k×k Conv), BatchNormalization nodes with the running
   statistics, SiLU = x * Sigmoid(x), ReLU6 = Clip(0, 6), SE = GlobalAveragePool + 1x1 Conv + Sigmoid + Mul,
-  TF-'same' padding as explicit (possibly asymmetric) `pads`, Gemm head. The metadata JSON is the model's `metadata_props` entry `effnet_jax`; `mean`,
-  `std`, `input_size` and `class_names` (JSON) are also separate entries. float32 only.
+  TF-'same' padding as explicit (possibly asymmetric) `pads`, Gemm head. The metadata JSON is the model's
+  `metadata_props` entry `effnet_jax`; `mean`, `std`, `input_size` and `class_names` (JSON) are also separate
+  entries. float32 only.
 * StableHLO: `jax.export` of `model.apply(variables, x, train=False)` with the weights embedded as constants and
   the batch a symbolic dimension; depthwise convolutions as XLA grouped convolutions (portable across CPU/GPU/TPU).
   `FILE` holds `Exported.serialize()`; the metadata is `FILE.json`. `load_stablehlo(FILE)` returns
