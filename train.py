@@ -13,7 +13,8 @@ import sys
 
 HELP = {
     "variant": "b0..b7, lite0..lite4, v2_s, v2_m, v2_l",
-    "dataset": "tfds name (cifar10, cifar100, svhn_cropped, tf_flowers, ...) or folder:PATH", "data_dir": "tfds data dir, or the CIFAR python tarball / an image folder or .tar.gz",
+    "dataset": "tfds name (cifar10, cifar100, svhn_cropped, tf_flowers, ...) or folder:PATH",
+    "data_dir": "tfds data dir, or the CIFAR python tarball / an image folder or .tar.gz",
     "init": "imagenet | scratch | PATH.pth | RUN_DIR (a previous run or a converted model directory)",
     "workdir": "where config, metrics.jsonl, curves.png and checkpoints go", "batch_size": "global batch size",
     "freeze": "none | head-only | N (train only the top N blocks + head); default: 6 with pretrained weights, "
