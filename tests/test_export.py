@@ -5,7 +5,8 @@ The exported files are checked against independent computations on real images (
 (depthwise convolutions by the CPU default, shifted sums, while the artifacts use XLA grouped convolutions / ONNX
 grouped Conv), at batch sizes 1 and 7 from one file; for B0 also against torchvision itself. Models: Lite0 with its
 real ImageNet weights, B0 from a torchvision state dict with random weights and randomized BN statistics, a
-tiny fine-tuned Lite0 run, and a tiny V2-S run trained from scratch by train.py (Fused-MBConv in the ONNX graph). Small resolutions (32-64 px) keep XLA's compile times low.
+tiny fine-tuned Lite0 run, and a tiny V2-S run trained from scratch by train.py (Fused-MBConv in the ONNX
+graph). Small resolutions (32-64 px) keep XLA's compile times low.
 
 Figures (max |difference|) are printed with `-s`.
 """
