@@ -13,8 +13,9 @@ import os
 import sys
 
 HELP = {
-    "variant": "b0..b7, lite0..lite4", "dataset": "tfds name (cifar10, cifar100, svhn_cropped, tf_flowers, ...) "
-    "or folder:PATH", "data_dir": "tfds data dir, or the CIFAR python tarball / an image folder or .tar.gz",
+    "variant": "b0..b7, lite0..lite4, v2_s, v2_m, v2_l",
+    "dataset": "tfds name (cifar10, cifar100, svhn_cropped, tf_flowers, ...) or folder:PATH",
+    "data_dir": "tfds data dir, or the CIFAR python tarball / an image folder or .tar.gz",
     "init": "imagenet | scratch | PATH.pth | RUN_DIR (a previous run or a converted model directory)",
     "workdir": "where config, metrics.jsonl, curves.png and checkpoints go", "batch_size": "global batch size",
     "freeze": "none | head-only | N (train only the top N blocks + head); default: 6 with pretrained weights, "
@@ -34,7 +35,8 @@ HELP = {
     "image folder (a directory); same results as without. Default: streamed when the decoded images would take "
     "more than 4 GiB",
     "input_mean": "input normalization R,G,B for pixels in [0, 1], e.g. 0.4914,0.4822,0.4465; default: the init "
-    "weights' (ImageNet's for B0-B7, 0.498 for Lite)", "input_std": "as --input-mean, e.g. 0.247,0.243,0.261",
+    "weights' (ImageNet's for B0-B7 and V2-S/M, 0.5 for V2-L, 0.498 for Lite)",
+    "input_std": "as --input-mean, e.g. 0.247,0.243,0.261",
     "eval_flip": "test-time augmentation for the validation numbers: average each image's and its mirror's "
     "logits (one more forward pass per image)",
 }

@@ -2,19 +2,20 @@
 """Where the time goes: each unit of the network timed alone, our JAX layers against torchvision's same unit.
 
 The whole-step comparison (`throughput.py`) says how far apart the two frameworks are; this says where. For
-every unit in forward order (stem conv+BN+act, every MBConv block, head conv+BN+act; pooling and the
-classifier are negligible and left out) and, inside every block, for its depthwise convolution alone, it times
-on the unit's real input shape:
+every unit in forward order (stem conv+BN+act, every MBConv / Fused-MBConv block, head conv+BN+act; pooling
+and the classifier are negligible and left out) and, inside every MBConv block, for its depthwise convolution
+alone, it times on the unit's real input shape:
 
 * train: forward in training mode (batch statistics, stochastic depth) + backward to the parameters and the
   input (the stem: parameters only, as in the network). JAX: `jax.vjp` of the unit's `apply`, jitted;
   torch: `unit(x).backward(g)` with the parameters' gradients reset each step.
 * eval: forward in inference mode (JAX `train=False`, jitted; torch `eval()` + `inference_mode`).
 
-JAX units are this library's modules (`effnet_jax.models.MBConv`, `effnet_jax.layers`), with the
-`depthwise_impl` the model uses by default ('auto': the shifted sum on CPU); torch's are the modules of
-torchvision's `efficientnet_bX` (random weights, same shapes: `throughput.torch_model`). Inputs are the
-unit's input in the JAX network (random image, random fan-in-scaled weights), cotangents random normal.
+JAX units are this library's modules (`effnet_jax.models.MBConv` / `FusedMBConv`, `effnet_jax.layers`), with
+the `depthwise_impl` the model uses by default ('auto': the shifted sum on CPU); torch's are the modules of
+torchvision's `efficientnet_bX` / `efficientnet_v2_X` (random weights, same shapes: `throughput.torch_model`).
+Inputs are the unit's input in the JAX network (random image, random fan-in-scaled weights), cotangents random
+normal.
 
 The sum over units is the network without the optimizer, the data and any fusion across units; set next to
 the whole step from `throughput.py` it shows what is lost or won *between* units. Timing as in
@@ -23,7 +24,7 @@ the whole step from `throughput.py` it shows what is lost or won *between* units
     python benchmarks/blocks.py --variant b0 --resolution 224 --batch-size 16
     python benchmarks/blocks.py --variant b0 --resolution 32 --batch-size 64 --depthwise-impl xla
 
-Prints a table, then one JSON line: {"rows": [...], "totals": {...}, ...}. Torchvision B0–B7 only.
+Prints a table, then one JSON line: {"rows": [...], "totals": {...}, ...}. Torchvision's B0–B7 and V2-S/M/L only.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import numpy as np
 
 from effnet_jax.host import with_fast_malloc
 from effnet_jax.layers import ACTIVATIONS, BatchNorm, Conv, conv_padding, depthwise_conv, resolve_depthwise_impl
-from effnet_jax.models import MBConv, create_model, unit_names
+from effnet_jax.models import FusedMBConv, MBConv, create_model, unit_names
 from throughput import cpu_threads, log, random_variables, time_steps, torch_model
 
 
@@ -74,7 +75,10 @@ def jax_units(model, variables: dict) -> list[tuple[str, nn.Module, dict]]:
     units = [("stem", ConvBNAct("stem", cfg.stem_channels, 3, cfg.stem_stride, cfg.padding, **common),
               subset("stem", "stem_bn"))]
     for i, block in enumerate(cfg.blocks):
-        mb = MBConv(block, cfg.activation, cfg.padding, cfg.bn_momentum, cfg.bn_epsilon, model.depthwise_impl)
+        if block.fused:
+            mb = FusedMBConv(block, cfg.activation, cfg.padding, cfg.bn_momentum, cfg.bn_epsilon)
+        else:
+            mb = MBConv(block, cfg.activation, cfg.padding, cfg.bn_momentum, cfg.bn_epsilon, model.depthwise_impl)
         units.append((f"blocks_{i}", mb, {col: variables[col][f"blocks_{i}"] for col in variables}))
     units.append(("head", ConvBNAct("head", cfg.head_channels, 1, 1, cfg.padding, **common),
                   subset("head", "head_bn")))
@@ -180,7 +184,7 @@ def depthwise_rows(block_cfg, in_hw: tuple[int, int], batch: int, padding: str, 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", default="b0", help="b0..b7 (torchvision's models)")
+    p.add_argument("--variant", default="b0", help="b0..b7, v2_s, v2_m, v2_l (torchvision's models)")
     p.add_argument("--resolution", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--depthwise-impl", default="auto", choices=("auto", "shift", "xla"))
@@ -225,7 +229,7 @@ def main(argv=None) -> dict:
         row = {"unit": name, "in_shape": list(x.shape), "out_shape": list(y.shape),
                "jax_train_ms": 1e3 * jt, "torch_train_ms": 1e3 * tt, "jax_eval_ms": 1e3 * je,
                "torch_eval_ms": 1e3 * te, "jax_compile_s": jc}
-        if args.depthwise and name.startswith("blocks_"):
+        if args.depthwise and name.startswith("blocks_") and not model.config.blocks[i - 1].fused:
             row.update(depthwise_rows(model.config.blocks[i - 1], tuple(x.shape[1:3]), n, model.config.padding,
                                       impl, t))
         rows.append(row)

@@ -3,7 +3,7 @@
 BN statistics, fp32, eval mode), with the same construction as tests/test_convert.py; also float64 PyTorch
 as the reference, to separate float32 rounding from mapping errors.
 
-    python benchmarks/equivalence.py b0:224 b1:64 b1:96 b7:64 b7:128
+    python benchmarks/equivalence.py b0:224 b1:64 b1:96 b7:64 b7:128 v2_s:64 v2_l:96 v2_l:128
 """
 
 import json
@@ -15,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 import torch  # noqa: E402
-from test_convert import jax_stage_outputs, randomized_torchvision, save_and_convert  # noqa: E402
+from test_convert import jax_stage_outputs, randomized_torchvision, save_and_convert, variant_seed  # noqa: E402
 
 import effnet_jax  # noqa: E402
 
@@ -26,7 +26,7 @@ def main(specs):
         variant, res = spec.split(":")
         res = int(res)
         x = np.random.RandomState(0).randn(2, res, res, 3).astype(np.float32)
-        m = randomized_torchvision(variant, int(variant[1]), x)
+        m = randomized_torchvision(variant, variant_seed(variant), x)
         with tempfile.TemporaryDirectory() as d:
             variables = save_and_convert(m, pathlib.Path(d), variant)
         xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()

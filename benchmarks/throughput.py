@@ -9,7 +9,7 @@ one-device mesh each step, as training does: so a step includes the gather, the 
 (crop + flip + resize to `--resolution`), forward, backward, BN update and the optimizer. Eval:
 `effnet_jax.train.jit_eval_step` (resize + normalize + forward + metrics) on an index batch.
 
-PyTorch side: torchvision's `efficientnet_bX(weights=None, num_classes=10)` (for Lite: the
+PyTorch side: torchvision's `efficientnet_bX` / `efficientnet_v2_X(weights=None, num_classes=10)` (for Lite: the
 `efficientnet_lite_pytorch` package, when installed), on a ready float batch of the same size (no data
 work: the comparison is conservative for JAX); train step = forward + CrossEntropyLoss(label_smoothing 0.1)
 + backward + AdamW step (lr 3e-3, wd 1e-4) over the same trainable parameters (`--freeze`: the frozen units
@@ -187,9 +187,12 @@ def jax_eval(s: dict, args) -> dict:
 
 def torch_model(variant: str, num_classes: int = NUM_CLASSES, width: float | None = None,
                 depth: float | None = None):
-    """(model, units): torchvision's EfficientNet-B (or the efficientnet_lite_pytorch Lite model) with random
-    weights and a `num_classes` head; `units` = [stem, block 0, ..., head conv], the order of
-    `effnet_jax.models.unit_names`, for freezing the first N as `frozen_units` does."""
+    """(model, units): torchvision's EfficientNet-B or -V2 (or the efficientnet_lite_pytorch Lite model) with
+    random weights and a `num_classes` head; `units` = [stem, block 0, ..., head conv], the order of
+    `effnet_jax.models.unit_names`, for freezing the first N as `frozen_units` does. V2 with `width`/`depth`:
+    torchvision's V2 stage table with channels (and the 1280 head) rounded by `_make_divisible(c * width, 8)`
+    and repeats by ceil(n * depth), as `effnet_jax.variants.model_config` scales V2 (torchvision's V2
+    builders take no multipliers)."""
     import torch.nn as nn
     if variant.startswith("lite"):
         from efficientnet_lite_pytorch import EfficientNet  # ImportError: use --compare none
@@ -199,6 +202,21 @@ def torch_model(variant: str, num_classes: int = NUM_CLASSES, width: float | Non
     from torchvision.models import efficientnet as tv
     if width is None and depth is None:
         m = getattr(tv, f"efficientnet_{variant}")(weights=None, num_classes=num_classes)
+    elif variant in variants.V2_SCALING:
+        import copy
+        from torch import nn as tnn
+        w, d = width or 1.0, depth or 1.0
+        setting, last = tv._efficientnet_conf(f"efficientnet_{variant}")
+        scaled = []
+        for cnf in setting:
+            c = copy.copy(cnf)
+            c.input_channels = tv._make_divisible(cnf.input_channels * w, 8)
+            c.out_channels = tv._make_divisible(cnf.out_channels * w, 8)
+            c.num_layers = int(math.ceil(cnf.num_layers * d))
+            scaled.append(c)
+        m = tv.EfficientNet(scaled, variants.V2_SCALING[variant].dropout, num_classes=num_classes,
+                            last_channel=tv._make_divisible(last * w, 8),
+                            norm_layer=functools.partial(tnn.BatchNorm2d, eps=1e-3))
     else:
         sc = variants.COMPOUND_SCALING[variant]
         setting, last = tv._efficientnet_conf(f"efficientnet_{variant}", width_mult=width or sc.width,
@@ -335,7 +353,8 @@ def print_table(rows: list[dict]) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", default="b0", help="comma list, e.g. b0,b1 or lite0")
+    p.add_argument("--variant", default="b0", help="comma list of b0..b7, lite0..lite4, v2_s, v2_m, v2_l, e.g. "
+                                                   "b0,b1 or lite0 or v2_s")
     p.add_argument("--resolution", default="32", help="comma list of sides in px, or 'native' (the variant's)")
     p.add_argument("--batch-size", default="64", help="comma list")
     p.add_argument("--mode", default="train", help="train, eval, or train,eval")
@@ -360,6 +379,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="JAX: 1x1 convolutions and the stem as matrix products or XLA convolutions (create_model)")
     p.add_argument("--depthwise-impl", default=None, choices=("auto", "shift", "xla"), help="JAX (create_model)")
     args = p.parse_args(argv)
+    unknown = [v for v in args.variant.split(",") if v not in variants.VARIANTS]
+    if unknown:
+        p.error(f"--variant {unknown[0]!r} is not one of {', '.join(variants.VARIANTS)}")
     args.device_kind = device_kind(args.device_kind, args.compare)
     args.jax_device = jax.devices(args.device_kind)[0]
     args.torch_device = "cuda" if args.device_kind == "gpu" else "cpu"

@@ -1,4 +1,4 @@
-"""effnet_jax: EfficientNet B0-B7 and Lite0-4 in JAX/Flax, equal to torchvision's and the TF Lite models.
+"""effnet_jax: EfficientNet B0-B7, Lite0-4 and V2-S/M/L in JAX/Flax, equal to torchvision's and the TF Lite models.
 
 Names are imported lazily, so `python -m effnet_jax.<module>` runs each CLI without importing it twice.
 """

@@ -2,11 +2,13 @@
 
 Two layouts are understood, each by one explicit mapping table built from the `ModelConfig`:
 
-* torchvision (`torchvision.models.efficientnet_b*`)::
+* torchvision (`torchvision.models.efficientnet_b*`, `efficientnet_v2_{s,m,l}`)::
 
       features.0.0 / features.0.1                stem conv / BN
       features.{s+1}.{j}.block.{k}.0 / .1        conv / BN of layer k of block j in stage s, where the
                                                  layers are [expand], depthwise, SE (fc1, fc2), project
+                                                 (MBConv); k×k expand, project (Fused-MBConv); the one
+                                                 k×k conv (Fused-MBConv with expansion ratio 1)
       features.{S+1}.0 / .1                      head conv / BN
       classifier.1                               Linear
 
@@ -81,6 +83,13 @@ def torchvision_table(cfg: ModelConfig) -> list[Entry]:
     for i, b in enumerate(cfg.blocks):
         j = stage_pos[b.stage] = stage_pos.get(b.stage, -1) + 1
         pre, blk, k = f"features.{b.stage + 1}.{j}.block", f"blocks_{i}", 0
+        if b.fused:  # torchvision's FusedMBConv: block.0 = k×k conv (expansion, or the whole block), block.1 = project
+            if b.expand_channels != b.in_channels:
+                t += _conv_bn(f"{pre}.0.0", f"{pre}.0.1", (blk, "expand_conv"), (blk, "expand_bn"))
+                t += _conv_bn(f"{pre}.1.0", f"{pre}.1.1", (blk, "project_conv"), (blk, "project_bn"))
+            else:
+                t += _conv_bn(f"{pre}.0.0", f"{pre}.0.1", (blk, "conv"), (blk, "bn"))
+            continue
         if b.expand_channels != b.in_channels:
             t += _conv_bn(f"{pre}.0.0", f"{pre}.0.1", (blk, "expand_conv"), (blk, "expand_bn"))
             k = 1
@@ -97,7 +106,10 @@ def torchvision_table(cfg: ModelConfig) -> list[Entry]:
 
 
 def lukemelas_table(cfg: ModelConfig) -> list[Entry]:
-    """The mapping lukemelas/Lite key -> Flax path for `cfg`."""
+    """The mapping lukemelas/Lite key -> Flax path for `cfg` (B and Lite models; that layout has no V2)."""
+    if any(b.fused for b in cfg.blocks):
+        raise ConversionError(f"{cfg.name}: the lukemelas/Lite layout has no EfficientNetV2 models; use a "
+                              "torchvision file")
     t = list(_conv_bn("_conv_stem", "_bn0", ("stem",), ("stem_bn",)))
     for i, b in enumerate(cfg.blocks):
         pre, blk = f"_blocks.{i}", f"blocks_{i}"
@@ -194,8 +206,8 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], variant: str, num_clas
 
 def pretrained(variant: str, path: str | os.PathLike | None = None, num_classes: int | None = None,
                rng: jax.Array | None = None) -> dict:
-    """ImageNet-pretrained variables for `variant`: torchvision's file for B0-B7 (downloaded into / reused from
-    the torch hub cache), the packaged file for Lite0-2, or the .pth at `path`. See `convert_state_dict` for
+    """ImageNet-pretrained variables for `variant`: torchvision's file for B0-B7 and V2-S/M/L (downloaded into /
+    reused from the torch hub cache), the packaged file for Lite0-2, or the .pth at `path`. See `convert_state_dict` for
     `num_classes`. A B-model file in the lukemelas layout (TF-ported) needs
     `create_model(variant, **layout_overrides("lukemelas", variant))`; torchvision and Lite files need none."""
     from .weights import weights_file

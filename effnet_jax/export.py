@@ -23,10 +23,11 @@ the image as the data loader stores it, then `effnet_jax.data.eval_batch`'s bili
 mean/std), the same as `predict --workdir` uses.
 
 * ONNX (opset 17): written by an explicit emitter that walks the architecture (`ModelConfig`): Transpose to NCHW,
-  Conv (depthwise = group C), BatchNormalization nodes with the running statistics, SiLU = x * Sigmoid(x),
-  ReLU6 = Clip(0, 6), SE = GlobalAveragePool + 1x1 Conv + Sigmoid + Mul, TF-'same' padding as explicit (possibly
-  asymmetric) `pads`, Gemm head. The metadata JSON is the model's `metadata_props` entry `effnet_jax`; `mean`,
-  `std`, `input_size` and `class_names` (JSON) are also separate entries. float32 only.
+  Conv (depthwise = group C; V2's Fused-MBConv: plain k×k Conv), BatchNormalization nodes with the running
+  statistics, SiLU = x * Sigmoid(x), ReLU6 = Clip(0, 6), SE = GlobalAveragePool + 1x1 Conv + Sigmoid + Mul,
+  TF-'same' padding as explicit (possibly asymmetric) `pads`, Gemm head. The metadata JSON is the model's
+  `metadata_props` entry `effnet_jax`; `mean`, `std`, `input_size` and `class_names` (JSON) are also separate
+  entries. float32 only.
 * StableHLO: `jax.export` of `model.apply(variables, x, train=False)` with the weights embedded as constants and
   the batch a symbolic dimension; depthwise convolutions as XLA grouped convolutions (portable across CPU/GPU/TPU).
   `FILE` holds `Exported.serialize()`; the metadata is `FILE.json`. `load_stablehlo(FILE)` returns
@@ -206,6 +207,18 @@ def to_onnx(model, variables, resolution: int, metadata: dict | None = None):
     for i, b in enumerate(cfg.blocks):
         p, s = params[f"blocks_{i}"], stats[f"blocks_{i}"]
         shortcut = x
+        if b.fused:  # EfficientNetV2's Fused-MBConv: k×k (stride) conv [+ 1×1 project]
+            if b.expand_channels != b.in_channels:
+                x, size = conv(x, p["expand_conv"]["kernel"], size, b.stride)
+                x = act(bn(x, p["expand_bn"], s["expand_bn"]))
+                x, _ = conv(x, p["project_conv"]["kernel"], size, 1)
+                x = bn(x, p["project_bn"], s["project_bn"])
+            else:
+                x, size = conv(x, p["conv"]["kernel"], size, b.stride)
+                x = act(bn(x, p["bn"], s["bn"]))
+            if b.residual:
+                x = node("Add", [x, shortcut], "residual")
+            continue
         if b.expand_channels != b.in_channels:
             x, _ = conv(x, p["expand_conv"]["kernel"], size, 1)
             x = act(bn(x, p["expand_bn"], s["expand_bn"]))
@@ -323,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     src = p.add_argument_group("model (--workdir, or --variant with --init)")
     src.add_argument("--workdir", default=None, help="a training run directory (effnet_jax.train)")
     src.add_argument("--which", default="best", choices=("best", "latest"), help="the run's checkpoint")
-    src.add_argument("--variant", default=None, help="b0..b7, lite0..lite4")
+    src.add_argument("--variant", default=None, help="b0..b7, lite0..lite4, v2_s, v2_m, v2_l")
     src.add_argument("--init", default=None,
                      help="'imagenet' (default with --variant), a PyTorch .pth file, a model directory "
                           "(effnet_jax.convert), or 'scratch' (random weights)")

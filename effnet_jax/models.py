@@ -3,16 +3,18 @@
 Parameter tree (flat block index, as torch's `_blocks.N` / timm's `blocks`)::
 
     stem/kernel, stem_bn/{scale,bias}
-    blocks_i/ [expand_conv/kernel, expand_bn/{scale,bias}], dw_conv/kernel, dw_bn/{scale,bias},
+    blocks_i/ [expand_conv/kernel, expand_bn/{scale,bias}], dw_conv/kernel, dw_bn/{scale,bias},     (MBConv)
               [se/{reduce,expand}/{kernel,bias}], project_conv/kernel, project_bn/{scale,bias}
+    blocks_i/ expand_conv/kernel (k×k), expand_bn/{scale,bias}, project_conv/kernel, project_bn/...  (Fused-MBConv)
+    blocks_i/ conv/kernel (k×k), bn/{scale,bias}                          (Fused-MBConv, expansion ratio 1)
     head/kernel, head_bn/{scale,bias}
     classifier/{kernel,bias}          (absent when num_classes == 0: the model returns pooled features)
 
 Kernels are HWIO (depthwise: (k, k, 1, C)); BN running statistics are batch_stats/<bn>/{mean,var}.
 
 BatchNorm running statistics live in the 'batch_stats' collection. With `mutable=['intermediates']` the
-model also returns the output of the stem (`stem_out`), of every stage (`stage0`..`stage6`) and of the head (`head_out`), which the
-weight-conversion tests compare against PyTorch stage by stage.
+model also returns the output of the stem (`stem_out`), of every stage (`stage0`..`stage6`; V2-S has six) and
+of the head (`head_out`), which the weight-conversion tests compare against PyTorch stage by stage.
 
 `python -m effnet_jax.models` prints the family: resolution, parameters, GFLOPs.
 """
@@ -84,8 +86,40 @@ class MBConv(nn.Module):
         return x
 
 
+class FusedMBConv(nn.Module):
+    """EfficientNetV2's Fused-MBConv: k×k (stride) expansion conv → BN → act → 1×1 project → BN, or, when the
+    expansion ratio is 1, a single k×k (stride) conv → BN → act; no depthwise conv, no SE. Plus the input
+    (through per-sample stochastic depth) when shape allows. torchvision's `FusedMBConv`."""
+    cfg: BlockConfig
+    activation: str
+    padding: str
+    bn_momentum: float
+    bn_epsilon: float
+    dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        cfg, act = self.cfg, ACTIVATIONS[self.activation]
+        bn = lambda name: BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype, name=name)  # noqa: E731
+        shortcut = x
+        if cfg.expand_channels != cfg.in_channels:
+            x = Conv(cfg.expand_channels, cfg.kernel, cfg.stride, self.padding, self.dtype, self.conv_impl,
+                     name="expand_conv")(x)
+            x = act(bn("expand_bn")(x, not train))
+            x = Conv(cfg.out_channels, dtype=self.dtype, impl=self.conv_impl, name="project_conv")(x)
+            x = bn("project_bn")(x, not train)
+        else:
+            x = Conv(cfg.out_channels, cfg.kernel, cfg.stride, self.padding, self.dtype, self.conv_impl,
+                     name="conv")(x)
+            x = act(bn("bn")(x, not train))
+        if cfg.residual:
+            x = DropPath(cfg.drop_path_rate, name="drop_path")(x, not train) + shortcut
+        return x
+
+
 class EfficientNet(nn.Module):
-    """EfficientNet / EfficientNet-Lite. Inputs NHWC float, normalized as the weights expect."""
+    """EfficientNet / EfficientNet-Lite / EfficientNetV2. Inputs NHWC float, normalized as the weights expect."""
     config: ModelConfig
     num_classes: int = 1000
     dtype: Dtype = jnp.float32
@@ -105,8 +139,12 @@ class EfficientNet(nn.Module):
         x = act(bn("stem_bn")(x, not trains(0)))
         self.sow("intermediates", "stem_out", x)
         for i, block in enumerate(cfg.blocks):
-            x = MBConv(block, cfg.activation, cfg.padding, cfg.bn_momentum, cfg.bn_epsilon,
-                       self.depthwise_impl, self.dtype, self.conv_impl, name=f"blocks_{i}")(x, trains(i + 1))
+            if block.fused:
+                x = FusedMBConv(block, cfg.activation, cfg.padding, cfg.bn_momentum, cfg.bn_epsilon, self.dtype,
+                                self.conv_impl, name=f"blocks_{i}")(x, trains(i + 1))
+            else:
+                x = MBConv(block, cfg.activation, cfg.padding, cfg.bn_momentum, cfg.bn_epsilon,
+                           self.depthwise_impl, self.dtype, self.conv_impl, name=f"blocks_{i}")(x, trains(i + 1))
             if i + 1 == len(cfg.blocks) or cfg.blocks[i + 1].stage != block.stage:
                 self.sow("intermediates", f"stage{block.stage}", x)
         x = Conv(cfg.head_channels, dtype=self.dtype, impl=self.conv_impl, name="head")(x)
@@ -126,12 +164,13 @@ _MODULE_OVERRIDES = ("dtype", "depthwise_impl", "conv_impl", "frozen_units")
 
 
 def create_model(variant: str, num_classes: int = 1000, **overrides) -> EfficientNet:
-    """Build an EfficientNet ('b0'..'b7') or EfficientNet-Lite ('lite0'..'lite4').
+    """Build an EfficientNet ('b0'..'b7'), EfficientNet-Lite ('lite0'..'lite4') or EfficientNetV2 ('v2_s',
+    'v2_m', 'v2_l').
 
     Overrides: `dtype` (compute dtype, e.g. jnp.bfloat16; parameters stay float32), `depthwise_impl`
     ('auto', 'shift', 'xla'), `conv_impl` ('auto', 'dot', 'xla': 1×1 convolutions and the stem as matrix
-    products or as XLA convolutions; `layers.conv`), `frozen_units` (BN of the first N units of `unit_names` stays in inference
-    mode in training), `drop_rate` (classifier dropout), `drop_path_rate` (stochastic depth of the
+    products or as XLA convolutions; `layers.conv`), `frozen_units` (BN of the first N units of `unit_names`
+    stays in inference mode in training), `drop_rate` (classifier dropout), `drop_path_rate` (stochastic depth of the
     last block), `stem_stride` (1 for small inputs such as CIFAR's 32 px), `padding` ('symmetric' or
     'same'), `width`/`depth`/`resolution` (custom compound scaling), `bn_epsilon`/`bn_momentum` (PyTorch
     convention). `num_classes=0` returns pooled features.
@@ -177,6 +216,14 @@ def count_flops(config: ModelConfig, num_classes: int = 1000, resolution: int | 
     h = out(h, 3, config.stem_stride)
     macs = h * h * 9 * 3 * config.stem_channels
     for b in config.blocks:
+        if b.fused:  # k×k (stride) conv in -> expand (or -> out when there is no expansion), [1×1 project]
+            h = out(h, b.kernel, b.stride)
+            if b.expand_channels != b.in_channels:
+                macs += h * h * b.kernel * b.kernel * b.in_channels * b.expand_channels
+                macs += h * h * b.expand_channels * b.out_channels
+            else:
+                macs += h * h * b.kernel * b.kernel * b.in_channels * b.out_channels
+            continue
         if b.expand_channels != b.in_channels:
             macs += h * h * b.in_channels * b.expand_channels
         h = out(h, b.kernel, b.stride)

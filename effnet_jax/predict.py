@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m effnet_jax.predict", description=(
         "Top-k class predictions of an EfficientNet for images (files or folders), as JSON lines."))
     p.add_argument("images", nargs="+", metavar="IMG", help="image files or folders (searched recursively)")
-    p.add_argument("--variant", default=None, help="b0..b7, lite0..lite4 (from model.json for --init DIR)")
+    p.add_argument("--variant", default=None,
+                   help="b0..b7, lite0..lite4, v2_s, v2_m, v2_l (from model.json for --init DIR)")
     p.add_argument("--init", default=None,
                    help="'imagenet' (default), a PyTorch .pth file, or a model directory from effnet_jax.convert")
     p.add_argument("--workdir", default=None,

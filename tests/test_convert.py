@@ -1,6 +1,6 @@
-"""The converted JAX model *is* the PyTorch model: forward logits and per-stage activations for B0-B7
-(torchvision, random weights, randomized BN statistics), the real Lite0 ImageNet weights against the Lite
-reference model on real images, and one Adam training step."""
+"""The converted JAX model *is* the PyTorch model: forward logits and per-stage activations for B0-B7 and
+V2-S/M/L (torchvision, random weights, randomized BN statistics), the real Lite0 ImageNet weights against the
+Lite reference model on real images, and one Adam training step (B0, V2-S)."""
 
 import functools
 import io
@@ -22,8 +22,13 @@ tv_models = pytest.importorskip("torchvision.models")
 CIFAR_TAR = "../shared/data/cifar10-jpeg-train.tar.gz"
 
 
+def variant_seed(variant):
+    """The torch seed of a variant's random model: its number for b0..b7, 11..13 for v2_s/m/l."""
+    return int(variant[1]) if variant.startswith("b") else 11 + ["v2_s", "v2_m", "v2_l"].index(variant)
+
+
 def randomized_torchvision(variant, seed, x_nhwc, num_classes=1000):
-    """torchvision's model with random weights and randomized BN running statistics.
+    """torchvision's model (`efficientnet_<variant>`) with random weights and randomized BN running statistics.
 
     Each BN's running mean/var are set, in forward order, to the statistics of its actual input on `x_nhwc`
     perturbed by 0.1 std in mean and ±25 % in variance. Setting them in order, each on the already perturbed
@@ -54,7 +59,7 @@ def randomized_torchvision(variant, seed, x_nhwc, num_classes=1000):
 
 
 def torch_stage_outputs(m, x_nchw):
-    """Outputs of features[0] (stem), features[1..7] (stages), features[8] (head) and the logits."""
+    """Outputs of features[0] (stem), features[1..S] (stages), features[S+1] (head) and the logits."""
     outs = []
     hooks = [f.register_forward_hook(lambda mod, i, o: outs.append(o.detach().numpy())) for f in m.features]
     with torch.no_grad():
@@ -74,18 +79,21 @@ def jax_stage_outputs(model, variables, x_nhwc):
     # compiled: op by op, B6/B7 spent most of a minute dispatching and compiling single operations
     logits, state = jax.jit(functools.partial(model.apply, mutable=["intermediates"]))(variables, jnp.asarray(x_nhwc))
     inter = state["intermediates"]
-    names = ["stem_out"] + [f"stage{s}" for s in range(7)] + ["head_out"]
+    names = ["stem_out"] + [f"stage{s}" for s in range(model.config.num_stages)] + ["head_out"]
     return [np.asarray(inter[n][0]) for n in names], np.asarray(logits), names
 
 
 # B0 at its native 224 px; the others small to keep CI fast, but not 64 px: there the last stages are 2×2,
 # each BN's statistics come from 8 values per channel, and float32 rounding reaches 1e-4..5e-4 in the logits
 # (measured, with either depthwise implementation). At 96/128 px it stays at 1e-5..6e-5.
+# V2 (40 / 57 / 79 blocks) at 128 px: logits within 1.2e-5 / 2.6e-5 / 4.2e-5 of torch's (measured); at 96 px
+# V2-L's reached 1.06e-4, at 64 px V2-S's 1.2e-4.
 @pytest.mark.parametrize("variant,resolution", [("b0", 224), ("b1", 96), ("b2", 96), ("b3", 96), ("b4", 96),
-                                                ("b5", 128), ("b6", 128), ("b7", 128)])
+                                                ("b5", 128), ("b6", 128), ("b7", 128),
+                                                ("v2_s", 128), ("v2_m", 128), ("v2_l", 128)])
 def test_forward_equals_torchvision(variant, resolution, tmp_path):
     x = np.random.RandomState(0).randn(2, resolution, resolution, 3).astype(np.float32)
-    m = randomized_torchvision(variant, int(variant[1]), x)
+    m = randomized_torchvision(variant, variant_seed(variant), x)
     variables = save_and_convert(m, tmp_path, variant)
     t_outs, t_logits = torch_stage_outputs(m, torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
     # B0 with the backend's default depthwise implementation; the others with XLA's grouped conv, which runs
@@ -139,6 +147,10 @@ def test_wrong_variant_names_the_key(tmp_path):
                                    "b0")
     with pytest.raises(convert.ConversionError, match="known layout"):
         convert.convert_state_dict({"foo.weight": np.zeros(3)}, "b0")
+    # V2: the same stem width (24), but V2-M's first stage has a third block that V2-S's file lacks
+    v2_s = {k: v.numpy() for k, v in tv_models.efficientnet_v2_s().state_dict().items()}
+    with pytest.raises(convert.ConversionError, match=r"missing key 'features\.1\.2\.block\.0\.0\.weight' for v2_m"):
+        convert.convert_state_dict(v2_s, "v2_m")
 
 
 def _cifar_images(n_per_class=2):
@@ -180,7 +192,8 @@ def test_lite0_imagenet_weights_equal_reference():
     np.testing.assert_array_equal(np.argsort(-j_logits, 1)[:, :5], np.argsort(-t_logits, 1)[:, :5])
 
 
-def test_adam_training_step_equals_pytorch(tmp_path):
+@pytest.mark.parametrize("variant", ["b0", "v2_s"])
+def test_adam_training_step_equals_pytorch(variant, tmp_path):
     """One Adam step from identical weights and batch, train-mode BN, dropout and drop-path off: equal loss,
     gradients, updated parameters and updated BN running statistics.
 
@@ -191,7 +204,7 @@ def test_adam_training_step_equals_pytorch(tmp_path):
     sums over the whole batch of values up to ~30 here, carry ~1e-5 of absolute rounding (measured: the same
     against torch in float64). With eps=1e-8 either effect gives ±lr = 1e-3 differences; eps=1e-2 bounds them
     by lr * 1e-5 / eps = 1e-6. The gradients themselves are compared too, directly."""
-    variant, res, n, classes, lr, eps = "b0", 64, 8, 10, 1e-3, 1e-2
+    res, n, classes, lr, eps = 64, 8, 10, 1e-3, 1e-2
     rng = np.random.RandomState(1)
     x = rng.randn(n, res, res, 3).astype(np.float32)
     y = rng.randint(0, classes, n)

@@ -4,8 +4,9 @@ The exported files are checked against independent computations on real images (
 ../shared/data): onnxruntime's logits and the deserialized StableHLO's logits against JAX's `model.apply`
 (depthwise convolutions by the CPU default, shifted sums, while the artifacts use XLA grouped convolutions / ONNX
 grouped Conv), at batch sizes 1 and 7 from one file; for B0 also against torchvision itself. Models: Lite0 with its
-real ImageNet weights, B0 from a torchvision state dict with random weights and randomized BN statistics, and a
-tiny fine-tuned Lite0 run. Small resolutions (32-64 px) keep XLA's compile times low.
+real ImageNet weights, B0 from a torchvision state dict with random weights and randomized BN statistics, a
+tiny fine-tuned Lite0 run, and a tiny V2-S run trained from scratch by train.py (Fused-MBConv in the ONNX
+graph). Small resolutions (32-64 px) keep XLA's compile times low.
 
 Figures (max |difference|) are printed with `-s`.
 """
@@ -254,13 +255,90 @@ def test_predict_workdir(run_dir, run_reference, tmp_path):
         np.testing.assert_allclose([t["prob"] for t in top], np.sort(p)[::-1][:2], atol=1e-5)
 
 
+# ----------------------------------------------------------------------------------------- a V2 run, end to end
+
+@pytest.fixture(scope="module")
+def v2_run(cifar_files, tmp_path_factory):
+    """`train.py --variant v2_s --init scratch --width 0.25 --depth 0.1 --freeze 5`: 1 epoch at 32 px on 16 real
+    CIFAR images of two classes. That network has 7 blocks, 3 Fused-MBConv (the first the single-conv form) then 4
+    MBConv; --freeze 5 trains blocks_2 (fused) onwards, so the frozen/trained line runs through the fused
+    blocks. Returns (workdir, data folder, the initial variables, the CLI's (rc, stdout, stderr))."""
+    import importlib.util
+    from effnet_jax import train as trainer
+    root = tmp_path_factory.mktemp("v2run")
+    data = root / "data"
+    for cls, blobs in cifar_files.items():
+        (data / cls).mkdir(parents=True)
+        for i, b in enumerate(blobs):
+            (data / cls / f"{i:02d}.jpg").write_bytes(b)
+    spec = importlib.util.spec_from_file_location("effnet_jax_train_cli_v2", REPO / "train.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    argv = ["--variant", "v2_s", "--init", "scratch", "--width", 0.25, "--depth", 0.1, "--freeze", 5,
+            "--dataset", f"folder:{data}", "--epochs", 1, "--batch-size", 8, "--resolution", 32,
+            "--max-train-examples", 16, "--val-fraction", 0.2, "--no-progress", "--workdir", root / "work"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EFFNET_JAX_CACHE", str(root / "cache"))
+        result = run_main(cli.main, argv)
+    cfg = cli.parse_args([str(a) for a in argv])
+    initial = trainer.initial_variables(cfg, 2, jax.random.fold_in(jax.random.key(cfg.seed), 1))[0]
+    return root / "work", data, jax.device_get(initial), result
+
+
+def test_v2_run_trains_freezes_evaluates_and_exports(v2_run, tmp_path):
+    from effnet_jax import data as data_lib
+    from effnet_jax import evaluate as evaluate_cli
+    from effnet_jax.evaluate import load_run
+    from effnet_jax.optim import param_names
+    from effnet_jax.train import restore_checkpoint
+    work, data, initial, (rc, stdout, stderr) = v2_run
+    assert rc == 0, stderr
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["variant"] == "v2_s" and summary["epochs"] == 1 and summary["final_val_acc"] is not None
+
+    # trained by units: stem, blocks_0, blocks_1 (and their BN statistics) untouched, blocks_2.. and the head moved
+    tree, _ = restore_checkpoint(work / "checkpoints" / "latest")
+    names = lambda t: dict(zip(jax.tree.leaves(param_names(t)), jax.tree.leaves(t)))  # noqa: E731
+    params, init_params = names(tree["params"]), names(initial["params"])
+    stats, init_stats = names(tree["batch_stats"]), names(initial["batch_stats"])
+    assert params.keys() == init_params.keys() and "blocks_0/conv/kernel" in params
+    assert sorted({k.split("/")[0] for k in params if k.startswith("blocks_")}) == [f"blocks_{i}" for i in range(7)]
+    frozen = ("stem", "stem_bn", "blocks_0", "blocks_1")
+    for k in params:
+        moved = not np.array_equal(params[k], init_params[k])
+        if k.startswith(frozen):
+            assert not moved, k
+        else:  # (a bias whose gradient is exactly 0, e.g. a BN bias feeding another BN, may stay)
+            assert moved or k.endswith("bias"), k
+    for k in stats:
+        assert np.array_equal(stats[k], init_stats[k]) == k.startswith(frozen), k
+    assert not np.array_equal(params["blocks_2/expand_conv/kernel"], init_params["blocks_2/expand_conv/kernel"])
+
+    # evaluate reproduces the logged validation
+    rc, out, err = run_main(evaluate_cli.main, ["--workdir", work, "--which", "latest"])
+    assert rc == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["top1"] == summary["final_val_acc"]
+
+    # export: onnxruntime and StableHLO against the JAX model of the run's best checkpoint, on 7 real images
+    run = load_run(work, "best")
+    files = sorted(data.rglob("*.jpg"))[::3][:7]
+    u8 = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    aug = data_lib.AugmentConfig(resolution=32, mean=run.saved["mean"], std=run.saved["std"])
+    x = np.asarray(data_lib.eval_batch(u8, aug))
+    ref = np.asarray(jax.jit(lambda v, x: run.model.apply(v, x))(run.variables, x))
+    paths = export_both(tmp_path, ["--workdir", work])
+    meta = onnx_meta(paths["onnx"])
+    assert meta["variant"] == "v2_s" and meta["input"]["shape"] == ["batch", 32, 32, 3]
+    check_against(paths, x, ref, "v2_s scratch run")
+
+
 # ----------------------------------------------------------------------------------------- every variant
 
 @pytest.mark.parametrize("variant", variants.VARIANTS)
 def test_every_variant_exports(variant, tmp_path):
     """`--init scratch` (random weights, no download) at 32 px: both formats export; the ONNX file runs in
-    onnxruntime at batch 1 and 3; the StableHLO file deserializes with a symbolic batch dimension. (All 13 take
-    about 50 s here, B7 12 s, so none is marked slow.)"""
+    onnxruntime at batch 1 and 3; the StableHLO file deserializes with a symbolic batch dimension. (The 13 B/Lite
+    models take about 50 s here, B7 12 s; V2-S/M/L 5 / 9 / 21 s; none is marked slow.)"""
     paths = export_both(tmp_path, ["--variant", variant, "--init", "scratch", "--resolution", 32])
     sess = ort_session(paths["onnx"])
     for n in (1, 3):

@@ -18,9 +18,12 @@ tv_models = pytest.importorskip("torchvision.models")
 
 B_VARIANTS = [f"b{i}" for i in range(8)]
 LITE_VARIANTS = [f"lite{i}" for i in range(5)]
-# torchvision's documented parameter counts (EfficientNet_B*_Weights.meta["num_params"])
-TORCHVISION_PARAMS = dict(zip(B_VARIANTS, [5_288_548, 7_794_184, 9_109_994, 12_233_232, 19_341_616,
-                                           30_389_784, 43_040_704, 66_347_960]))
+V2_VARIANTS = ["v2_s", "v2_m", "v2_l"]
+# torchvision's documented parameter counts (EfficientNet_B*_Weights / EfficientNet_V2_*_Weights
+# .IMAGENET1K_V1.meta["num_params"])
+TORCHVISION_PARAMS = dict(zip(B_VARIANTS + V2_VARIANTS, [5_288_548, 7_794_184, 9_109_994, 12_233_232, 19_341_616,
+                                                         30_389_784, 43_040_704, 66_347_960,
+                                                         21_458_488, 54_139_356, 118_515_272]))
 
 
 def _torch_numel(module):
@@ -50,6 +53,60 @@ def test_params_and_channels_equal_torchvision(variant):
     assert ours.config.dropout == tv.classifier[0].p
 
 
+@pytest.mark.parametrize("variant", V2_VARIANTS)
+def test_v2_params_and_blocks_equal_torchvision(variant):
+    """EfficientNetV2: counts, and block by block the kind (torchvision's FusedMBConv or MBConv), convs, SE width,
+    residual and drop-path rate of torchvision's own model."""
+    tv = getattr(tv_models, f"efficientnet_{variant}")()
+    weights = getattr(tv_models, f"EfficientNet_{variant.upper()}_Weights").IMAGENET1K_V1
+    ours = effnet_jax.create_model(variant)
+    assert count_params(param_shapes(ours, 64)) == _torch_numel(tv) == TORCHVISION_PARAMS[variant] \
+        == weights.meta["num_params"]
+    assert ours.config.stem_channels == tv.features[0][0].out_channels
+    assert ours.config.head_channels == tv.features[-1][0].out_channels == 1280
+    tv_blocks = [b for stage in tv.features[1:-1] for b in stage]
+    assert len(tv_blocks) == len(ours.config.blocks)
+    assert ours.config.num_stages == len(tv.features) - 2
+    for ours_b, tv_b in zip(ours.config.blocks, tv_blocks):
+        convs = [m for m in tv_b.block.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert ours_b.fused == (type(tv_b).__name__ == "FusedMBConv")
+        if ours_b.fused:  # k×k conv (stride) to the expansion (or straight to the output), [1×1 project]; no SE
+            assert (ours_b.kernel, ours_b.stride, ours_b.in_channels) == (convs[0].kernel_size[0], convs[0].stride[0],
+                                                                          convs[0].in_channels)
+            assert convs[0].groups == 1 and ours_b.se_channels == 0
+            assert ours_b.expand_channels == (convs[0].out_channels if len(convs) == 2 else ours_b.in_channels)
+        else:
+            dw = [m for m in convs if m.groups > 1][0]
+            assert (ours_b.kernel, ours_b.stride, ours_b.expand_channels) == (dw.kernel_size[0], dw.stride[0],
+                                                                               dw.in_channels)
+            assert ours_b.se_channels == tv_b.block[-2].fc1.out_channels == max(1, ours_b.in_channels // 4)
+        assert ours_b.out_channels == convs[-1].out_channels
+        assert ours_b.residual == tv_b.use_res_connect
+        assert ours_b.drop_path_rate == pytest.approx(tv_b.stochastic_depth.p)
+    bn = tv.features[0][1]
+    assert (ours.config.bn_epsilon, ours.config.bn_momentum) == (bn.eps, bn.momentum) == (1e-3, 0.1)
+    assert ours.config.dropout == tv.classifier[0].p
+    assert ours.config.resolution == weights.transforms().crop_size[0]
+
+
+def test_v2_custom_scaling():
+    """--width/--depth on V2 (TF EfficientNetV2's rules: round_filters on every channel count, the 1280 head
+    included; ceil on repeats); at width = depth = 1 the config is the torchvision table's (tested above)."""
+    cfg = variants.model_config("v2_s", width=0.25, depth=0.1)
+    # ceil(0.1 * repeats): one block per stage, two in the last (15 repeats); channels round(c / 4) to 8
+    assert [b.stage for b in cfg.blocks] == [0, 1, 2, 3, 4, 5, 5]
+    assert (cfg.stem_channels, cfg.head_channels) == (8, 320)
+    assert [b.out_channels for b in cfg.blocks] == [8, 16, 16, 32, 40, 64, 64]
+    assert [b.fused for b in cfg.blocks] == [True] * 3 + [False] * 4
+    assert cfg.blocks[0].expand_channels == cfg.blocks[0].in_channels  # expansion 1: the single-conv form
+    out = jax.eval_shape(lambda: effnet_jax.create_model("v2_s", 3, width=0.25, depth=0.1).init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    assert set(out["params"]["blocks_0"]) == {"conv", "bn"}
+    assert set(out["params"]["blocks_1"]) == {"expand_conv", "expand_bn", "project_conv", "project_bn"}
+    assert set(out["params"]["blocks_3"]) == {"expand_conv", "expand_bn", "dw_conv", "dw_bn", "se", "project_conv",
+                                              "project_bn"}
+
+
 @pytest.mark.parametrize("variant", LITE_VARIANTS)
 def test_lite_params_equal_reference(variant):
     ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
@@ -70,7 +127,7 @@ def test_lite_params_equal_reference(variant):
 
 def test_gflops_equal_torchvision_metadata():
     # torchvision publishes GFLOPS (multiply-adds) at each weight set's crop size (B2: 288 px, not 260)
-    for variant in B_VARIANTS:
+    for variant in B_VARIANTS + V2_VARIANTS:
         weights = getattr(tv_models, f"EfficientNet_{variant.upper()}_Weights").IMAGENET1K_V1
         crop = weights.transforms().crop_size[0]
         got = count_flops(variants.model_config(variant), resolution=crop) / 1e9
@@ -101,7 +158,7 @@ def test_phi_formula_matches_paper_bases():
 
 
 def test_unknown_variant_lists_valid_names():
-    with pytest.raises(ValueError, match="b0.*lite4"):
+    with pytest.raises(ValueError, match="b0.*lite4.*v2_l"):
         effnet_jax.create_model("b9")
     with pytest.raises(TypeError, match="unknown override"):
         effnet_jax.create_model("b0", widht=1.0)
@@ -245,7 +302,7 @@ def _loss(model, x, y, key):
     return f
 
 
-@pytest.mark.parametrize("variant", B_VARIANTS + LITE_VARIANTS)
+@pytest.mark.parametrize("variant", B_VARIANTS + LITE_VARIANTS + V2_VARIANTS)
 def test_jit_grad_lowers_for_every_variant(variant):
     """Tracing + lowering of jit(grad(loss)) for every variant (shapes, dtypes, differentiability); the
     compiled run of each is in the slow suite; Lite0's below, B0's in test_convert's Adam-step test."""
@@ -276,7 +333,7 @@ def test_jit_grad_runs():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [v for v in B_VARIANTS + LITE_VARIANTS if v != "lite0"])
+@pytest.mark.parametrize("variant", [v for v in B_VARIANTS + LITE_VARIANTS + V2_VARIANTS if v != "lite0"])
 def test_jit_grad_runs_every_variant(variant):
     _run_jit_grad(variant)
 

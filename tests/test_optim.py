@@ -151,6 +151,26 @@ def test_trainable_masks_on_b0(b0):
         assert trained == set(unit_names(config)[first:]) | {"classifier"}
 
 
+def test_masks_on_v2_s_names():
+    """V2-S's 40 blocks (10 Fused-MBConv, whose parameters are conv/bn or expand_conv/expand_bn/project_conv/
+    project_bn, then 30 MBConv): --freeze N counts blocks across both kinds, and weight decay takes the fused
+    convs' kernels but not their BN."""
+    model = effnet_jax.create_model("v2_s", num_classes=10)
+    config, shapes = model.config, param_shapes(model, 32)["params"]
+    names = _flat(shapes)
+    assert len(config.blocks) == 40 and [b.fused for b in config.blocks].count(True) == 10
+    decay = _flat(optim.weight_decay_mask(shapes))
+    assert decay["blocks_0/conv/kernel"] and decay["blocks_2/expand_conv/kernel"]
+    assert not decay["blocks_0/bn/scale"] and not decay["blocks_2/project_bn/bias"]
+    assert optim.frozen_units(config, "head-only") == 42
+    top32 = _flat(optim.trainable_mask(shapes, config, 32))  # blocks_8.. (two fused ones) + head + classifier
+    expected = {f"blocks_{i}" for i in range(8, 40)} | {"head", "head_bn", "classifier"}
+    assert {k for k, m in top32.items() if m} == {k for k in names if k.split("/")[0] in expected}
+    assert top32["blocks_8/expand_conv/kernel"] and not top32["blocks_7/expand_conv/kernel"]
+    assert not top32["blocks_0/conv/kernel"] and not top32["stem/kernel"]
+    assert optim.frozen_units(config, 32) == 1 + 40 - 32
+
+
 @pytest.mark.parametrize("freeze", [0, 17, "x", 1.5])
 def test_freeze_n_is_validated(b0, freeze):
     config, shapes = b0

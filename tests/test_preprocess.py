@@ -38,11 +38,12 @@ def photos() -> list[Image.Image]:
     return [image.resize(SIZES[k % len(SIZES)], Image.Resampling.BICUBIC) for k, image in enumerate(images)]
 
 
-@pytest.mark.parametrize("i", [0, 1, 3])
-def test_matches_torchvision(i: int, photos: list[Image.Image]) -> None:
+# v2_s: bilinear (ImageNet mean/std); v2_l: bicubic with mean = std = 0.5
+@pytest.mark.parametrize("variant", ["b0", "b1", "b3", "v2_s", "v2_l"])
+def test_matches_torchvision(variant: str, photos: list[Image.Image]) -> None:
     tv = pytest.importorskip("torchvision.models")
-    reference = getattr(tv, f"EfficientNet_B{i}_Weights").IMAGENET1K_V1.transforms()
-    ours = eval_transform(f"b{i}")
+    reference = getattr(tv, f"EfficientNet_{variant.upper()}_Weights").IMAGENET1K_V1.transforms()
+    ours = eval_transform(variant)
     mean, std = np.asarray(ours.mean, np.float32), np.asarray(ours.std, np.float32)
     worst = 0.0
     for image in photos:

@@ -599,6 +599,25 @@ def test_bad_inputs_exit_2(case, trainer_env, image_folder, tmp_path):
     assert not (workdir / "checkpoints").exists()
 
 
+def test_v2_imagenet_init_offline_names_the_file(trainer_env, image_folder, tmp_path, monkeypatch):
+    """`--variant v2_s --init imagenet` without network (a closed local port) and with an empty torch hub cache:
+    exit 2 with the one weights message, naming torchvision's V2-S file and where to put it."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv(weights.URL_ENV_VAR, f"http://127.0.0.1:{port}/models")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    workdir = tmp_path / "w"
+    argv = base_argv(image_folder, workdir, "--variant", "v2_s", "--init", "imagenet")
+    rc, stdout, stderr = run_main(cli.main, argv)
+    assert rc == 2 and stdout == ""
+    assert stderr.count("\n") == 1 and stderr.startswith("error: Could not download ")
+    path = tmp_path / "torch" / "hub" / "checkpoints" / "efficientnet_v2_s-dd5fe13b.pth"
+    assert f"/models/{path.name}" in stderr and str(path) in stderr and "--init PATH.pth" in stderr
+    assert not path.exists() and not (workdir / "checkpoints").exists()
+
+
 # ------------------------------------------------ 4, 5, 8. --init imagenet (local server), head-only, cosine
 
 @pytest.fixture(scope="module")

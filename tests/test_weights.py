@@ -129,6 +129,17 @@ def test_unreachable_url_gives_actionable_error(
     assert list(mirror.checkpoints.iterdir()) == []
 
 
+def test_v2_offline_names_its_file(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    """No network, an empty cache: the V2-S file is named in the one unavailable-weights message."""
+    monkeypatch.setenv(URL_ENV_VAR, f"http://127.0.0.1:{_closed_port()}/models")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(WeightsUnavailableError) as info:
+        weights.weights_file("v2_s", progress=False)
+    message = str(info.value)
+    assert "efficientnet_v2_s-dd5fe13b.pth" in message and "--init PATH.pth" in message
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "efficientnet_v2_s-dd5fe13b.pth") in message
+
+
 def test_url_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(URL_ENV_VAR, raising=False)
     assert weights.weights_url("b3") == "https://download.pytorch.org/models/efficientnet_b3_rwightman-b3899882.pth"
@@ -164,12 +175,12 @@ def test_hub_dir_is_torchs(env: dict[str, str], monkeypatch: pytest.MonkeyPatch)
     assert weights.hub_checkpoint_dir() == pathlib.Path(hub.get_dir()) / "checkpoints"
 
 
-@pytest.mark.parametrize("i", range(8))
-def test_table_matches_torchvision(i: int) -> None:
+@pytest.mark.parametrize("variant", [f"b{i}" for i in range(8)] + ["v2_s", "v2_m", "v2_l"])
+def test_table_matches_torchvision(variant: str) -> None:
     tv = pytest.importorskip("torchvision.models")
-    published = getattr(tv, f"EfficientNet_B{i}_Weights").IMAGENET1K_V1
+    published = getattr(tv, f"EfficientNet_{variant.upper()}_Weights").IMAGENET1K_V1
     preset = published.transforms()
-    e = weights.WEIGHTS[f"b{i}"]
+    e = weights.WEIGHTS[variant]
     assert e.url == published.url and e.url.endswith("/" + e.file_name)
     assert [e.crop_size] == preset.crop_size and [e.resize_size] == preset.resize_size
     assert e.interpolation == preset.interpolation.value
