@@ -238,17 +238,57 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
         xf = x.astype(jnp.float32)
         if use_running_average:
-            mean, var = ra_mean.value, ra_var.value
-        else:
-            mean = jnp.mean(xf, axis=(0, 1, 2))
-            var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
-            if not self.is_initializing():
-                n = x.size // c
-                m = self.momentum
-                ra_mean.value = (1 - m) * ra_mean.value + m * mean
-                ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
-        mul = lax.rsqrt(var + self.epsilon) * scale
-        return ((xf - mean) * mul + bias).astype(self.dtype)
+            mul = lax.rsqrt(ra_var.value + self.epsilon) * scale
+            return ((xf - ra_mean.value) * mul + bias).astype(self.dtype)
+        y, mean, var = batch_norm_train(xf, scale, bias, self.epsilon)
+        if not self.is_initializing():
+            n = x.size // c
+            m = self.momentum
+            ra_mean.value = (1 - m) * ra_mean.value + m * mean
+            ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+        return y.astype(self.dtype)
+
+
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """BatchNorm of NHWC `x` with its own batch statistics: (y, batch mean, biased batch variance). The statistics
+    carry no gradient (they only feed the running averages); y's gradient is the closed form below."""
+    y, mean, var = _bn_train(x, scale, bias, epsilon)
+    return y, lax.stop_gradient(mean), lax.stop_gradient(var)
+
+
+def _bn_stats(x, scale, epsilon):
+    mean = jnp.mean(x, axis=(0, 1, 2))
+    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+    return mean, var, lax.rsqrt(var + epsilon)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _bn_train(x, scale, bias, epsilon):
+    mean, var, rstd = _bn_stats(x, scale, epsilon)
+    return (x - mean) * (rstd * scale) + bias, mean, var
+
+
+def _bn_train_fwd(x, scale, bias, epsilon):
+    mean, var, rstd = _bn_stats(x, scale, epsilon)
+    return ((x - mean) * (rstd * scale) + bias, mean, var), (x, mean, rstd, scale)
+
+
+def _bn_train_bwd(epsilon, residuals, cotangents):
+    """The textbook BatchNorm backward pass, written out: two reductions over g (one fused pass with x) and one
+    elementwise pass, where autodiff of the forward pass left XLA's CPU backend more passes over the activations.
+    The statistics' cotangents are zero (`batch_norm_train` stops their gradient)."""
+    x, mean, rstd, scale = residuals
+    g = cotangents[0]
+    n = x.shape[0] * x.shape[1] * x.shape[2]
+    xhat = (x - mean) * rstd
+    dbias = jnp.sum(g, axis=(0, 1, 2))
+    dscale = jnp.sum(g * xhat, axis=(0, 1, 2))
+    dx = (scale * rstd / n) * (n * g - dbias - xhat * dscale)
+    return dx, dscale, dbias
+
+
+_bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)
 
 
 class SqueezeExcite(nn.Module):
