@@ -5,7 +5,6 @@ file into a model directory, refusals), and that the library path imports no tor
 XLA compiles slowly on CPU: the CLIs run in-process (`main([...])`) inside module-scoped fixtures, so that
 lite0 and b0 are each compiled once here (lite0 once more in the no-torch subprocess)."""
 
-import contextlib
 import io
 import json
 import pathlib
@@ -18,18 +17,12 @@ import pytest
 
 from effnet_jax import checkpoint, convert, predict
 from effnet_jax.preprocess import eval_transform, imagenet_class_names
+from helpers import run_main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CIFAR_TAR = REPO / "../shared/data/cifar10-jpeg-train.tar.gz"
 N_IMAGES = 5
 
-
-def run_main(main, argv):
-    """(exit status, stdout, stderr) of an in-process CLI `main(argv)`."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def read_lines(text):

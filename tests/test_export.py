@@ -24,6 +24,7 @@ from PIL import Image
 
 from effnet_jax import export, predict, variants
 from effnet_jax.preprocess import EvalTransform, preprocess_config
+from helpers import load_train_cli, run_main
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -34,12 +35,14 @@ R = 64
 TOL = 1e-4
 
 
-def run_main(main, argv):
-    """(exit status, stdout, stderr) of an in-process CLI `main(argv)`."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
+
+def write_image_folder(root: pathlib.Path, files: dict[str, list[bytes]]) -> pathlib.Path:
+    """<class>/NN.jpg from {class: [JPEG bytes, ...]}; returns `root`."""
+    for cls, blobs in files.items():
+        (root / cls).mkdir(parents=True)
+        for i, b in enumerate(blobs):
+            (root / cls / f"{i:02d}.jpg").write_bytes(b)
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -180,11 +183,7 @@ def run_dir(cifar_files, tmp_path_factory):
     starts as the very parameter arrays; train.py is not this test's to fix.)"""
     from effnet_jax.train import TrainConfig, train_and_evaluate
     root = tmp_path_factory.mktemp("run")
-    data = root / "data"
-    for cls, blobs in cifar_files.items():
-        (data / cls).mkdir(parents=True)
-        for i, b in enumerate(blobs):
-            (data / cls / f"{i:02d}.jpg").write_bytes(b)
+    data = write_image_folder(root / "data", cifar_files)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EFFNET_JAX_CACHE", str(root / "cache"))
         with contextlib.redirect_stdout(io.StringIO()):
@@ -263,17 +262,10 @@ def v2_run(cifar_files, tmp_path_factory):
     CIFAR images of two classes. That network has 7 blocks, 3 Fused-MBConv (the first the single-conv form) then 4
     MBConv; --freeze 5 trains blocks_2 (fused) onwards, so the frozen/trained line runs through the fused
     blocks. Returns (workdir, data folder, the initial variables, the CLI's (rc, stdout, stderr))."""
-    import importlib.util
     from effnet_jax import train as trainer
     root = tmp_path_factory.mktemp("v2run")
-    data = root / "data"
-    for cls, blobs in cifar_files.items():
-        (data / cls).mkdir(parents=True)
-        for i, b in enumerate(blobs):
-            (data / cls / f"{i:02d}.jpg").write_bytes(b)
-    spec = importlib.util.spec_from_file_location("effnet_jax_train_cli_v2", REPO / "train.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    data = write_image_folder(root / "data", cifar_files)
+    cli = load_train_cli("effnet_jax_train_cli_v2")
     argv = ["--variant", "v2_s", "--init", "scratch", "--width", 0.25, "--depth", 0.1, "--freeze", 5,
             "--dataset", f"folder:{data}", "--epochs", 1, "--batch-size", 8, "--resolution", 32,
             "--max-train-examples", 16, "--val-fraction", 0.2, "--no-progress", "--workdir", root / "work"]

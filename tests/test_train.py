@@ -20,12 +20,10 @@ closed-form schedule, the torch file's tensors, the initial variables.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
 import http.server
-import importlib.util
 import io
 import json
 import math
@@ -48,6 +46,7 @@ from effnet_jax import train as trainer
 from effnet_jax import weights
 from effnet_jax.optim import param_names
 from effnet_jax.variants import VARIANTS
+from helpers import load_train_cli, run_main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CLASSES = ("zebra", "ant", "mole")      # written in this order; the class index is the sorted position
@@ -64,22 +63,8 @@ SHARDED_TEST = "test_two_device_step_equals_one_device_step"
 SMALL = (0.25, 0.1)                     # run A's --width, --depth
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("effnet_jax_train_cli", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+cli = load_train_cli()
 
-
-cli = _load_cli()
-
-
-def run_main(main, argv):
-    """(exit status, stdout, stderr) of an in-process CLI `main(argv)`."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def last_json(stdout: str) -> dict:
