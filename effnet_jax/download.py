@@ -27,6 +27,7 @@ __all__ = ["DOWNLOAD_TIMEOUT_S", "DownloadError", "ChecksumError", "download", "
 # download stop well inside half a minute with their message.
 DOWNLOAD_TIMEOUT_S = 20.0
 _CHUNK = 1 << 20
+USER_AGENT = "effnet-jax (python urllib)"  # some servers refuse Python's default agent string; torchvision sets its own too
 
 
 class DownloadError(RuntimeError):
@@ -86,7 +87,8 @@ def download(url: str, path: pathlib.Path, *, sha256: str, size: int | None = No
 def _stream(url: str, out, size: int | None, progress: bool, timeout: float, desc: str) -> tuple[int, str]:
     """Write the body of `url` to `out`; (bytes written, their SHA-256)."""
     try:
-        response = urllib.request.urlopen(url, timeout=timeout)
+        response = urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": USER_AGENT}),
+                                          timeout=timeout)
     except (OSError, http.client.HTTPException) as error:  # URLError, HTTPError, timeouts, refused connections
         raise DownloadError(url, _reason(error)) from error
     sha256, received = hashlib.sha256(), 0

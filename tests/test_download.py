@@ -64,6 +64,7 @@ class Server:
     root: pathlib.Path
     url: str
     requests: list[str]
+    agents: list[str]     # the User-Agent of each request
     truncate: list[bool]  # [True]: announce the whole file, send half, close
     stop: object
 
@@ -73,6 +74,7 @@ def server(tmp_path: pathlib.Path) -> Iterator[Server]:
     root = tmp_path / "served"
     (root / "kriz").mkdir(parents=True)
     requests: list[str] = []
+    agents: list[str] = []
     truncate = [False]
 
     class Handler(http.server.SimpleHTTPRequestHandler):
@@ -81,6 +83,7 @@ def server(tmp_path: pathlib.Path) -> Iterator[Server]:
 
         def do_GET(self) -> None:
             requests.append(self.path)
+            agents.append(self.headers.get("User-Agent", ""))
             if not truncate[0]:
                 return super().do_GET()
             body = (root / self.path.lstrip("/")).read_bytes()
@@ -111,7 +114,8 @@ def server(tmp_path: pathlib.Path) -> Iterator[Server]:
             stopped.append(True)
 
     try:
-        yield Server(root / "kriz", f"http://127.0.0.1:{httpd.server_address[1]}/kriz", requests, truncate, stop)
+        yield Server(root / "kriz", f"http://127.0.0.1:{httpd.server_address[1]}/kriz", requests, agents, truncate,
+                     stop)
     finally:
         stop()
 
@@ -126,6 +130,7 @@ def test_download_verifies_then_renames(server: Server, tmp_path: pathlib.Path) 
     out = tmp_path / "cache" / "f.bin"
     download(f"{server.url}/f.bin", out, sha256=digest, size=len(body), progress=False)
     assert out.read_bytes() == body and [p.name for p in out.parent.iterdir()] == ["f.bin"]
+    assert server.agents == ["effnet-jax (python urllib)"]  # not Python's default, which some servers refuse
 
     cases = [(dict(sha256=digest, size=len(body) + 1), "announces 76,800 bytes, expected 76,801"),
              (dict(sha256="0" * 64, size=len(body)), f"its SHA-256 is {digest}, expected the SHA-256 " + "0" * 64),
