@@ -275,8 +275,9 @@ def cifar_archive(name: str, progress: bool = True) -> pathlib.Path:
             f"PATH/{archive.file_name} (or the folder extracted from it); {DATA_URL_ENV_VAR}=URL downloads from a "
             f"mirror that serves {archive.file_name}; any image folder works with --dataset folder:PATH.") from e
     except ChecksumError as e:
-        raise DatasetUnavailableError(f"{e}. Check {DATA_URL_ENV_VAR} (now {os.getenv(DATA_URL_ENV_VAR)!r}) or "
-                                      "retry.") from e
+        mirror = os.getenv(DATA_URL_ENV_VAR)
+        raise DatasetUnavailableError(f"{e}. " + (f"Check the mirror {DATA_URL_ENV_VAR}={mirror!r}, or retry."
+                                                  if mirror else "Retry.")) from e
     return path
 
 

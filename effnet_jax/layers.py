@@ -48,12 +48,17 @@ def conv_padding(mode: str, size: int, kernel: int, stride: int) -> tuple[int, i
     raise ValueError(f"padding must be 'symmetric' or 'same', got {mode!r}")
 
 
-def resolve_depthwise_impl(impl: str) -> str:
-    if impl not in DEPTHWISE_IMPLS:
-        raise ValueError(f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
+def _resolve_impl(name: str, impl: str, choices: tuple[str, ...], on_cpu: str) -> str:
+    """`impl` checked against `choices`; 'auto' is `on_cpu` on XLA's CPU backend and 'xla' elsewhere."""
+    if impl not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {impl!r}")
     if impl == "auto":
-        return "shift" if jax.default_backend() == "cpu" else "xla"
+        return on_cpu if jax.default_backend() == "cpu" else "xla"
     return impl
+
+
+def resolve_depthwise_impl(impl: str) -> str:
+    return _resolve_impl("depthwise_impl", impl, DEPTHWISE_IMPLS, "shift")
 
 
 def _taps(xp: jax.Array, kh: int, kw: int, stride: int, oh: int, ow: int):
@@ -152,11 +157,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int,
 
 
 def resolve_conv_impl(impl: str) -> str:
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "dot" if jax.default_backend() == "cpu" else "xla"
-    return impl
+    return _resolve_impl("conv_impl", impl, CONV_IMPLS, "dot")
 
 
 # 'dot' computes a k×k convolution as patches × matrix only while the patches stay small (the stem's 3 input
