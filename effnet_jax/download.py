@@ -21,6 +21,8 @@ import urllib.request
 
 from tqdm import tqdm
 
+from .errors import UserError
+
 __all__ = ["DOWNLOAD_TIMEOUT_S", "DownloadError", "ChecksumError", "download", "file_sha256", "check_digest"]
 
 # Seconds without an answer (connect, or any read) before a download is given up: offline, the commands that
@@ -30,7 +32,7 @@ _CHUNK = 1 << 20
 USER_AGENT = "effnet-jax (python urllib)"  # some servers refuse Python's default agent string; torchvision sets its own too
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """The URL could not be fetched (no network, host unreachable, HTTP error, connection lost)."""
 
     def __init__(self, url: str, reason: str) -> None:
@@ -38,7 +40,7 @@ class DownloadError(RuntimeError):
         self.url, self.reason = url, reason
 
 
-class ChecksumError(RuntimeError):
+class ChecksumError(UserError, RuntimeError):
     """What arrived (or what is cached) is not the expected file: its size or SHA-256 differ."""
 
     def __init__(self, source: str, problem: str) -> None:

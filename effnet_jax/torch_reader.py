@@ -39,14 +39,16 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from .errors import UserError
+
 __all__ = ["CheckpointReadError", "UnsafeCheckpointError", "read_torch_state_dict"]
 
 
-class CheckpointReadError(ValueError):
+class CheckpointReadError(UserError, ValueError):
     """The file is truncated, corrupt, or not a PyTorch state-dict checkpoint."""
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(UserError, ValueError):
     """The checkpoint's pickle names a global that a plain state dict never needs (it is not executed)."""
 
 

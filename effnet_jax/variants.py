@@ -24,6 +24,8 @@ import dataclasses
 import math
 from typing import NamedTuple
 
+from .errors import ConfigError
+
 __all__ = [
     "ALPHA", "BETA", "GAMMA", "B0_STAGES", "V2_STAGES", "COMPOUND_SCALING", "LITE_SCALING", "V2_SCALING",
     "VARIANTS",
@@ -131,6 +133,17 @@ _BN_TF = (1e-3, 0.01)
 _BN_V2 = (1e-3, 0.1)
 
 
+MIN_RESOLUTION = 32  # the network downsamples by 32: the last stage needs at least a 1 x 1 map
+
+
+def check_resolution(side: int, what: str = "--resolution") -> int:
+    """`side` if an input of side x side pixels fits every variant, else a ConfigError naming `what`."""
+    if side < MIN_RESOLUTION:
+        raise ConfigError(f"{what} {side} is too small: EfficientNet downsamples by {MIN_RESOLUTION}; use >= "
+                         f"{MIN_RESOLUTION}")
+    return side
+
+
 def round_filters(channels: float, width: float, divisor: int = 8) -> int:
     """Scale a channel count by `width` and round to a multiple of `divisor`, never below 90 % of the scaled
     value nor below `divisor` (torchvision's `_make_divisible`, TF's `round_filters`)."""
@@ -204,7 +217,7 @@ def model_config(variant: str, *, width: float | None = None, depth: float | Non
     lite, v2 = variant in LITE_SCALING, variant in V2_SCALING
     table = LITE_SCALING if lite else V2_SCALING if v2 else COMPOUND_SCALING
     if variant not in table:
-        raise ValueError(f"unknown EfficientNet variant {variant!r}; valid names: {', '.join(VARIANTS)}")
+        raise ConfigError(f"unknown EfficientNet variant {variant!r}; valid names: {', '.join(VARIANTS)}")
     scaling = table[variant]
     w = scaling.width if width is None else width
     d = scaling.depth if depth is None else depth

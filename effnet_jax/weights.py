@@ -34,6 +34,7 @@ import re
 from typing import Literal
 
 from .download import ChecksumError, DownloadError, check_digest, download, file_sha256
+from .errors import ConfigError, UserError
 
 __all__ = [
     "DEFAULT_BASE_URL", "URL_ENV_VAR", "IMAGENET_MEAN", "IMAGENET_STD", "TF_LITE_MEAN", "TF_LITE_STD",
@@ -125,11 +126,11 @@ WEIGHTS: dict[str, WeightsEntry] = {
 }
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """The weight file is not on disk and cannot be fetched (offline, URL unreachable, nothing published)."""
 
 
-class WeightsIntegrityError(RuntimeError):
+class WeightsIntegrityError(UserError, RuntimeError):
     """A weight file's SHA-256 does not start with the prefix in its name (corrupt or wrong file)."""
 
 
@@ -138,7 +139,7 @@ def weights_entry(variant: str) -> WeightsEntry:
     try:
         return WEIGHTS[variant.lower()]
     except KeyError:
-        raise ValueError(f"unknown EfficientNet variant {variant!r}; valid names: {', '.join(WEIGHTS)}") from None
+        raise ConfigError(f"unknown EfficientNet variant {variant!r}; valid names: {', '.join(WEIGHTS)}") from None
 
 
 def hub_checkpoint_dir() -> pathlib.Path:
