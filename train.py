@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+from effnet_jax.errors import cli
+
 HELP = {
     "variant": "b0..b7, lite0..lite4, v2_s, v2_m, v2_l",
     "dataset": "tfds name (cifar10, cifar100, svhn_cropped, tf_flowers, ...) or folder:PATH",
@@ -75,13 +77,18 @@ def parse_args(argv=None):
     return parse(argv)[0]
 
 
+@cli
 def main(argv=None, exit_at_once: bool = False) -> int:
     """Train; returns the exit status. `exit_at_once` (the command line): a signal before the first training step
     ends the process with `os._exit` after its message, so that neither a worker thread still retrying a download
-    nor jax.distributed's shutdown barrier (which waits for the other processes) holds it."""
+    nor jax.distributed's shutdown barrier (which waits for the other processes) holds it. A user error (a flag,
+    a path, the network: `effnet_jax.errors.UserError`) prints as one line with exit status 2 (`cli`); any other
+    exception shows its traceback."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("effnet_jax").setLevel(logging.INFO)
-    from effnet_jax.train import Interrupted, StoppedBeforeTraining, initialize_distributed, train_and_evaluate
+    from effnet_jax.mesh import initialize_distributed
+    from effnet_jax.stopping import Interrupted, StoppedBeforeTraining
+    from effnet_jax.train import train_and_evaluate
     cfg, launch = parse(argv)
     try:
         initialize_distributed(**launch)
@@ -96,9 +103,6 @@ def main(argv=None, exit_at_once: bool = False) -> int:
     except Interrupted as e:  # SIGTERM / SIGINT: checkpoint saved
         print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
-    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:  # one message, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     print(json.dumps(summary))
     return 0
 

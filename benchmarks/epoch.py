@@ -61,8 +61,9 @@ from throughput import log  # noqa: E402
 from effnet_jax import data as data_lib  # noqa: E402
 from effnet_jax import optim  # noqa: E402
 from effnet_jax.host import with_fast_malloc  # noqa: E402
-from effnet_jax.train import (PRESETS, Mesh, TrainConfig, augment_config, build_model, create_train_state,  # noqa: E402
-                              jit_train_step, normalization)
+from effnet_jax.mesh import Mesh  # noqa: E402
+from effnet_jax.steps import create_train_state, jit_train_step  # noqa: E402
+from effnet_jax.train import PRESETS, TrainConfig, augment_config, build_model  # noqa: E402
 
 DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
 
@@ -79,11 +80,11 @@ def jax_epoch(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, num_clas
     variables = throughput.random_variables(base, cfg.resolution, cfg.seed)
     tx = optim.make_optimizer(ocfg, variables["params"], base.config, steps_per_epoch)
     step_fn = jit_train_step(build_model(cfg, num_classes, fu, overrides), tx,
-                             augment_config(cfg, *normalization(cfg)), cfg.label_smoothing, cfg.ema_decay)
+                             augment_config(cfg, *cfg.normalization()), cfg.label_smoothing, cfg.ema_decay)
 
     t0 = time.perf_counter()
     train_arrays = mesh.replicate((jnp.asarray(images), jnp.asarray(labels)))
-    state = mesh.replicate(create_train_state(variables, tx, cfg))
+    state = mesh.replicate(create_train_state(variables, tx, cfg.seed, cfg.ema_decay > 0))
     zero_sums = mesh.replicate({"loss": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.int32),
                                 "count": jnp.zeros((), jnp.float32)})
     jax.block_until_ready((train_arrays, state, zero_sums))
@@ -221,7 +222,7 @@ def main(argv=None) -> dict:
         for w in (int(x) for x in args.workers.split(",")):
             log(f"PyTorch epoch (num_workers={w}) ...")
             runs.append(torch_epoch(args, images, labels, ds.num_classes, j["frozen_units"],
-                                    *normalization(cfg), w, device))
+                                    *cfg.normalization(), w, device))
         best = min(runs, key=lambda r: r["epoch_s"])
         out.update(torch_epoch_s=best["epoch_s"] * full_n / best["examples"], torch_measured_s=best["epoch_s"],
                    torch_img_s=best["examples"] / best["epoch_s"], torch_workers=best["workers"],

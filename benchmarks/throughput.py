@@ -59,8 +59,9 @@ from effnet_jax import data as data_lib
 from effnet_jax import optim, variants
 from effnet_jax.host import with_fast_malloc
 from effnet_jax.models import count_flops, param_shapes
-from effnet_jax.train import (Mesh, TrainConfig, augment_config, build_model, create_train_state, jit_eval_step,
-                              jit_train_step, normalization)
+from effnet_jax.mesh import Mesh
+from effnet_jax.steps import create_train_state, jit_eval_step, jit_train_step
+from effnet_jax.train import TrainConfig, augment_config, build_model
 
 NUM_CLASSES = 10
 
@@ -122,7 +123,7 @@ def jax_setup(variant: str, resolution: int, batch_size: int, args) -> dict:
     mesh = Mesh([args.jax_device])
     return dict(cfg=cfg, overrides=overrides, base=base, fu=fu, mesh=mesh, n_data=n_data,
                 arrays=mesh.replicate((jnp.asarray(images), jnp.asarray(labels))),
-                aug=augment_config(cfg, *normalization(cfg)),
+                aug=augment_config(cfg, *cfg.normalization()),
                 variables=random_variables(base, resolution),
                 batches=data_lib.batch_indices(data_lib.epoch_permutation(n_data, 0, 1), batch_size))
 
@@ -145,7 +146,7 @@ def jax_train(s: dict, args) -> dict:
                               s["n_data"] // cfg.batch_size)
     step_fn = jit_train_step(build_model(cfg, NUM_CLASSES, s["fu"], s["overrides"]), tx, s["aug"],
                              cfg.label_smoothing, cfg.ema_decay)
-    state = mesh.replicate(create_train_state(s["variables"], tx, cfg))
+    state = mesh.replicate(create_train_state(s["variables"], tx, cfg.seed, cfg.ema_decay > 0))
     batches = s["batches"]
     t = time.perf_counter()
     compiled = step_fn.lower(state, *s["arrays"], mesh.put_batch(batches[0])).compile()

@@ -10,6 +10,7 @@ _EXPORTS = {
     "VARIANTS": "variants", "model_config": "variants",
     "read_torch_state_dict": "torch_reader",
     "convert_state_dict": "convert", "pretrained": "convert",
+    "load": "loader", "Loaded": "loader", "EvalTransform": "preprocess", "UserError": "errors",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

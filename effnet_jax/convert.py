@@ -38,6 +38,7 @@ import jax
 import numpy as np
 
 from . import variants
+from .errors import UserError, cli
 from .torch_reader import read_torch_state_dict
 from .variants import ModelConfig
 
@@ -59,7 +60,7 @@ _BN = (("weight", "params", "scale"), ("bias", "params", "bias"),
 Entry = tuple[str, str, tuple[str, ...], str]  # torch key, collection, flax path, transform
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """The state dict does not fit the requested variant / layout."""
 
 
@@ -147,16 +148,17 @@ def layout_overrides(layout: str, variant: str) -> dict:
 
 
 def convert_state_dict(state_dict: dict[str, np.ndarray], variant: str, num_classes: int | None = None,
-                       rng: jax.Array | None = None, source: str = "state dict") -> dict:
+                       rng: jax.Array | None = None, source: str = "state dict", layout: str | None = None) -> dict:
     """Map a torchvision or lukemelas/Lite state dict onto `create_model(variant, num_classes)`'s variables.
 
     `num_classes=None` keeps the file's classifier. Any other number loads the backbone and initializes a
     fresh head (torchvision's init, from `rng`, default key 0) — the transfer fine-tune's starting point.
     `num_classes=0` loads the backbone alone, for `create_model(variant, 0)` (pooled features).
+    `layout`: the file's layout when the caller has already run `detect_layout`.
     """
-    from .models import _classifier_init, create_model, param_shapes
+    from .models import create_model, new_classifier, param_shapes
 
-    layout = detect_layout(state_dict)
+    layout = detect_layout(state_dict) if layout is None else layout
     table = LAYOUTS[layout][1](variants.model_config(variant))
     file_classes = int(state_dict[table[-1][0]].shape[0]) if table[-1][0] in state_dict else None
     classes = file_classes if num_classes is None else num_classes
@@ -193,10 +195,9 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], variant: str, num_clas
         raise ConversionError(f"{source}: unexpected key {extra[0]!r} ({len(extra)} unused) for {variant}: is this "
                               f"file for another variant?")
     if new_head and classes > 0:
-        k = shapes["params"]["classifier"]["kernel"].shape
-        out["params"]["classifier"] = {
-            "kernel": np.asarray(_classifier_init(jax.random.key(0) if rng is None else rng, k)),
-            "bias": np.zeros((classes,), np.float32)}
+        features = shapes["params"]["classifier"]["kernel"].shape[0]
+        head = new_classifier(jax.random.key(0) if rng is None else rng, features, classes, "uniform")
+        out["params"]["classifier"] = {k: np.asarray(v) for k, v in head.items()}
         log.info("%s: backbone loaded; new %d-class head initialized (the file has %s classes)", source, classes,
                  file_classes)
     elif new_head:
@@ -216,6 +217,7 @@ def pretrained(variant: str, path: str | os.PathLike | None = None, num_classes:
     return convert_state_dict(read_torch_state_dict(src), variant, num_classes, rng, source=src)
 
 
+@cli
 def main(argv: list[str] | None = None) -> int:
     from . import checkpoint
     p = argparse.ArgumentParser(prog="python -m effnet_jax.convert", description=(
@@ -229,19 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         sd = read_torch_state_dict(args.src)
-        layout = detect_layout(sd)
-        variables = convert_state_dict(sd, args.variant, args.num_classes, source=args.src)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:
+        raise UserError(f"{args.src}: {e.strerror or e}") from None
+    layout = detect_layout(sd)
+    variables = convert_state_dict(sd, args.variant, args.num_classes, source=args.src, layout=layout)
     classes = variables["params"]["classifier"]["bias"].shape[0]
     try:
         checkpoint.save_model(args.out, variables, {"variant": args.variant, "num_classes": int(classes),
                                                     "overrides": layout_overrides(layout, args.variant),
                                                     "source": os.path.abspath(args.src), "layout": layout})
     except OSError as e:  # an existing checkpoint, an unwritable directory
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UserError(str(e)) from None
     print(f"wrote {args.variant} ({classes} classes, {layout} layout) to {args.out}")
     return 0
 

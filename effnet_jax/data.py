@@ -81,6 +81,7 @@ from jax.scipy.ndimage import map_coordinates
 from PIL import Image
 
 from effnet_jax.download import ChecksumError, DownloadError, check_digest, download, file_sha256
+from effnet_jax.errors import ConfigError, UserError
 from effnet_jax.weights import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
@@ -125,11 +126,11 @@ CIFAR_ARCHIVES = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The data given is not a usable dataset (bad layout, corrupt image, unknown name)."""
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(UserError, RuntimeError):
     """The dataset cannot be obtained here (not prepared and no download possible)."""
 
 
@@ -193,9 +194,9 @@ def load_dataset(spec: str, data_dir: str | os.PathLike[str] | None = None, *, v
     bar while a CIFAR archive downloads.
     """
     if on_corrupt not in ("error", "skip"):
-        raise ValueError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
+        raise ConfigError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if image_size is not None and image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
 
@@ -306,7 +307,7 @@ def _resolve(spec: str, data_dir: str | os.PathLike[str] | None) -> tuple[str, s
     """(kind, location): ('folder' | 'cifar10' | 'cifar100', local path) or ('tfds', dataset name)."""
     if spec.startswith("folder:"):
         if data_dir is not None:
-            raise ValueError(f"spec {spec!r} names its folder; data_dir must be None, got {data_dir!r}")
+            raise ConfigError(f"spec {spec!r} names its folder; data_dir must be None, got {data_dir!r}")
         path = pathlib.Path(spec[len("folder:"):]).expanduser()
         if not path.exists():
             raise DatasetError(f"image folder {path} does not exist")
@@ -663,7 +664,7 @@ def open_stream(spec: str, data_dir: str | os.PathLike[str] | None = None, *, va
     for that; a tfds dataset's image feature must have a fixed shape), else `DEFAULT_RESIZE`. An image that
     cannot be decoded raises `DatasetError` when it is read."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if image_size is not None and image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
     kind, location = _resolve(spec, data_dir)
@@ -994,15 +995,15 @@ class AugmentConfig:
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         if self.crop_padding < 0 or self.rotation < 0 or self.translation < 0:
-            raise ValueError("crop_padding, rotation and translation must be >= 0")
+            raise ConfigError("crop_padding, rotation and translation must be >= 0")
         if not 0 <= self.zoom < 1 or not 0 <= self.contrast <= 1:
-            raise ValueError(f"zoom must be in [0, 1) and contrast in [0, 1], got {self.zoom}, {self.contrast}")
+            raise ConfigError(f"zoom must be in [0, 1) and contrast in [0, 1], got {self.zoom}, {self.contrast}")
         if self.fill_mode not in ("reflect", "constant", "nearest"):
-            raise ValueError(f"fill_mode must be 'reflect', 'constant' or 'nearest', got {self.fill_mode!r}")
+            raise ConfigError(f"fill_mode must be 'reflect', 'constant' or 'nearest', got {self.fill_mode!r}")
         if self.resolution is not None and self.resolution <= 0:
-            raise ValueError(f"resolution must be positive, got {self.resolution}")
+            raise ConfigError(f"resolution must be positive, got {self.resolution}")
         if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError("mean and std must have 3 values")
+            raise ConfigError("mean and std must have 3 values")
 
 
 @functools.partial(jax.jit, static_argnames="cfg")

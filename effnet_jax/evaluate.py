@@ -22,36 +22,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
-
-@dataclasses.dataclass
-class LoadedRun:
-    """A training run's evaluation model: what `evaluate_run`, `predict --workdir` and `export --workdir` use."""
-    model: object          # EfficientNet
-    variables: dict        # {'params', 'batch_stats'}: the EMA weights when the run kept an EMA
-    config: object         # TrainConfig
-    saved: dict            # config.json as written (with model_overrides, num_classes, mean, std)
-    class_names: list
-    meta: dict             # the checkpoint's meta (epoch, ...)
-    uses_ema: bool = False
-
-
-def load_run(workdir: str | pathlib.Path, which: str = "best", **model_overrides) -> LoadedRun:
-    """The model and evaluation variables of a run directory written by `effnet_jax.train` (the EMA weights when
-    the run kept an EMA, as evaluation during training uses). `model_overrides` go to `create_model` on top of
-    the run's (e.g. depthwise_impl='xla')."""
-    from .train import TrainConfig, build_model, restore_checkpoint
-
-    workdir = pathlib.Path(workdir)
-    if not (workdir / "config.json").exists():
-        raise FileNotFoundError(f"{workdir}: no config.json; not a training run directory")
-    saved = json.loads((workdir / "config.json").read_text())
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
-    run_classes = json.loads((workdir / "class_names.json").read_text())
-    tree, meta = restore_checkpoint(workdir / "checkpoints" / which)
-    variables = tree["ema"] if "ema" in tree else {"params": tree["params"], "batch_stats": tree["batch_stats"]}
-    model = build_model(cfg, len(run_classes), overrides={**saved.get("model_overrides", {}), **model_overrides})
-    return LoadedRun(model, variables, cfg, saved, run_classes, meta, "ema" in tree)
+from .errors import UserError, cli
 
 
 def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_dir: str | None = None,
@@ -60,10 +31,16 @@ def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_d
     """`flip`: average each image's and its mirror's logits; None: as the run's validation did (`eval_flip`).
     `stream`: read the images as it goes instead of loading the split (None: as the run's --stream says)."""
     from . import data as data_lib
-    from .train import Mesh, augment_config, evaluate, jit_eval_step, load_data
+    from .loader import load
+    from .mesh import Mesh
+    from .steps import evaluate, jit_eval_step
+    from .train import TrainConfig, augment_config, load_data
 
-    run = load_run(workdir, which)
-    saved, cfg, run_classes, meta = run.saved, run.config, run.class_names, run.meta
+    if not pathlib.Path(workdir).is_dir():
+        raise UserError(f"--workdir {workdir}: no such directory")
+    run = load(workdir, which=which)
+    saved, run_classes, meta = run.run.config, run.class_names, run.run.meta
+    cfg = TrainConfig.from_saved(saved)
     if dataset is not None:
         cfg = dataclasses.replace(cfg, dataset=dataset, data_dir=data_dir)
     elif data_dir is not None:
@@ -73,16 +50,15 @@ def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_d
     ds = load_data(dataclasses.replace(cfg, max_train_examples=None))
     chosen = {"val": ds.val, "test": ds.test, "train": ds.train}.get(split)
     if chosen is None:
-        raise ValueError(f"{cfg.dataset}: no {split!r} split" + (" (the data has no test split; use --split val)"
-                                                                 if split == "test" else ""))
+        raise UserError(f"{cfg.dataset}: no {split!r} split" + (" (the data has no test split; use --split val)"
+                                                                if split == "test" else ""))
     missing = [c for c in ds.class_names if c not in run_classes]
     if missing:
-        raise ValueError(f"classes {missing[:5]} of the evaluated data are not among the run's {len(run_classes)} "
-                         "classes")
+        raise UserError(f"classes {missing[:5]} of the evaluated data are not among the run's {len(run_classes)} "
+                        "classes")
     to_run = np.asarray([run_classes.index(c) for c in ds.class_names], np.int32)
     labels = to_run[chosen.labels]
 
-    model, variables = run.model, run.variables
     aug = augment_config(cfg, tuple(saved["mean"]), tuple(saved["std"]))
     mesh = Mesh()
     streamed = isinstance(chosen, data_lib.StreamSplit)
@@ -91,8 +67,8 @@ def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_d
     else:
         split_data = mesh.replicate((jnp.asarray(chosen.images), jnp.asarray(labels)))
     flip = cfg.eval_flip if flip is None else flip
-    eval_fn = jit_eval_step(model, aug, flip, streamed)
-    res = evaluate(mesh.replicate(variables), split_data, len(chosen), eval_fn, mesh,
+    eval_fn = jit_eval_step(run.model, aug, flip, streamed)
+    res = evaluate(mesh.replicate(run.variables), split_data, len(chosen), eval_fn, mesh,
                    batch_size or cfg.eval_batch_size, return_logits=True)
     pred = res.pop("logits").argmax(-1)
     per_class = {run_classes[c]: float(np.mean(pred[labels == c] == c)) for c in np.unique(labels)}
@@ -101,6 +77,7 @@ def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_d
             "flip": bool(flip)}
 
 
+@cli
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m effnet_jax.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="the training run's directory")
@@ -116,12 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="read the images as evaluation goes instead of loading the split into memory (default: as "
                         "the run, its --stream)")
     args = p.parse_args(argv)
-    try:
-        out = evaluate_run(args.workdir, args.dataset, args.data_dir, args.split, args.which, args.batch_size,
-                           args.flip, args.stream)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = evaluate_run(args.workdir, args.dataset, args.data_dir, args.split, args.which, args.batch_size,
+                       args.flip, args.stream)
     width = max(len(c) for c in out["per_class"])
     for name, acc in out["per_class"].items():
         print(f"{name:<{width}}  {100 * acc:6.2f} %")

@@ -48,14 +48,13 @@ import time
 
 import numpy as np
 
+from .errors import UserError, cli
+from .variants import check_resolution
+
 FORMATS = ("onnx", "stablehlo")
 DTYPES = ("float32", "bfloat16")
 ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
-
-
-class ExportError(Exception):
-    """A user error: reported as one line on stderr, exit status 2."""
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -84,60 +83,31 @@ def random_variables(model, resolution: int, seed: int = 0) -> dict:
 
 def load_for_export(*, workdir: str | None = None, which: str = "best", variant: str | None = None,
                     init: str | None = None, resolution: int | None = None):
-    """(model, variables, metadata) of the eval-mode model to export; the model uses XLA's grouped convolution for
-    the depthwise layers. `resolution` defaults to the run's (workdir) or the weights' eval input size."""
-    from . import variants
+    """(model, variables, metadata) of the eval-mode model to export (`loader.load`; the model computes its
+    convolutions as XLA convolutions). `resolution` defaults to the run's (workdir) or the weights' eval input
+    size; for the weights' torchvision-style crop, `resize_size` keeps its ratio to it."""
+    from .loader import load
+    from .rundir import RunDir
 
     if workdir is not None:
-        from .evaluate import load_run
-        from .preprocess import run_preprocess_config
         if not pathlib.Path(workdir).is_dir():
-            raise ExportError(f"--workdir {workdir}: no such directory")
-        try:
-            run = load_run(workdir, which, depthwise_impl="xla", conv_impl="xla")
-        except Exception as e:  # noqa: BLE001 — missing files, orbax errors alike
-            raise ExportError(f"--workdir {workdir}: cannot load the run: {_describe(e)}") from None
-        r = resolution or run.config.resolution
-        pre = run_preprocess_config(r, run.saved["mean"], run.saved["std"])
-        meta = {"variant": run.config.variant, "num_classes": len(run.class_names),
-                "class_names": list(run.class_names), "preprocess": pre, "source": f"run {os.fspath(workdir)} "
-                f"({which} checkpoint, epoch {run.meta.get('epoch')}{', EMA weights' if run.uses_ema else ''})"}
-        return run.model, run.variables, meta
-
-    if variant is None or variant not in variants.VARIANTS:
-        raise ExportError(f"unknown variant {variant!r}; valid: {', '.join(variants.VARIANTS)}"
-                          if variant is not None else "--variant (or --workdir) is required")
-    from .preprocess import preprocess_config
-    if init == "scratch":
-        from .models import create_model
-        model = create_model(variant, depthwise_impl="xla", conv_impl="xla")
-        variables = random_variables(model, resolution or model.config.resolution)
-        names = _names(model.num_classes)
+            raise UserError(f"--workdir {workdir}: no such directory")
+        if not RunDir.holds_run(workdir):
+            raise UserError(f"--workdir {workdir}: not a training run directory (no config.json and checkpoints/)")
+        loaded = load(workdir, which=which, depthwise_impl="xla", conv_impl="xla")
     else:
-        from .predict import PredictError, load_predictor
-        try:
-            pred = load_predictor(init or "imagenet", variant)
-        except PredictError as e:
-            raise ExportError(str(e)) from None
-        model, variables, names = pred.model.clone(depthwise_impl="xla", conv_impl="xla"), pred.variables, pred.class_names
-    pre = preprocess_config(variant)
+        if variant is None and not (init is not None and pathlib.Path(init).is_dir()):
+            raise UserError("--variant (or --workdir) is required")
+        loaded = load(init or "imagenet", variant, depthwise_impl="xla", conv_impl="xla")
+    pre = loaded.preprocess.to_dict()
     r = resolution or pre["input_size"]
     if r != pre["input_size"] and pre["crop_style"] == "torchvision":  # keep the resize / crop ratio
         pre["resize_size"] = max(r, round(pre["resize_size"] * r / pre["input_size"]))
     pre["input_size"] = r
-    meta = {"variant": variant, "num_classes": model.num_classes, "class_names": names, "preprocess": pre,
-            "source": f"--init {init or 'imagenet'}"}
-    return model, variables, meta
-
-
-def _names(num_classes: int) -> list[str]:
-    from .preprocess import imagenet_class_names
-    return imagenet_class_names() if num_classes == 1000 else [f"class_{i}" for i in range(num_classes)]
-
-
-def _describe(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    source = loaded.source if workdir is not None else f"--init {init or 'imagenet'}"
+    meta = {"variant": loaded.variant, "num_classes": loaded.model.num_classes,
+            "class_names": list(loaded.class_names), "preprocess": pre, "source": source}
+    return loaded.model, loaded.variables, meta
 
 
 def _full_meta(meta: dict, fmt: str, model, resolution: int, dtype: str) -> dict:
@@ -306,19 +276,17 @@ def export(model, variables, meta: dict, fmt: str, out: str | os.PathLike, resol
     """Write `model` + `variables` to `out` in `fmt` ('onnx' or 'stablehlo'); returns the metadata written."""
     import jax.numpy as jnp
     if fmt not in FORMATS:
-        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if dtype not in DTYPES:
-        raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    r = int(resolution or meta["preprocess"]["input_size"])
-    if r < 32:
-        raise ExportError(f"--resolution {r} is too small: EfficientNet downsamples by 32; use >= 32")
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    r = check_resolution(int(resolution or meta["preprocess"]["input_size"]))
     meta = dict(meta, preprocess=dict(meta["preprocess"], input_size=r))
     full = _full_meta(meta, fmt, model, r, dtype)
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
         if dtype != "float32":
-            raise ExportError("--format onnx exports float32 only (use --dtype float32)")
+            raise UserError("--format onnx exports float32 only (use --dtype float32)")
         proto = to_onnx(model, variables, r, full)
         import onnx
         onnx.save(proto, os.fspath(out))
@@ -330,6 +298,7 @@ def export(model, variables, meta: dict, fmt: str, out: str | os.PathLike, resol
     return full
 
 
+@cli
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m effnet_jax.export", description=(
         "Export an eval-mode EfficientNet to ONNX or serialized StableHLO with a dynamic batch dimension."))
@@ -345,30 +314,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, default=None, help="input side R (default: the run's / weights')")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32, or bfloat16 (stablehlo only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0) if not isinstance(e.code, str) else 2
-    try:
-        if args.format not in FORMATS:
-            raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
-        if args.dtype not in DTYPES:
-            raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
-        if args.format == "onnx" and args.dtype != "float32":
-            raise ExportError("--format onnx exports float32 only (use --dtype float32)")
-        if args.workdir is not None and (args.variant is not None or args.init is not None):
-            raise ExportError("--workdir excludes --variant and --init")
-        if args.resolution is not None and args.resolution < 32:
-            raise ExportError(f"--resolution {args.resolution} is too small: EfficientNet downsamples by 32")
-        if os.path.exists(args.out) and not args.overwrite:
-            raise ExportError(f"--out {args.out} exists; pass --overwrite to replace it")
-        t0 = time.perf_counter()
-        model, variables, meta = load_for_export(workdir=args.workdir, which=args.which, variant=args.variant,
-                                                 init=args.init, resolution=args.resolution)
-        full = export(model, variables, meta, args.format, args.out, args.resolution, args.dtype)
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = p.parse_args(argv)
+    if args.format not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
+    if args.dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    if args.format == "onnx" and args.dtype != "float32":
+        raise UserError("--format onnx exports float32 only (use --dtype float32)")
+    if args.workdir is not None and (args.variant is not None or args.init is not None):
+        raise UserError("--workdir excludes --variant and --init")
+    if args.resolution is not None:
+        check_resolution(args.resolution)
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UserError(f"--out {args.out} exists; pass --overwrite to replace it")
+    t0 = time.perf_counter()
+    model, variables, meta = load_for_export(workdir=args.workdir, which=args.which, variant=args.variant,
+                                             init=args.init, resolution=args.resolution)
+    full = export(model, variables, meta, args.format, args.out, args.resolution, args.dtype)
     summary = {"out": os.fspath(args.out), "format": args.format, "variant": full["variant"],
                "input": full["input"]["shape"], "num_classes": full["num_classes"],
                "bytes": os.path.getsize(args.out), "seconds": round(time.perf_counter() - t0, 2)}

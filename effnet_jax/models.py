@@ -55,6 +55,20 @@ def _classifier_init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -r, r)
 
 
+HEAD_INITS = ("zero", "uniform")
+
+
+def new_classifier(key: jax.Array, features: int, num_classes: int, init: str = "uniform") -> dict:
+    """The variables {'kernel', 'bias'} of a fresh classifier head (`Dense(features -> num_classes)`): 'uniform'
+    is torchvision's init (kernel ~ U(-1/sqrt(num_classes), 1/sqrt(num_classes)), drawn from `key`), 'zero'
+    big_vision's (all zeros); the bias is zero in both."""
+    if init not in HEAD_INITS:
+        raise ValueError(f"the head init must be one of {', '.join(HEAD_INITS)}, got {init!r}")
+    shape = (features, num_classes)
+    kernel = jnp.zeros(shape, jnp.float32) if init == "zero" else _classifier_init(key, shape)
+    return {"kernel": kernel, "bias": jnp.zeros((num_classes,), jnp.float32)}
+
+
 class MBConv(nn.Module):
     """Inverted residual: [1×1 expand → BN → act] → k×k depthwise → BN → act → [SE] → 1×1 project → BN,
     plus the input (through per-sample stochastic depth) when shape allows."""

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from .errors import ConfigError
 from .models import unit_names, unit_of
 from .variants import ModelConfig
 
@@ -69,9 +70,9 @@ def _parse_freeze(freeze: Freeze) -> Freeze:
     try:
         n = int(freeze)
     except (TypeError, ValueError):
-        raise ValueError(f"freeze must be 'none', 'head-only' or a number of blocks N, got {freeze!r}") from None
+        raise ConfigError(f"freeze must be 'none', 'head-only' or a number of blocks N, got {freeze!r}") from None
     if isinstance(freeze, float) or n < 1:
-        raise ValueError(f"freeze=N needs an integer N >= 1 (use 'head-only' to train the classifier only), "
+        raise ConfigError(f"freeze=N needs an integer N >= 1 (use 'head-only' to train the classifier only), "
                          f"got {freeze!r}")
     return n
 
@@ -95,10 +96,11 @@ class OptimConfig:
     schedule: str = "cosine"        # 'cosine' (warmup + cosine to 0) or 'constant' (warmup, then lr)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "freeze", _parse_freeze(self.freeze))  # parsed once, here
         if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+            raise ConfigError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         checks = {
             "lr > 0": self.lr > 0, "weight_decay >= 0": self.weight_decay >= 0,
             "epochs >= 1": self.epochs >= 1, "warmup_epochs >= 0": self.warmup_epochs >= 0,
@@ -111,12 +113,12 @@ class OptimConfig:
                            "phase2_lr_scale > 0": self.phase2_lr_scale > 0})
         failed = [rule for rule, ok in checks.items() if not ok]
         if failed:
-            raise ValueError(f"invalid OptimConfig: {', '.join(failed)} does not hold")
-        if self.two_phase and _parse_freeze(self.freeze) == "head-only":
-            raise ValueError("two_phase needs a phase-2 freeze of 'none' or N, got 'head-only'")
+            raise ConfigError(f"invalid OptimConfig: {', '.join(failed)} does not hold")
+        if self.two_phase and self.freeze == "head-only":
+            raise ConfigError("two_phase needs a phase-2 freeze of 'none' or N, got 'head-only'")
         for phase in phases(self):
             if self.warmup_epochs >= phase.epochs:
-                raise ValueError(f"warmup_epochs={self.warmup_epochs} must be shorter than every phase "
+                raise ConfigError(f"warmup_epochs={self.warmup_epochs} must be shorter than every phase "
                                  f"(a phase of {phase.epochs} epochs)")
 
 
@@ -131,7 +133,7 @@ class Phase:
 
 def phases(cfg: OptimConfig) -> tuple[Phase, ...]:
     """The training phases: one, or (classifier only, then `freeze`) for two-phase fine-tuning."""
-    freeze = _parse_freeze(cfg.freeze)
+    freeze = cfg.freeze  # (parsed by OptimConfig)
     if not cfg.two_phase:
         return (Phase(0, cfg.epochs, freeze, cfg.lr),)
     return (Phase(0, cfg.phase1_epochs, "head-only", cfg.lr),
@@ -190,7 +192,7 @@ def frozen_units(config: ModelConfig, freeze: Freeze) -> int:
     if freeze == "head-only":
         return num_blocks + 2
     if freeze > num_blocks:
-        raise ValueError(f"freeze={freeze}: this model has {num_blocks} blocks, N must be in 1..{num_blocks} "
+        raise ConfigError(f"freeze={freeze}: this model has {num_blocks} blocks, N must be in 1..{num_blocks} "
                          f"(use 'none' to train everything)")
     return 1 + num_blocks - freeze
 
@@ -212,7 +214,7 @@ def trainable_mask(params: Mapping[str, PyTree], config: ModelConfig, freeze: Fr
 
     names = [top for top in params if trained(top)]
     if not names:
-        raise ValueError(f"freeze={freeze!r} leaves nothing to train (a model without classifier?)")
+        raise ConfigError(f"freeze={freeze!r} leaves nothing to train (a model without classifier?)")
     return regex_mask(params, "(?:" + "|".join(map(re.escape, names)) + ")/.*")
 
 

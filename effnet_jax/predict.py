@@ -17,7 +17,7 @@ prints for every image `{"image": path, "top5": [{"class": name, "index": i, "pr
   must agree), class names from its `class_names`, else ImageNet's for 1000 classes, else `class_<i>`.
 
 `--workdir RUN_DIR` uses a training run (`effnet_jax.train`): its best (or `--which latest`) checkpoint, the EMA
-weights when the run kept an EMA (as its evaluation does, `effnet_jax.evaluate.load_run`), the class names of its
+weights when the run kept an EMA (as its evaluation does; `effnet_jax.loader.load`), the class names of its
 `class_names.json`, and its evaluation preprocessing (`effnet_jax.preprocess.run_preprocess_config`, the transform
 that `export --workdir` writes into its metadata): the RGB image as the data loader stores it (kept as is when
 square, else shorter side resized to 256 and center-cropped, as for a folder of mixed sizes), then
@@ -51,26 +51,16 @@ from typing import TextIO
 
 import numpy as np
 
+from .errors import UserError, cli
+from .loader import Loaded, load
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-class PredictError(Exception):
-    """A user error: reported as one line on stderr, exit status 2."""
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageItem:
     path: str
     in_folder: bool  # found by walking a folder argument: read errors are reported per image, not fatal
-
-
-@dataclasses.dataclass
-class Predictor:
-    model: object
-    variables: dict
-    variant: str
-    class_names: list[str]
-    transform: Callable
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
@@ -83,16 +73,16 @@ def collect_images(args: Sequence[str]) -> list[ImageItem]:
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
             if not found:
-                raise PredictError(f"{arg}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+                raise UserError(f"{arg}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
             items += [ImageItem(str(f), True) for f in found]
         elif p.is_file():
             items.append(ImageItem(arg, False))
         elif p.exists():
-            raise PredictError(f"{arg}: not a regular file or folder")
+            raise UserError(f"{arg}: not a regular file or folder")
         else:
-            raise PredictError(f"{arg}: no such file or folder")
+            raise UserError(f"{arg}: no such file or folder")
     if not items:
-        raise PredictError("no images given")
+        raise UserError("no images given")
     return items
 
 
@@ -103,7 +93,7 @@ def _check_readable(item: ImageItem) -> None:
         with Image.open(item.path) as im:
             im.size  # noqa: B018
     except Exception as e:  # noqa: BLE001 — PIL raises many types for bad files
-        raise PredictError(f"{item.path}: cannot read image: {_describe(e)}") from None
+        raise UserError(f"{item.path}: cannot read image: {_describe(e)}") from None
 
 
 def _describe(e: BaseException) -> str:
@@ -123,79 +113,14 @@ def _load(item: ImageItem, transform: Callable) -> np.ndarray | str:
 
 # ---------------------------------------------------------------------------------------------------- model
 
-def _names_for(num_classes: int, saved: Sequence[str] | None = None) -> list[str]:
-    from .preprocess import imagenet_class_names
-    if saved is not None:
-        if len(saved) != num_classes:
-            raise PredictError(f"model.json has {len(saved)} class_names for a {num_classes}-class model")
-        return [str(n) for n in saved]
-    if num_classes == 1000:
-        return imagenet_class_names()
-    return [f"class_{i}" for i in range(num_classes)]
-
-
-def load_predictor(init: str, variant: str | None) -> Predictor:
-    """Model, variables, class names and eval transform for `--init` / `--variant`."""
-    from . import checkpoint, convert, variants
-    from .models import create_model
-    from .preprocess import EvalTransform, eval_transform
-
-    if variant is not None and variant not in variants.VARIANTS:
-        raise PredictError(f"unknown variant {variant!r}; valid: {', '.join(variants.VARIANTS)}")
-
-    if os.path.isdir(init):
-        try:
-            model, variables, meta = checkpoint.load_model(init)
-        except Exception as e:  # noqa: BLE001 — orbax / json / metadata errors alike
-            raise PredictError(f"--init {init}: cannot load the model directory: {_describe(e)}") from None
-        saved_variant = meta["variant"]
-        if variant is not None and variant != saved_variant:
-            raise PredictError(f"--init {init} holds a {saved_variant} model, not --variant {variant}")
-        num_classes = int(meta["num_classes"])
-        names = _names_for(num_classes, meta.get("class_names"))
-        transform = (EvalTransform(**meta["preprocess"]) if isinstance(meta.get("preprocess"), dict)
-                     else eval_transform(saved_variant))
-        return Predictor(model, variables, saved_variant, names, transform)
-
-    if variant is None:
-        raise PredictError(f"--variant is required with --init {init}")
-    if init == "imagenet":
-        from .weights import weights_file
-        try:
-            src = os.fspath(weights_file(variant))
-        except Exception as e:  # noqa: BLE001 — unavailable (offline, lite3/4) or corrupt
-            raise PredictError(f"--init imagenet: {e}") from None
-    elif os.path.isfile(init):
-        src = init
-    else:
-        raise PredictError(f"--init {init}: not 'imagenet', a .pth file or a model directory (no such path)")
-
-    from .torch_reader import read_torch_state_dict
-    try:
-        sd = read_torch_state_dict(src)
-        layout = convert.detect_layout(sd)
-        variables = convert.convert_state_dict(sd, variant, None, source=src)
-    except Exception as e:  # noqa: BLE001 — ConversionError, CheckpointReadError, OSError, ...
-        raise PredictError(f"--init {init}: {e}") from None
-    num_classes = int(variables["params"]["classifier"]["bias"].shape[0])
-    model = create_model(variant, num_classes, **convert.layout_overrides(layout, variant))
-    return Predictor(model, variables, variant, _names_for(num_classes), eval_transform(variant))
-
-
-def load_run_predictor(workdir: str, which: str = "best", variant: str | None = None) -> Predictor:
-    """Predictor of a training run directory: eval weights (EMA if kept), class names, eval preprocessing."""
-    from .evaluate import load_run
+def load_run(workdir: str, which: str = "best", variant: str | None = None) -> Loaded:
+    """A training run's evaluation weights (the EMA when kept), class names and eval preprocessing."""
+    from .rundir import RunDir
     if not os.path.isdir(workdir):
-        raise PredictError(f"--workdir {workdir}: no such directory")
-    try:
-        run = load_run(workdir, which)
-    except Exception as e:  # noqa: BLE001 — missing files, orbax errors alike
-        raise PredictError(f"--workdir {workdir}: cannot load the run: {_describe(e)}") from None
-    if variant is not None and variant != run.config.variant:
-        raise PredictError(f"--workdir {workdir} holds a {run.config.variant} model, not --variant {variant}")
-    from .preprocess import EvalTransform, run_preprocess_config
-    transform = EvalTransform(**run_preprocess_config(run.config.resolution, run.saved["mean"], run.saved["std"]))
-    return Predictor(run.model, run.variables, run.config.variant, list(run.class_names), transform)
+        raise UserError(f"--workdir {workdir}: no such directory")
+    if not RunDir.holds_run(workdir):
+        raise UserError(f"--workdir {workdir}: not a training run directory (no config.json and checkpoints/)")
+    return load(workdir, variant, which=which)
 
 
 def make_eval_fn(model, k: int):
@@ -217,10 +142,10 @@ def _batches(items: list[ImageItem], size: int) -> Iterator[list[ImageItem]]:
         yield items[i:i + size]
 
 
-def predict(pred: Predictor, items: list[ImageItem], out: TextIO, topk: int = 5, batch_size: int = 32,
+def predict(pred: Loaded, items: list[ImageItem], out: TextIO, topk: int = 5, batch_size: int = 32,
             progress: bool | None = None) -> int:
     """Write one JSON line per image to `out`. Returns the number of images that could not be read (in folders).
-    Raises `PredictError` for an unreadable image named directly. `progress`: None shows a tqdm bar on stderr
+    Raises `UserError` for an unreadable image named directly. `progress`: None shows a tqdm bar on stderr
     when it is a terminal and there is more than one batch."""
     from tqdm import tqdm
 
@@ -230,7 +155,7 @@ def predict(pred: Predictor, items: list[ImageItem], out: TextIO, topk: int = 5,
     key = f"top{k}"
     eval_fn = make_eval_fn(pred.model, k)
     variables = jax.device_put(pred.variables)
-    size = pred.transform.input_size if hasattr(pred.transform, "input_size") else None
+    size = pred.preprocess.input_size
     batches = list(_batches(items, batch_size))
     failed = 0
     if progress is None:
@@ -238,7 +163,7 @@ def predict(pred: Predictor, items: list[ImageItem], out: TextIO, topk: int = 5,
     show = bool(progress)
 
     def prepare(batch: list[ImageItem]) -> list[np.ndarray | str]:
-        return [_load(it, pred.transform) for it in batch]
+        return [_load(it, pred.preprocess) for it in batch]
 
     # decode/resize the next batch on a thread while the current one runs (PIL and XLA release the GIL)
     with concurrent.futures.ThreadPoolExecutor(1) as pool, \
@@ -257,7 +182,7 @@ def predict(pred: Predictor, items: list[ImageItem], out: TextIO, topk: int = 5,
             for item, a in zip(batch, arrays):
                 if isinstance(a, str):
                     if not item.in_folder:
-                        raise PredictError(f"{item.path}: {a}")
+                        raise UserError(f"{item.path}: {a}")
                     failed += 1
                     record = {"image": item.path, "error": a}
                 else:
@@ -271,6 +196,7 @@ def predict(pred: Predictor, items: list[ImageItem], out: TextIO, topk: int = 5,
     return failed
 
 
+@cli
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m effnet_jax.predict", description=(
         "Top-k class predictions of an EfficientNet for images (files or folders), as JSON lines."))
@@ -289,38 +215,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--batch-size", type=int, default=32, help="images per jitted batch (default 32)")
     p.add_argument("--output", default=None, help="write the JSON lines to this file instead of stdout")
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as e:  # argparse: usage errors are status 2, --help 0
-        return int(e.code or 0) if not isinstance(e.code, str) else 2
-    try:
-        if args.topk < 1:
-            raise PredictError(f"--topk must be >= 1, got {args.topk}")
-        if args.batch_size < 1:
-            raise PredictError(f"--batch-size must be >= 1, got {args.batch_size}")
-        items = collect_images(args.images)
-        for item in items:
-            if not item.in_folder:
-                _check_readable(item)
-        if args.workdir is not None:
-            if args.init is not None:
-                raise PredictError("--workdir excludes --init")
-            pred = load_run_predictor(args.workdir, args.which, args.variant)
-        else:
-            pred = load_predictor(args.init or "imagenet", args.variant)
-        progress = args.progress
-        if args.output is not None:
-            try:
-                out = open(args.output, "w", encoding="utf-8")
-            except OSError as e:
-                raise PredictError(f"--output {args.output}: {e.strerror or e}") from None
-            with out:
-                failed = predict(pred, items, out, args.topk, args.batch_size, progress)
-        else:
-            failed = predict(pred, items, sys.stdout, args.topk, args.batch_size, progress)
-    except PredictError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = p.parse_args(argv)
+    if args.topk < 1:
+        raise UserError(f"--topk must be >= 1, got {args.topk}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    items = collect_images(args.images)
+    for item in items:
+        if not item.in_folder:
+            _check_readable(item)
+    if args.workdir is not None:
+        if args.init is not None:
+            raise UserError("--workdir excludes --init")
+        pred = load_run(args.workdir, args.which, args.variant)
+    else:
+        pred = load(args.init or "imagenet", args.variant)
+    progress = args.progress
+    if args.output is not None:
+        try:
+            out = open(args.output, "w", encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"--output {args.output}: {e.strerror or e}") from None
+        with out:
+            failed = predict(pred, items, out, args.topk, args.batch_size, progress)
+    else:
+        failed = predict(pred, items, sys.stdout, args.topk, args.batch_size, progress)
     if failed:
         print(f"warning: {failed} of {len(items)} images could not be read (see their \"error\" lines)",
               file=sys.stderr)

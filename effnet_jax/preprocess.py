@@ -73,6 +73,11 @@ class EvalTransform:
             raise ValueError(f"crop_style 'run' resizes bilinearly (as the run's evaluation), got "
                              f"{self.interpolation!r}")
 
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready spec (model.json, an export's metadata): `EvalTransform(**spec)` rebuilds the transform."""
+        spec = dataclasses.asdict(self)
+        return spec | {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]}
+
     def __call__(self, image: Image.Image) -> np.ndarray:
         image = image.convert("RGB")
         if self.crop_style == "run":

@@ -15,7 +15,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from effnet_jax import checkpoint, convert, predict
+from effnet_jax import checkpoint, convert, loader, predict
+from effnet_jax.errors import UserError
 from effnet_jax.preprocess import eval_transform, imagenet_class_names
 from helpers import run_main
 
@@ -176,22 +177,21 @@ def test_predict_converted_directory(converted_b0, image_dir):
 
 def test_class_names_of_a_model_directory(converted_b0, tmp_path):
     """model.json's class_names win; otherwise ImageNet's for 1000 classes, else class_<i>."""
-    assert predict._names_for(10, ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"])[1] == "b"
-    assert predict._names_for(1000) == imagenet_class_names()
-    assert predict._names_for(3) == ["class_0", "class_1", "class_2"]
+    assert loader.class_names_for(1000) == imagenet_class_names()
+    assert loader.class_names_for(3) == ["class_0", "class_1", "class_2"]
     _, _, _, _, out, _ = converted_b0
     d = tmp_path / "named"
     d.mkdir()
     (d / "variables").symlink_to(out / "variables", target_is_directory=True)
     meta = json.loads((out / "model.json").read_text())
     (d / "model.json").write_text(json.dumps({**meta, "class_names": [f"n{i}" for i in range(10)]}))
-    pred = predict.load_predictor(str(d), None)
-    assert pred.class_names[3] == "n3" and pred.variant == "b0"
+    pred = loader.load(str(d))
+    assert pred.class_names[3] == "n3" and pred.class_names[1] == "n1" and pred.variant == "b0"
     (d / "model.json").write_text(json.dumps({**meta, "class_names": ["x"]}))
-    with pytest.raises(predict.PredictError, match="1 class_names for a 10-class model"):
-        predict.load_predictor(str(d), None)
-    with pytest.raises(predict.PredictError, match="holds a b0 model, not --variant b1"):
-        predict.load_predictor(str(out), "b1")
+    with pytest.raises(UserError, match="1 class_names for a 10-class model"):
+        loader.load(str(d))
+    with pytest.raises(UserError, match="holds a b0 model, not --variant b1"):
+        loader.load(str(out), "b1")
 
 
 def test_predict_pth_init_layouts(converted_b0, tmp_path):
@@ -199,7 +199,7 @@ def test_predict_pth_init_layouts(converted_b0, tmp_path):
     BN eps 1e-3 (`convert.layout_overrides`). Checked on the loaded predictor: nothing is compiled."""
     torch = pytest.importorskip("torch")
     _, _, _, src, _, sd = converted_b0
-    pred = predict.load_predictor(str(src), "b0")
+    pred = loader.load(str(src), "b0")
     assert pred.model.config.padding == "symmetric" and pred.class_names == imagenet_class_names()
 
     from effnet_jax import variants
@@ -207,7 +207,7 @@ def test_predict_pth_init_layouts(converted_b0, tmp_path):
     tv_key = {(coll, path): key for key, coll, path, _ in convert.torchvision_table(cfg)}
     lm = {key: torch.from_numpy(sd[tv_key[(coll, path)]]) for key, coll, path, _ in convert.lukemelas_table(cfg)}
     torch.save(lm, tmp_path / "lm.pth")
-    pred = predict.load_predictor(str(tmp_path / "lm.pth"), "b0")
+    pred = loader.load(str(tmp_path / "lm.pth"), "b0")
     assert pred.model.config.padding == "same" and pred.model.config.bn_epsilon == 1e-3
     np.testing.assert_array_equal(np.asarray(pred.variables["params"]["stem"]["kernel"]),
                                   sd["features.0.0.weight"].transpose(2, 3, 1, 0))
@@ -223,7 +223,7 @@ def test_predict_bad_inputs(converted_b0, image_dir, tmp_path):
         (["--variant", "lite0", good, tmp_path / "missing.jpg"], "missing.jpg: no such file or folder"),
         (["--variant", "lite0", corrupt], "corrupt.jpg: cannot read image"),
         (["--variant", "lite0", tmp_path / "empty"], "no image files"),
-        (["--variant", "lite0", "--init", tmp_path / "nope.pth", good], "not 'imagenet', a .pth file or a model"),
+        (["--variant", "lite0", "--init", tmp_path / "nope.pth", good], "not 'imagenet', 'scratch', a .pth file, a run"),
         (["--variant", "b1", "--init", src, good], "key 'features."),
         (["--variant", "lite0", "--init", corrupt, good], "--init"),
         (["--init", src, good], "--variant is required"),

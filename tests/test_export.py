@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from effnet_jax import export, predict, variants
+from effnet_jax import export, loader, predict, variants
 from effnet_jax.preprocess import EvalTransform, preprocess_config
 from helpers import load_train_cli, run_main
 
@@ -144,7 +144,7 @@ def test_lite0_imagenet(images, tmp_path):
                              "normalized": True}
     assert meta["num_classes"] == 1000 and meta["class_names"][0] == "tench"
     x = np.stack([EvalTransform(**meta["preprocess"])(im) for im in images])
-    pred = predict.load_predictor("imagenet", "lite0")  # the JAX model, CPU default depthwise implementation
+    pred = loader.load("imagenet", "lite0")  # the JAX model, CPU default depthwise implementation
     ref = np.asarray(jax.jit(lambda v, x: pred.model.apply(v, x))(pred.variables, x))
     shlo_meta = check_against(paths, x, ref, "lite0 imagenet")
     assert {k: v for k, v in shlo_meta.items() if k != "format"} == {k: v for k, v in meta.items() if k != "format"}
@@ -166,7 +166,7 @@ def test_b0_from_torchvision_pth(images, tmp_path):
     assert onnx_meta(paths["onnx"])["preprocess"] == pre
     with torch.no_grad():
         torch_logits = m(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).numpy()
-    pred = predict.load_predictor(str(src), "b0")
+    pred = loader.load(str(src), "b0")
     ref = np.asarray(jax.jit(lambda v, x: pred.model.apply(v, x))(pred.variables, x))
     check_against(paths, x, ref, "b0 random .pth")
     onnx_vs_torch = float(np.abs(ort_session(paths["onnx"]).run(None, {"images": x})[0] - torch_logits).max())
@@ -197,7 +197,8 @@ def run_dir(cifar_files, tmp_path_factory):
 def run_reference(run_dir):
     """(image files, normalized inputs, JAX logits of the run's eval weights) for 7 of the run's images."""
     from effnet_jax import data as data_lib
-    from effnet_jax.train import TrainConfig, build_model, restore_checkpoint
+    from effnet_jax.rundir import restore_checkpoint
+    from effnet_jax.train import TrainConfig, build_model
     work, data = run_dir
     saved = json.loads((work / "config.json").read_text())
     files = sorted(data.rglob("*.jpg"))[::3][:7]
@@ -280,9 +281,8 @@ def v2_run(cifar_files, tmp_path_factory):
 def test_v2_run_trains_freezes_evaluates_and_exports(v2_run, tmp_path):
     from effnet_jax import data as data_lib
     from effnet_jax import evaluate as evaluate_cli
-    from effnet_jax.evaluate import load_run
     from effnet_jax.optim import param_names
-    from effnet_jax.train import restore_checkpoint
+    from effnet_jax.rundir import restore_checkpoint
     work, data, initial, (rc, stdout, stderr) = v2_run
     assert rc == 0, stderr
     summary = json.loads(stdout.strip().splitlines()[-1])
@@ -312,10 +312,10 @@ def test_v2_run_trains_freezes_evaluates_and_exports(v2_run, tmp_path):
     assert json.loads(out.strip().splitlines()[-1])["top1"] == summary["final_val_acc"]
 
     # export: onnxruntime and StableHLO against the JAX model of the run's best checkpoint, on 7 real images
-    run = load_run(work, "best")
+    run = loader.load(work, which="best")
     files = sorted(data.rglob("*.jpg"))[::3][:7]
     u8 = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
-    aug = data_lib.AugmentConfig(resolution=32, mean=run.saved["mean"], std=run.saved["std"])
+    aug = data_lib.AugmentConfig(resolution=32, mean=run.run.config["mean"], std=run.run.config["std"])
     x = np.asarray(data_lib.eval_batch(u8, aug))
     ref = np.asarray(jax.jit(lambda v, x: run.model.apply(v, x))(run.variables, x))
     paths = export_both(tmp_path, ["--workdir", work])

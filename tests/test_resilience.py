@@ -38,6 +38,7 @@ import numpy as np
 import pytest
 
 from effnet_jax import train as trainer
+from effnet_jax.rundir import restore_checkpoint
 from helpers import load_train_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -115,7 +116,7 @@ def run(env, base, workdir, *extra, devices=1, ok=True):
 
 
 def final_state(workdir) -> dict:
-    tree, meta = trainer.restore_checkpoint(pathlib.Path(workdir) / "checkpoints" / "latest")
+    tree, meta = restore_checkpoint(pathlib.Path(workdir) / "checkpoints" / "latest")
     return {"params": tree["params"], "batch_stats": tree["batch_stats"], "opt_state": tree["opt_state"],
             "step": tree["step"], "meta": meta}
 
@@ -206,7 +207,7 @@ def test_sigterm_saves_then_resume_is_bit_identical(env, base, uninterrupted, tm
     assert "stopped: interrupted at step" in err and "--resume" in err and "Traceback" not in err
     step = saved_steps(workdir)[-1]
     assert 1 <= step < EPOCHS * STEPS_PER_EPOCH
-    tree, meta = trainer.restore_checkpoint(workdir / "checkpoints" / "latest")
+    tree, meta = restore_checkpoint(workdir / "checkpoints" / "latest")
     assert int(tree["step"]) == step
     assert meta["epoch"] * STEPS_PER_EPOCH + meta.get("batches_done", 0) == step
     run(env, base, workdir, "--resume", "--stream")
@@ -259,7 +260,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint(env, base, uninterrupte
     for f in list(tmp.rglob("*"))[::2]:   # half of it missing
         if f.is_file():
             f.unlink()
-    tree, meta = trainer.restore_checkpoint(latest)
+    tree, meta = restore_checkpoint(latest)
     assert int(tree["step"]) == last and meta["epoch"] == EPOCHS
     rc, out, err = run(env, base, workdir, "--resume", "--epochs", EPOCHS + 1)
     assert saved_steps(workdir)[-1] == (EPOCHS + 1) * STEPS_PER_EPOCH
@@ -411,5 +412,5 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(env, base, t
     assert len(line) == 1 and "step" in line[0] and "last good checkpoint" in line[0], err
     steps = saved_steps(workdir)
     if steps:  # a checkpoint saved before the loss went bad holds finite numbers
-        tree, _ = trainer.restore_checkpoint(workdir / "checkpoints" / "latest")
+        tree, _ = restore_checkpoint(workdir / "checkpoints" / "latest")
         assert all(np.all(np.isfinite(x)) for x in leaves(tree["params"]))

@@ -44,6 +44,8 @@ from effnet_jax import evaluate as evaluate_cli
 from effnet_jax import host
 from effnet_jax import train as trainer
 from effnet_jax import weights
+from effnet_jax.rundir import restore_checkpoint
+from effnet_jax.steps import jit_eval_step
 from effnet_jax.optim import param_names
 from effnet_jax.variants import VARIANTS
 from helpers import load_train_cli, run_main
@@ -122,7 +124,7 @@ def test_boolean_flags():
     assert cli.parse_args([]).flip is True and cli.parse_args([]).two_phase is False
     assert cli.parse_args(["--no-flip"]).flip is False
     assert cli.parse_args(["--preset", "notebook", "--no-flip"]).flip is False
-    assert cli.parse_args(["--two-phase"]).two_phase is True
+    assert cli.parse_args(["--two-phase", "--phase1-epochs", "1"]).two_phase is True
     assert cli.parse_args(["--no-progress", "--resume"]) == trainer.TrainConfig(progress=False, resume=True)
 
 
@@ -136,16 +138,16 @@ def test_bad_flags_exit_nonzero(argv, capsys):
 
 def test_normalization_is_the_weights_unless_given():
     from effnet_jax.weights import IMAGENET_MEAN, IMAGENET_STD, TF_LITE_MEAN, TF_LITE_STD
-    assert trainer.normalization(cli.parse_args(["--variant", "b3"])) == (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
-    assert trainer.normalization(cli.parse_args(["--variant", "lite0"])) == (tuple(TF_LITE_MEAN), tuple(TF_LITE_STD))
+    assert cli.parse_args(["--variant", "b3"]).normalization() == (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
+    assert cli.parse_args(["--variant", "lite0"]).normalization() == (tuple(TF_LITE_MEAN), tuple(TF_LITE_STD))
     cfg = cli.parse_args(["--variant", "lite0", "--input-mean", "0.4914,0.4822,0.4465",
                           "--input-std", "0.247,0.243,0.261"])
-    assert trainer.normalization(cfg) == ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
-    assert trainer.normalization(cli.parse_args(["--input-mean", "0.5,0.5,0.5"]))[1] == tuple(IMAGENET_STD)
+    assert cfg.normalization() == ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
+    assert cli.parse_args(["--input-mean", "0.5,0.5,0.5"]).normalization()[1] == tuple(IMAGENET_STD)
     for flag, text in (("--input-mean", "0.5,0.5"), ("--input-mean", "a,b,c"), ("--input-std", "1,-1,1"),
                        ("--input-std", "nan,1,1")):
         with pytest.raises(ValueError, match=f"{flag} '{text}': expected three numbers"):
-            trainer.normalization(cli.parse_args([flag, text]))
+            cli.parse_args([flag, text]).normalization()
 
 
 @pytest.mark.parametrize("schedule, epochs, plan", [
@@ -153,16 +155,15 @@ def test_normalization_is_the_weights_unless_given():
     ("128:1", 2, [128, 96])])
 def test_resolution_plan(schedule, epochs, plan):
     cfg = cli.parse_args(["--resolution", "96", "--epochs", str(epochs), "--resolution-schedule", schedule])
-    assert trainer.resolution_plan(cfg) == plan
+    assert cfg.resolution_plan() == plan
 
 
 @pytest.mark.parametrize("schedule, message", [
     ("64:3", "covers 3 of the 3 epochs"), ("64", "expected SIDE:EPOCHS"), ("64:x", "expected SIDE:EPOCHS"),
     ("16:1", "must be >= 32"), ("64:0", "must be >= 32")])
 def test_resolution_plan_refuses(schedule, message):
-    cfg = cli.parse_args(["--epochs", "3", "--resolution-schedule", schedule])
-    with pytest.raises(ValueError, match=message):
-        trainer.resolution_plan(cfg)
+    with pytest.raises(ValueError, match=message):  # TrainConfig checks the flags when it is made
+        cli.parse_args(["--epochs", "3", "--resolution-schedule", schedule])
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
@@ -212,7 +213,9 @@ SHARDED_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from effnet_jax import create_model, data as data_lib, optim
     from effnet_jax.models import param_shapes
-    from effnet_jax.train import Mesh, TrainConfig, create_train_state, jit_train_step
+    from effnet_jax.mesh import Mesh
+    from effnet_jax.steps import create_train_state, jit_train_step
+    from effnet_jax.train import TrainConfig
 
     # SGD: the update is linear in the gradient. (Adam's first step is ~lr * sign(g): for parameters whose
     # gradient is analytically 0, e.g. the bias of a BN followed by another BN, it turns float noise into +-lr.)
@@ -241,7 +244,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     for n in (1, 2):
         mesh = Mesh(jax.devices()[:n])
         step = jit_train_step(model, tx, aug, label_smoothing=0.1, ema_decay=0.0)
-        state = mesh.replicate(create_train_state(variables, tx, cfg))
+        state = mesh.replicate(create_train_state(variables, tx, cfg.seed, cfg.ema_decay > 0))
         arrays = mesh.replicate((jnp.asarray(images), jnp.asarray(labels)))
         state, m = step(state, *arrays, mesh.put_batch(indices))
         out[n] = jax.device_get({"params": state.params, "batch_stats": state.batch_stats, "m": m,
@@ -366,11 +369,11 @@ def test_curves_png(run_a):
 def test_checkpoints(run_a):
     ck = run_a.workdir / "checkpoints"
     assert step_dirs(ck / "latest") == [str(2 * STEPS_PER_EPOCH)]  # keyed by global step; max_to_keep 1
-    tree, meta = trainer.restore_checkpoint(ck / "latest")
+    tree, meta = restore_checkpoint(ck / "latest")
     assert int(tree["step"]) == 2 * STEPS_PER_EPOCH and meta["epoch"] == 2
     assert meta["val_top1"] == run_a.metrics[-1]["val_acc"]
     best_acc = max(r["val_acc"] for r in run_a.metrics[1:])
-    _, best_meta = trainer.restore_checkpoint(ck / "best")
+    _, best_meta = restore_checkpoint(ck / "best")
     assert step_dirs(ck / "best") == [str(best_meta["epoch"])] and best_meta["val_top1"] == best_acc
     assert run_a.metrics[best_meta["epoch"]]["val_acc"] == best_acc
 
@@ -379,7 +382,7 @@ def test_width_and_depth_build_the_custom_network(run_a):
     """--width 0.25 --depth 0.1 on b0: ceil(0.1 * repeats) = 1 block per stage (7), channels round(c / 4) to
     multiples of 8 (stem 32 -> 8, head 1280 -> 320); the checkpoint holds that network, and `evaluate` (above)
     rebuilt it from config.json."""
-    tree, _ = trainer.restore_checkpoint(run_a.workdir / "checkpoints" / "latest")
+    tree, _ = restore_checkpoint(run_a.workdir / "checkpoints" / "latest")
     params = tree["params"]
     assert sorted(k for k in params if k.startswith("blocks_")) == [f"blocks_{i}" for i in range(7)]
     assert params["stem"]["kernel"].shape == (3, 3, 3, 8)
@@ -442,7 +445,7 @@ def test_eval_flip_averages_the_logits_of_the_image_and_its_mirror():
     assert not np.allclose(direct, mirrored, atol=1e-3)  # the mirror does change the logits
     indices, mask = np.array([0, 1, 2, 3, 4, 0], np.int32), np.array([1, 1, 1, 1, 1, 0], bool)
     for flip, want in ((False, direct), (True, (direct + mirrored) / 2)):
-        out = trainer.jit_eval_step(model, aug, flip)(variables, images, labels, indices, mask)
+        out = jit_eval_step(model, aug, flip)(variables, images, labels, indices, mask)
         np.testing.assert_allclose(np.asarray(out["logits"])[:5], want, atol=1e-5)
         logp = want - want.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
@@ -497,8 +500,8 @@ def test_streamed_run_equals_the_run_with_the_data_on_the_device(run_a, tmp_path
         assert [k for k in keys if got[k] is None] == [k for k in keys if want[k] is None]
         assert ({k: got[k] for k in keys if got[k] is not None}
                 == pytest.approx({k: want[k] for k in keys if want[k] is not None}, rel=1e-5, abs=1e-6))
-    got, _ = trainer.restore_checkpoint(workdir / "checkpoints" / "latest")
-    want, _ = trainer.restore_checkpoint(run_a.workdir / "checkpoints" / "latest")
+    got, _ = restore_checkpoint(workdir / "checkpoints" / "latest")
+    want, _ = restore_checkpoint(run_a.workdir / "checkpoints" / "latest")
     for k, v in flat(want["params"]).items():
         np.testing.assert_allclose(flat(got["params"])[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
     rc, stdout, stderr = run_main(evaluate_cli.main, ["--workdir", workdir, "--which", "latest"])
@@ -525,7 +528,7 @@ def test_stream_by_default_above_the_size_limit(image_folder, trainer_env, monke
 def test_resume_continues_at_the_next_epoch(run_a, run_c):
     assert [r["epoch"] for r in run_c.metrics] == [0, 1, 2, 3]
     assert run_c.metrics[:3] == run_a.metrics  # the earlier records kept as they were
-    tree, meta = trainer.restore_checkpoint(run_c.workdir / "checkpoints" / "latest")
+    tree, meta = restore_checkpoint(run_c.workdir / "checkpoints" / "latest")
     assert int(tree["step"]) == 3 * STEPS_PER_EPOCH and meta["epoch"] == 3  # the step count carried on
     summary = last_json(run_c.stdout)
     assert summary["epochs"] == 3 and summary["final_val_acc"] == run_c.metrics[-1]["val_acc"]
@@ -678,7 +681,7 @@ def test_imagenet_init_downloads_into_torch_hub_cache(run_d):
 
 
 def test_head_only_freezes_everything_but_the_classifier(run_d):
-    tree, meta = trainer.restore_checkpoint(run_d.workdir / "checkpoints" / "latest")
+    tree, meta = restore_checkpoint(run_d.workdir / "checkpoints" / "latest")
     assert meta["epoch"] == 2 and int(tree["step"]) == 2 * (20 // BATCH)
     initial = run_d.extra["initial"]
     params, init_params = flat(tree["params"]), flat(initial["params"])

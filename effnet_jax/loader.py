@@ -1,0 +1,205 @@
+"""One loader for every source of an EfficientNet's weights: `load(init, variant, num_classes)`.
+
+`init` is one of
+* `'imagenet'` — the published ImageNet weights of `variant` (`effnet_jax.weights`: torchvision's files for B0-B7
+  and V2, the packaged files for Lite0-2), the ImageNet class names, the weights' eval preprocessing;
+* `'scratch'` — `variant` with fresh weights: the model's own initializers from `key`, or (no `key`) random
+  values drawn in numpy without compiling anything (for exports and tests);
+* a PyTorch `.pth`/`.pt` state dict (torchvision or lukemelas/Lite layout, read without torch) for `variant`;
+  a lukemelas-layout B file brings its TF-style model overrides (`convert.layout_overrides`);
+* a model directory (`model.json` + orbax `variables/`, written by `python -m effnet_jax.convert`); its
+  `model.json` names the variant, the class names and the preprocessing when it has them;
+* a training run directory (`effnet_jax.rundir`): the checkpoint `which` ('best' or 'latest'), its evaluation
+  weights (the EMA when the run keeps one), its class names and its evaluation preprocessing (`crop_style='run'`).
+
+`num_classes`, when given and different from the loaded head's, keeps the backbone and puts a new head
+(`models.new_classifier`: `head_init` 'zero' or torchvision's 'uniform' from `key`). The result, `Loaded`, holds
+the model, its variables, class names, preprocessing (`preprocess.EvalTransform`) and where it came from.
+Every failure a user can fix raises `errors.UserError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+from typing import Any
+
+from . import checkpoint, variants
+from .errors import ConfigError, UserError
+from .models import EfficientNet, create_model, new_classifier
+from .preprocess import EvalTransform, eval_transform, imagenet_class_names, run_preprocess_config
+from .rundir import RunDir, evaluation_variables
+
+log = logging.getLogger(__name__)
+SOURCES = "'imagenet', 'scratch', a .pth file, a run directory or a converted model directory"
+
+
+@dataclasses.dataclass
+class RunInfo:
+    """What `load` read from a training run directory besides the weights."""
+    config: dict           # config.json as written (TrainConfig fields + model_overrides, num_classes, mean, std)
+    meta: dict             # the checkpoint's meta (epoch, val_top1, ...)
+    which: str             # 'best' or 'latest'
+    uses_ema: bool
+
+
+@dataclasses.dataclass
+class Loaded:
+    model: EfficientNet            # built for the variables (with `overrides` and the caller's model options)
+    variables: dict                # {'params', 'batch_stats'}
+    variant: str
+    class_names: list[str]
+    preprocess: EvalTransform      # the eval preprocessing that goes with these weights
+    overrides: dict                # create_model overrides the weights need (file layout; a run's width/depth)
+    source: str                    # provenance, one line
+    run: RunInfo | None = None     # for a training run directory
+
+
+def load(init: str, variant: str | None = None, num_classes: int | None = None, *, which: str = "best",
+         head_init: str = "uniform", key=None, **model_options: Any) -> Loaded:
+    """Load `init` (see the module docstring). `variant` is required for 'imagenet', 'scratch' and .pth files,
+    and must agree with a directory's own. `model_options` go to `create_model` (e.g. `conv_impl='xla'`, `dtype`).
+    """
+    init = os.fspath(init)
+    if variant is not None:
+        check_variant(variant)
+    path = pathlib.Path(init)
+    if init not in ("imagenet", "scratch") and path.is_dir():
+        if RunDir.holds_run(path):
+            loaded = _from_run(RunDir(path), variant, which, model_options)
+        elif (path / checkpoint.META_FILE).exists():
+            loaded = _from_model_dir(path, variant, model_options)
+        else:
+            raise UserError(f"--init {init}: a directory, but neither a training run (config.json, checkpoints/) "
+                            f"nor a converted model ({checkpoint.META_FILE})")
+    else:
+        if variant is None:
+            raise ConfigError(f"--variant is required with --init {init}")
+        if init == "scratch":
+            loaded = _scratch(variant, num_classes, key, model_options)
+        elif init == "imagenet" or path.is_file():
+            try:
+                loaded = _from_state_dict(init, variant, model_options)
+            except UserError as e:  # a corrupt file, another variant's: say which flag (the weights' own messages
+                if init != "imagenet":  # name the file, the URL and what to do)
+                    e.args = (f"--init {init}: {e}",)
+                raise
+        else:
+            raise UserError(f"--init {init}: not {SOURCES} (no such path)")
+    if num_classes is not None and num_classes != loaded.model.num_classes:
+        loaded = _with_new_head(loaded, init, num_classes, head_init, key)
+    return loaded
+
+
+def check_variant(variant: str) -> None:
+    if variant not in variants.VARIANTS:
+        raise ConfigError(f"unknown variant {variant!r}; valid: {', '.join(variants.VARIANTS)}")
+
+
+def class_names_for(num_classes: int) -> list[str]:
+    """ImageNet's names for a 1000-class head, else 'class_<i>'."""
+    return imagenet_class_names() if num_classes == 1000 else [f"class_{i}" for i in range(num_classes)]
+
+
+def _scratch(variant: str, num_classes: int | None, key, options: dict) -> Loaded:
+    num_classes = 1000 if num_classes is None else num_classes
+    model = create_model(variant, num_classes, **options)
+    if key is None:
+        from .models import random_variables
+        variables = random_variables(model, model.config.resolution)
+        how = "random weights (numpy)"
+    else:
+        import jax
+        import jax.numpy as jnp
+        x = jnp.zeros((1, model.config.resolution, model.config.resolution, 3))
+        variables = jax.jit(lambda k: model.init(k, x, train=False))(key)
+        how = "initialized"
+    return Loaded(model, variables, variant, class_names_for(num_classes), eval_transform(variant), {},
+                  f"{variant} from scratch ({how})")
+
+
+def _from_state_dict(init: str, variant: str, options: dict) -> Loaded:
+    from . import convert
+    from .torch_reader import read_torch_state_dict
+    if init == "imagenet":
+        from .weights import weights_file
+        src = os.fspath(weights_file(variant))
+    else:
+        src = init
+    try:
+        sd = read_torch_state_dict(src)
+    except OSError as e:
+        raise UserError(f"cannot read {src}: {e.strerror or e}") from None
+    layout = convert.detect_layout(sd)
+    variables = convert.convert_state_dict(sd, variant, None, source=src, layout=layout)
+    overrides = convert.layout_overrides(layout, variant)
+    n = int(variables["params"]["classifier"]["bias"].shape[0])
+    model = create_model(variant, n, **overrides, **options)
+    what = "ImageNet weights" if init == "imagenet" else f"{layout} state dict"
+    return Loaded(model, variables, variant, class_names_for(n), eval_transform(variant), overrides,
+                  f"{variant} {what} from {src}")
+
+
+def _from_model_dir(path: pathlib.Path, variant: str | None, options: dict) -> Loaded:
+    try:
+        model, variables, meta = checkpoint.load_model(path, **options)
+    except Exception as e:  # noqa: BLE001 — orbax, json and metadata errors alike: the directory is unusable
+        raise UserError(f"--init {path}: cannot load the model directory: {_describe(e)}") from None
+    saved_variant = meta["variant"]
+    if variant is not None and variant != saved_variant:
+        raise ConfigError(f"--init {path} holds a {saved_variant} model, not --variant {variant}")
+    n = int(meta["num_classes"])
+    names = meta.get("class_names")
+    if names is not None and len(names) != n:
+        raise UserError(f"--init {path}: model.json has {len(names)} class_names for a {n}-class model")
+    pre = meta.get("preprocess")
+    preprocess = EvalTransform(**pre) if isinstance(pre, dict) else eval_transform(saved_variant)
+    return Loaded(model, variables, saved_variant, [str(c) for c in names] if names is not None else
+                  class_names_for(n), preprocess, dict(meta.get("overrides", {})), f"model directory {path}")
+
+
+def _from_run(run: RunDir, variant: str | None, which: str, options: dict) -> Loaded:
+    saved = run.read_config()
+    names = run.read_class_names()
+    try:
+        tree, meta = run.restore(which)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 — orbax's errors for a missing or damaged checkpoint
+        raise UserError(f"{run.path}: cannot restore checkpoints/{which}: {_describe(e)}") from None
+    if variant is not None and variant != saved["variant"]:
+        raise ConfigError(f"{run.path} holds a {saved['variant']} model, not --variant {variant}")
+    overrides = dict(saved.get("model_overrides", {}))
+    overrides |= {k: saved[k] for k in ("width", "depth", "drop_rate", "drop_path_rate") if saved.get(k) is not None}
+    if "dtype" in saved and "dtype" not in options:
+        import jax.numpy as jnp
+        options = {**options, "dtype": jnp.dtype(saved["dtype"])}
+    model = create_model(saved["variant"], len(names), **overrides, **options)
+    variables = evaluation_variables(tree["params"], tree["batch_stats"], tree.get("ema"))
+    preprocess = EvalTransform(**run_preprocess_config(saved["resolution"], saved["mean"], saved["std"]))
+    uses_ema = "ema" in tree
+    source = (f"run {os.fspath(run.path)} ({which} checkpoint, epoch {meta.get('epoch')}"
+              f"{', EMA weights' if uses_ema else ''})")
+    structural = {k: v for k, v in overrides.items() if k not in ("drop_rate", "drop_path_rate")}
+    return Loaded(model, variables, saved["variant"], list(names), preprocess, structural, source,
+                  RunInfo(saved, meta, which, uses_ema))
+
+
+def _with_new_head(loaded: Loaded, init: str, num_classes: int, head_init: str, key) -> Loaded:
+    import jax
+    params = dict(loaded.variables["params"])
+    old = params["classifier"]
+    params["classifier"] = new_classifier(jax.random.key(0) if key is None else key, old["kernel"].shape[0],
+                                          num_classes, head_init)
+    log.info("--init %s: backbone loaded; new %d-class head (%s init; the weights had %d classes)", init,
+             num_classes, head_init, old["bias"].shape[0])
+    model = loaded.model.clone(num_classes=num_classes)
+    return dataclasses.replace(loaded, model=model, variables={**loaded.variables, "params": params},
+                               class_names=class_names_for(num_classes))
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
