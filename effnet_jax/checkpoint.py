@@ -1,6 +1,7 @@
 """Model checkpoints on disk: variables through orbax, plus a `model.json` saying how to rebuild the module.
 
-A model directory holds `model.json` ({"variant", "num_classes", "overrides", ...}) and `variables/`
+A model directory holds `model.json` ({"variant", "num_classes", "overrides", "preprocess" (the fields of
+`preprocess.EvalTransform`), "class_names" (optional), ...}) and `variables/`
 (an orbax PyTree checkpoint of {'params', 'batch_stats'}). `python -m effnet_jax.convert` writes one;
 `load_model` reads it back as (module, variables, meta).
 """

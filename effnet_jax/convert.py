@@ -220,6 +220,7 @@ def pretrained(variant: str, path: str | os.PathLike | None = None, num_classes:
 @cli
 def main(argv: list[str] | None = None) -> int:
     from . import checkpoint
+    from .preprocess import eval_transform
     p = argparse.ArgumentParser(prog="python -m effnet_jax.convert", description=(
         "Convert a PyTorch EfficientNet .pth (torchvision or lukemelas/Lite layout) into an effnet_jax "
         "checkpoint directory."))
@@ -239,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         checkpoint.save_model(args.out, variables, {"variant": args.variant, "num_classes": int(classes),
                                                     "overrides": layout_overrides(layout, args.variant),
-                                                    "source": os.path.abspath(args.src), "layout": layout})
+                                                    "source": os.path.abspath(args.src), "layout": layout,
+                                                    "preprocess": eval_transform(args.variant).to_dict()})
     except OSError as e:  # an existing checkpoint, an unwritable directory
         raise UserError(str(e)) from None
     print(f"wrote {args.variant} ({classes} classes, {layout} layout) to {args.out}")

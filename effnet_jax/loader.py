@@ -178,7 +178,9 @@ def _from_run(run: RunDir, variant: str | None, which: str, options: dict) -> Lo
         options = {**options, "dtype": jnp.dtype(saved["dtype"])}
     model = create_model(saved["variant"], len(names), **overrides, **options)
     variables = evaluation_variables(tree["params"], tree["batch_stats"], tree.get("ema"))
-    preprocess = EvalTransform(**run_preprocess_config(saved["resolution"], saved["mean"], saved["std"]))
+    # (runs before the spec was saved: the same, from its parts)
+    spec = saved.get("preprocess") or run_preprocess_config(saved["resolution"], saved["mean"], saved["std"])
+    preprocess = EvalTransform(**spec)
     uses_ema = "ema" in tree
     source = (f"run {os.fspath(run.path)} ({which} checkpoint, epoch {meta.get('epoch')}"
               f"{', EMA weights' if uses_ema else ''})")

@@ -35,6 +35,7 @@ from .errors import ConfigError, UserError
 from .loader import load
 from .mesh import Mesh
 from .models import HEAD_INITS, EfficientNet, create_model
+from .preprocess import run_preprocess_config
 from .rundir import RunDir, evaluation_variables
 from .steps import TrainState, create_train_state, evaluate, jit_eval_step, jit_train_step
 from .stopping import Interrupted, StopRequest
@@ -189,7 +190,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # config.json keys that `--resume` may change: the same run maybe moved or respelled (workdir), how long it goes
 # (epochs), how often it saves, and where the images are read from (stream), not what they are
-RESUME_MAY_CHANGE = ("resume", "progress", "epochs", "workdir", "checkpoint_every", "stream")
+RESUME_MAY_CHANGE = ("resume", "progress", "epochs", "workdir", "checkpoint_every", "stream",
+                     "preprocess")  # (derived from resolution, mean and std, which are compared)
 
 
 def build_model(cfg: TrainConfig, num_classes: int, frozen_units: int = 0, overrides: dict | None = None
@@ -319,7 +321,8 @@ def setup(cfg: TrainConfig) -> Run:
     tx = optim.make_optimizer(ocfg, variables["params"], model_config, steps_per_epoch)
 
     config = dataclasses.asdict(cfg) | {"model_overrides": overrides, "num_classes": ds.num_classes,
-                                        "mean": list(mean), "std": list(std)}
+                                        "mean": list(mean), "std": list(std),
+                                        "preprocess": run_preprocess_config(cfg.resolution, mean, std)}
     if cfg.resume:
         run_dir.check_resume(config, {f.name: f.default for f in dataclasses.fields(TrainConfig)},
                              RESUME_MAY_CHANGE)
