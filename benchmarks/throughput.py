@@ -15,7 +15,7 @@ work: the comparison is conservative for JAX); train step = forward + CrossEntro
 + backward + AdamW step (lr 3e-3, wd 1e-4) over the same trainable parameters (`--freeze`: the frozen units
 get requires_grad=False and BatchNorm in eval mode, as the JAX model's frozen units); eval =
 `torch.inference_mode()` forward. Eager, then `torch.compile` (failures are reported as null with the
-reason; `--no-torch-compile` skips it: it takes 40-110 s per model on this CPU).
+reason; `--no-torch-compile` skips it: it compiles slowly on a CPU, see docs/performance.md).
 
 Timing: compile (JAX: `jit(...).lower(...).compile()`, reported as `compile_s`), `--warmup` steps, then
 `--repeats` timings of `--steps` steps each, ending in `block_until_ready` / `cuda.synchronize`; img/s is

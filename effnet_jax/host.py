@@ -14,10 +14,9 @@ OPT_OUT = "EFFNET_JAX_NO_REEXEC"
 def with_fast_malloc() -> None:
     """Restart this process once (same pid, same interpreter flags and arguments) with glibc's malloc backing
     its large blocks by transparent huge pages. XLA on CPU allocates and frees its activation buffers every
-    step; without this the kernel faults their pages in afresh each time (a third of a 128 px run's CPU time
-    here). Measured on a 2-core CPU: train step +24 % (Lite0 128 px) and +31 % (B0 32 px), 10-20x fewer page
-    faults (benchmarks/RESULTS.md). glibc reads GLIBC_TUNABLES only at start-up, hence the restart; other C
-    libraries ignore it. EFFNET_JAX_NO_REEXEC=1 turns this off."""
+    step; without this the kernel faults their pages in afresh each time (what it gains: docs/performance.md).
+    glibc reads GLIBC_TUNABLES only at start-up, hence the restart; other C libraries ignore it. Does nothing
+    off Linux, when the tunable is already set, or when EFFNET_JAX_NO_REEXEC is non-empty (e.g. =1)."""
     if (sys.platform != "linux" or MALLOC_TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
             or os.environ.get(OPT_OUT)):
         return

@@ -4,8 +4,8 @@
 * `DepthwiseConv`: k×k per-channel convolution with two interchangeable implementations (same parameters,
   same numbers): 'xla', a grouped convolution (`feature_group_count`), and 'shift', a sum of k·k shifted
   element-wise multiplies with a hand-written backward pass (`shifted_depthwise_conv`). On CPU XLA's grouped
-  convolution is several times slower than the shifted sum (jax#13800, jax#23713; measured figures in
-  benchmarks/RESULTS.md), so 'auto' picks 'shift' there and the cuDNN/TPU grouped convolution elsewhere.
+  convolution is several times slower than the shifted sum (jax#13800, jax#23713; figures in
+  docs/performance.md), so 'auto' picks 'shift' there and the cuDNN/TPU grouped convolution elsewhere.
 * `BatchNorm`: batch statistics in float32 whatever the compute dtype, and running statistics updated
   exactly as PyTorch does (running_var from the *unbiased* batch variance), so a JAX training step equals a
   PyTorch one.
@@ -90,10 +90,8 @@ def shifted_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding
     Autodiff of the shifted sum gives dx as a sum of k·k *padded* copies of the cotangent (the transpose of
     each slice), which XLA's CPU backend fuses and schedules badly; the backward here computes dx the same
     way as the forward, as a sum of shifted windows of the padded cotangent times the (flipped) kernel taps —
-    for stride > 1 phase by phase (`_padded_input_grad`), so that no multiply-add meets a dilation zero.
-    Measured on this project's 2-core CPU: +5 to +50 % train throughput in one window, within noise in a
-    later one; the phases: 1.15-3.9x on B0's stride-2 layers alone (benchmarks/RESULTS.md). Reverse-mode
-    only (custom_vjp: no jax.jvp / jacfwd through it).
+    for stride > 1 phase by phase (`_padded_input_grad`), so that no multiply-add meets a dilation zero
+    (what it gains: docs/performance.md). Reverse-mode only (custom_vjp: no jax.jvp / jacfwd through it).
     """
     xp = _pad_hw(x, padding)
     kh, kw = kernel.shape[:2]

