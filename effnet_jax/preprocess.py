@@ -10,7 +10,7 @@ evaluated on, with the parameters of its `effnet_jax.weights.WEIGHTS` entry:
   mean = std = 0.5 for V2-L). Matches torchvision 0.29.1 on PIL images to float rounding.
 * lite0..lite4 (`crop_style='tf'`): the TF EfficientNet eval crop — center crop `input_size / (input_size + 32)`
   of the shorter side (size truncated, offsets `(side - crop + 1) // 2`), bicubic resize to `input_size` — and
-  the TF Lite normalization (x - 127) / 128 (see the measurement beside the Lite entries in `weights.py`).
+  the TF Lite normalization (x - 127) / 128 (why: docs/weights.md).
 
 * a fine-tuning run (`crop_style='run'`, `run_preprocess_config(resolution, mean, std)`; what `export --workdir`
   writes and `predict --workdir` uses): the run's own evaluation preprocessing. The image as the training data

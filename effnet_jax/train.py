@@ -50,7 +50,7 @@ class Diverged(UserError, FloatingPointError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything a run depends on; saved as config.json. Defaults: our recipe (see README)."""
+    """Everything a run depends on; saved as config.json. Defaults: our recipe (docs/training.md)."""
     variant: str = "b0"
     dataset: str = "cifar10"
     data_dir: str | None = None
@@ -67,9 +67,9 @@ class TrainConfig:
     warmup_epochs: float | None = None  # None: min(1, epochs / 5)
     label_smoothing: float = 0.1
     grad_clip: float = 0.0
-    freeze: str | None = None           # None: '6' (top 6 blocks + head, the measured recipe) for pretrained
+    freeze: str | None = None           # None: '6' (top 6 blocks + head: docs/training.md) for pretrained
                                         # weights, 'none' from scratch
-    head_init: str = "zero"             # a new classifier: 'zero' (big_vision's; measured better) or 'uniform'
+    head_init: str = "zero"             # a new classifier: 'zero' (big_vision's; docs/training.md) or 'uniform'
                                         # (torchvision's)
     two_phase: bool = False
     phase1_epochs: int = 0
