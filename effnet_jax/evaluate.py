@@ -30,7 +30,6 @@ def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_d
                  flip: bool | None = None, stream: bool | None = None) -> dict:
     """`flip`: average each image's and its mirror's logits; None: as the run's validation did (`eval_flip`).
     `stream`: read the images as it goes instead of loading the split (None: as the run's --stream says)."""
-    from . import data as data_lib
     from .loader import load
     from .mesh import Mesh
     from .steps import evaluate, jit_eval_step
@@ -61,7 +60,7 @@ def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_d
 
     aug = augment_config(cfg, tuple(saved["mean"]), tuple(saved["std"]))
     mesh = Mesh()
-    streamed = isinstance(chosen, data_lib.StreamSplit)
+    streamed = chosen.streamed
     if streamed:  # read as it goes
         split_data = dataclasses.replace(chosen, labels=labels)
     else:

@@ -108,12 +108,12 @@ def jit_eval_step(model: EfficientNet, aug: data_lib.AugmentConfig, flip: bool =
 
 
 
-def evaluate(variables: PyTree, split: tuple[jax.Array, jax.Array] | data_lib.StreamSplit, n: int, eval_fn,
+def evaluate(variables: PyTree, split: tuple[jax.Array, jax.Array] | data_lib.Split, n: int, eval_fn,
              mesh: Mesh, batch_size: int, return_logits: bool = False) -> dict:
     """Loss, top-1, top-5 over all `n` examples of an on-device split (each counted exactly once), or of a
-    `StreamSplit` read as it goes (`eval_fn` then compiled with `streamed=True`)."""
+    streamed `Split` read as it goes (`eval_fn` then compiled with `streamed=True`)."""
     idx, mask = data_lib.eval_batches(n, batch_size)
-    streamed = isinstance(split, data_lib.StreamSplit)
+    streamed = isinstance(split, data_lib.Split)
     if streamed:
         feed = data_lib.stream_batches(split, [mesh.local_rows(i) for i in idx])
     sums = {"loss": 0.0, "correct": 0.0, "top5": 0.0, "count": 0.0}

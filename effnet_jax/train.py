@@ -216,32 +216,13 @@ def initial_variables(cfg: TrainConfig, num_classes: int, key: jax.Array) -> tup
     return loaded.variables, loaded.overrides
 
 
-STREAM_ABOVE_BYTES = 4 << 30  # --stream's default: datasets whose decoded uint8 images take more are streamed
-
-
-def load_data(cfg: TrainConfig) -> data_lib.Dataset | data_lib.StreamDataset:
+def load_data(cfg: TrainConfig) -> data_lib.Dataset:
     """The dataset in memory, or streamed (`--stream`; by default when `data.decoded_bytes` says it would take
-    more than STREAM_ABOVE_BYTES)."""
+    more than `data.STREAM_ABOVE_BYTES`)."""
     log.info("loading %s%s", cfg.dataset, f" from {cfg.data_dir}" if cfg.data_dir else "")
-    stream, why = cfg.stream, ""
-    if stream is None:
-        size = data_lib.decoded_bytes(cfg.dataset, cfg.data_dir)
-        stream = size is not None and size > STREAM_ABOVE_BYTES
-        if stream:
-            why = (f"about {size / 2**30:.1f} GiB decoded, more than {STREAM_ABOVE_BYTES / 2**30:.1f} GiB: streamed "
-                   "(--no-stream loads it anyway)")
-            log.info("%s: %s", cfg.dataset, why)
-    if stream:
-        if cfg.on_corrupt != "error":
-            raise ValueError("--on-corrupt skip needs the whole dataset decoded first; it does not go with --stream"
-                             + (f" ({cfg.dataset}: {why})" if why else ""))
-        ds = data_lib.open_stream(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
-    else:
-        ds = data_lib.load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                                   on_corrupt=cfg.on_corrupt, progress=cfg.progress and jax.process_index() == 0)
-    if cfg.max_train_examples is not None:
-        ds = dataclasses.replace(ds, train=ds.train.sample(cfg.max_train_examples, cfg.seed))
-    return ds
+    return data_lib.load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                 on_corrupt=cfg.on_corrupt, progress=cfg.progress and jax.process_index() == 0,
+                                 stream=cfg.stream, max_train_examples=cfg.max_train_examples)
 
 
 def augment_config(cfg: TrainConfig, mean, std, resolution: int | None = None) -> data_lib.AugmentConfig:
@@ -330,7 +311,7 @@ def setup(cfg: TrainConfig) -> Run:
         run_dir.write_config(config)
         run_dir.write_class_names(ds.class_names)
 
-    streamed = isinstance(ds, data_lib.StreamDataset)
+    streamed = ds.streamed
     if streamed:  # read as it goes
         train_data, val_data = None, ds.val
     else:  # on the device, as uint8

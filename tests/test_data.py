@@ -113,7 +113,7 @@ def test_folder_of_only_a_test_split(tmp_path: pathlib.Path, cache: pathlib.Path
     assert len(ds.train) == len(ds.val) == 0 and ds.train.images.shape[1:] == (8, 8, 3)
     assert load_dataset(f"folder:{path}", cache_dir=cache).test.labels.tolist() == ds.test.labels.tolist()  # cached
     if layout == "folder":
-        stream = data.open_stream(f"folder:{root}")
+        stream = load_dataset(f"folder:{root}", stream=True)
         assert stream.class_names == ds.class_names and len(stream.train) == len(stream.val) == 0
         images, labels = _streamed(stream.test)
         np.testing.assert_array_equal(images, ds.test.images)
@@ -313,7 +313,7 @@ def test_cache_hit_and_invalidation(tmp_path: pathlib.Path, cache: pathlib.Path,
     def no_decoding(data_bytes: bytes) -> Image.Image:
         raise AssertionError("decoded although cached")
 
-    monkeypatch.setattr(data, "_decode_image", no_decoding)
+    monkeypatch.setattr(data.folder, "decode_image", no_decoding)
     second = load_dataset(f"folder:{root}", cache_dir=cache, seed=3)
     for a, b in [(first.train, second.train), (first.val, second.val), (first.test, second.test)]:
         np.testing.assert_array_equal(a.images, b.images)
@@ -438,14 +438,14 @@ def test_eval_batches_cover_each_example_once(n: int) -> None:
 # ----------------------------------------------------------------------------------------------------- streaming
 
 
-def _streamed(split: data.StreamSplit) -> tuple[np.ndarray, np.ndarray]:
+def _streamed(split: data.Split) -> tuple[np.ndarray, np.ndarray]:
     return split.read_batch(np.arange(len(split)))
 
 
 def test_stream_of_a_folder_equals_the_loaded_folder(tmp_path: pathlib.Path) -> None:
     root = make_folder(tmp_path / "data")
     loaded = load_dataset(f"folder:{root}", val_fraction=0.25, seed=3, cache_dir=False)
-    stream = data.open_stream(f"folder:{root}", val_fraction=0.25, seed=3)
+    stream = load_dataset(f"folder:{root}", val_fraction=0.25, seed=3, stream=True)
     assert stream.class_names == loaded.class_names and stream.image_size == 8
     for got, want in ((stream.train, loaded.train), (stream.val, loaded.val), (stream.test, loaded.test)):
         images, labels = _streamed(got)
@@ -461,13 +461,13 @@ def test_stream_sizes_like_the_loader(tmp_path: pathlib.Path, image_size: int | 
     write_image(tmp_path / "a" / "0.png", 10, (16, 16))  # square, but not the size of the other
     write_image(tmp_path / "b" / "0.png", 200, (12, 20))
     loaded = load_dataset(f"folder:{tmp_path}", val_fraction=0.0, image_size=image_size, cache_dir=False)
-    stream = data.open_stream(f"folder:{tmp_path}", val_fraction=0.0, image_size=image_size)
+    stream = load_dataset(f"folder:{tmp_path}", val_fraction=0.0, image_size=image_size, stream=True)
     assert stream.image_size == (image_size or data.DEFAULT_RESIZE)
     np.testing.assert_array_equal(_streamed(stream.train)[0], loaded.train.images)
 
 
 def test_stream_batches_in_order_from_threads(tmp_path: pathlib.Path) -> None:
-    stream = data.open_stream(f"folder:{make_folder(tmp_path / 'data', test=False)}", val_fraction=0.0)
+    stream = load_dataset(f"folder:{make_folder(tmp_path / 'data', test=False)}", val_fraction=0.0, stream=True)
     batches = data.batch_indices(data.epoch_permutation(len(stream.train), 0, 1), 4)
     got = list(data.stream_batches(stream.train, batches, num_threads=2, prefetch=3))
     assert len(got) == len(batches) == len(stream.train) // 4
@@ -482,14 +482,14 @@ def test_stream_refuses_what_it_cannot_read_at_random(tmp_path: pathlib.Path) ->
     root = make_folder(tmp_path / "data")
     tar = make_tar(root, tmp_path / "data.tar.gz", None)
     with pytest.raises(DatasetError, match="extract it"):
-        data.open_stream(f"folder:{tar}")
+        load_dataset(f"folder:{tar}", stream=True)
     make_cifar_python(tmp_path / "cifar", "cifar10", np.random.default_rng(0))
     with pytest.raises(DatasetError, match="without streaming"):
-        data.open_stream("cifar10", data_dir=tmp_path / "cifar" / "cifar-10-batches-py")
+        load_dataset("cifar10", data_dir=tmp_path / "cifar" / "cifar-10-batches-py", stream=True)
     (root / "train" / CLASSES[-1] / "04.png").write_bytes(b"not an image")
     with pytest.raises(DatasetError, match="04.png"):  # the size check reads every header
-        data.open_stream(f"folder:{root}", val_fraction=0.0)
-    stream = data.open_stream(f"folder:{root}", val_fraction=0.0, image_size=8)  # reads no image
+        load_dataset(f"folder:{root}", val_fraction=0.0, stream=True)
+    stream = load_dataset(f"folder:{root}", val_fraction=0.0, image_size=8, stream=True)  # reads no image
     with pytest.raises(DatasetError, match="04.png"):
         stream.train.read_batch(np.arange(len(stream.train)))
     with pytest.raises(DatasetError, match="04.png"):  # from grain's threads to the consumer, as it was raised
@@ -500,7 +500,7 @@ def test_stream_of_tfds_equals_the_loaded_dataset(cache: pathlib.Path) -> None:
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=20):
         loaded = load_dataset("tfds:cifar10", val_fraction=0.25, cache_dir=cache)
-        stream = data.open_stream("tfds:cifar10", val_fraction=0.25)
+        stream = load_dataset("tfds:cifar10", val_fraction=0.25, stream=True)
         streamed = {name: _streamed(getattr(stream, name)) for name in ("train", "val")}
     assert stream.class_names == loaded.class_names and stream.image_size == 32 and stream.test is None
     for name in ("train", "val"):

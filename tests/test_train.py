@@ -513,12 +513,12 @@ def test_stream_by_default_above_the_size_limit(image_folder, trainer_env, monke
     """--stream unset: streamed when `data.decoded_bytes` exceeds STREAM_ABOVE_BYTES; --stream/--no-stream win."""
     from effnet_jax import data as data_lib
     argv = ["--dataset", f"folder:{image_folder}", "--val-fraction", str(VAL_FRACTION)]
-    assert isinstance(trainer.load_data(cli.parse_args(argv)), data_lib.Dataset)
-    assert isinstance(trainer.load_data(cli.parse_args([*argv, "--stream"])), data_lib.StreamDataset)
-    monkeypatch.setattr(trainer, "STREAM_ABOVE_BYTES", len(CLASSES) * PER_CLASS * 32 * 32 * 3 - 1)
+    assert not trainer.load_data(cli.parse_args(argv)).streamed
+    assert trainer.load_data(cli.parse_args([*argv, "--stream"])).streamed
+    monkeypatch.setattr(data_lib.load, "STREAM_ABOVE_BYTES", len(CLASSES) * PER_CLASS * 32 * 32 * 3 - 1)
     streamed = trainer.load_data(cli.parse_args(argv))
-    assert isinstance(streamed, data_lib.StreamDataset) and len(streamed.val) == N_VAL
-    assert isinstance(trainer.load_data(cli.parse_args([*argv, "--no-stream"])), data_lib.Dataset)
+    assert streamed.streamed and len(streamed.val) == N_VAL
+    assert not trainer.load_data(cli.parse_args([*argv, "--no-stream"])).streamed
     with pytest.raises(ValueError, match="does not go with --stream"):
         trainer.load_data(cli.parse_args([*argv, "--stream", "--on-corrupt", "skip"]))
 
