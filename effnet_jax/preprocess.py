@@ -42,6 +42,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from effnet_jax.data.image import DEFAULT_RESIZE, resize_center_crop
 from effnet_jax.weights import weights_entry
 
 __all__ = ["EvalTransform", "eval_transform", "preprocess_config", "run_preprocess_config", "imagenet_class_names"]
@@ -83,22 +84,11 @@ class EvalTransform:
         if self.crop_style == "run":
             return self._run_eval(image)
         if self.crop_style == "torchvision":
-            image = self._resize_center_crop(image)
+            image = resize_center_crop(image, self.resize_size, self.input_size, _RESAMPLE[self.interpolation])
         else:
             image = self._tf_center_crop_resize(image)
         x = np.asarray(image, dtype=np.float32) / np.float32(255.0)
         return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-
-    def _resize_center_crop(self, image: Image.Image) -> Image.Image:
-        w, h = image.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = self.resize_size, int(self.resize_size * long / short)
-        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), _RESAMPLE[self.interpolation])
-        top = int(round((new_h - self.input_size) / 2.0))
-        left = int(round((new_w - self.input_size) / 2.0))
-        return image.crop((left, top, left + self.input_size, top + self.input_size))
 
     def _tf_center_crop_resize(self, image: Image.Image) -> Image.Image:
         w, h = image.size
@@ -110,7 +100,7 @@ class EvalTransform:
     def _run_eval(self, image: Image.Image) -> np.ndarray:
         from effnet_jax import data  # (imports jax)
         w, h = image.size
-        stored = np.asarray(image) if w == h else data._resize_center_crop(image, self.resize_size)
+        stored = np.asarray(image) if w == h else resize_center_crop(image, self.resize_size)
         cfg = data.AugmentConfig(crop_padding=0, flip=False, resolution=self.input_size,
                                  mean=tuple(self.mean), std=tuple(self.std))
         return np.asarray(data.eval_batch(stored[None], cfg)[0], np.float32)
@@ -127,7 +117,6 @@ def preprocess_config(variant: str) -> dict[str, Any]:
 def run_preprocess_config(resolution: int, mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
     """A fine-tuning run's evaluation preprocessing (`crop_style='run'`, see the module docstring) as a JSON-ready
     dict of `EvalTransform`'s fields: the run's resolution and its input mean/std (config.json)."""
-    from effnet_jax.data import DEFAULT_RESIZE
     return {"input_size": int(resolution), "resize_size": DEFAULT_RESIZE, "interpolation": "bilinear",
             "mean": [float(m) for m in mean], "std": [float(s) for s in std], "crop_style": "run"}
 
