@@ -51,10 +51,9 @@ from typing import TextIO
 
 import numpy as np
 
+from .data.image import IMAGE_EXTENSIONS
 from .errors import UserError, cli
 from .loader import Loaded, load
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +70,9 @@ def collect_images(args: Sequence[str]) -> list[ImageItem]:
     for arg in args:
         p = pathlib.Path(arg)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
             if not found:
-                raise UserError(f"{arg}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+                raise UserError(f"{arg}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
             items += [ImageItem(str(f), True) for f in found]
         elif p.is_file():
             items.append(ImageItem(arg, False))

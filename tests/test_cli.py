@@ -97,6 +97,28 @@ def test_predict_corrupt_image_in_folder_is_reported(lite0_run, image_dir):
     assert "1 of 6 images could not be read" in stderr and "Traceback" not in stderr
 
 
+def test_predict_folder_reads_what_training_reads(tmp_path):
+    """A folder given to predict yields the files training reads as images (`data.IMAGE_EXTENSIONS`: .tif and .ppm
+    too, any case), recursively and sorted, and each of them goes through the eval transform."""
+    from PIL import Image
+
+    from effnet_jax.data import IMAGE_EXTENSIONS
+    (tmp_path / "sub").mkdir()
+    names = ["a.tif", "b.ppm", "c.JPG", "sub/d.tiff", "sub/e.pgm", "sub/f.png"]
+    for i, name in enumerate(names):
+        Image.fromarray(np.full((40, 30, 3), 20 * i, np.uint8)).convert("L" if name.endswith(".pgm") else "RGB"
+                                                                       ).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image\n")
+    assert {".tif", ".ppm", ".pgm"} <= set(IMAGE_EXTENSIONS)
+    items = predict.collect_images([str(tmp_path)])
+    assert [item.path for item in items] == [str(tmp_path / n) for n in names] and all(i.in_folder for i in items)
+    transform = eval_transform("lite0")
+    for item in items:
+        x = predict._load(item, transform)
+        assert not isinstance(x, str), (item.path, x)
+        assert x.shape == (224, 224, 3)
+
+
 def test_predict_top1_equals_lite_reference(lite0_run, image_dir):
     torch = pytest.importorskip("torch")
     ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
