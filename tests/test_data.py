@@ -447,6 +447,7 @@ def test_stream_of_a_folder_equals_the_loaded_folder(tmp_path: pathlib.Path) -> 
     loaded = load_dataset(f"folder:{root}", val_fraction=0.25, seed=3, cache_dir=False)
     stream = load_dataset(f"folder:{root}", val_fraction=0.25, seed=3, stream=True)
     assert stream.class_names == loaded.class_names and stream.image_size == 8
+    assert stream.streamed and stream.train.streamed and not loaded.streamed and loaded.image_size == 8
     for got, want in ((stream.train, loaded.train), (stream.val, loaded.val), (stream.test, loaded.test)):
         images, labels = _streamed(got)
         np.testing.assert_array_equal(images, want.images)
@@ -494,6 +495,37 @@ def test_stream_refuses_what_it_cannot_read_at_random(tmp_path: pathlib.Path) ->
         stream.train.read_batch(np.arange(len(stream.train)))
     with pytest.raises(DatasetError, match="04.png"):  # from grain's threads to the consumer, as it was raised
         list(data.stream_batches(stream.train, [np.arange(len(stream.train))]))
+
+
+def test_stream_none_decides_by_the_decoded_size(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stream=None (train.py without --stream/--no-stream): streamed when `decoded_bytes` exceeds
+    STREAM_ABOVE_BYTES; stream=True/False win; on_corrupt='skip' needs the images decoded first."""
+    root = make_folder(tmp_path / "data")
+    size = data.decoded_bytes(f"folder:{root}")
+    assert not load_dataset(f"folder:{root}", stream=None, cache_dir=False).streamed
+    monkeypatch.setattr(data.load, "STREAM_ABOVE_BYTES", size - 1)
+    streamed = load_dataset(f"folder:{root}", val_fraction=0.2, stream=None)
+    loaded = load_dataset(f"folder:{root}", val_fraction=0.2, stream=False, cache_dir=False)
+    assert streamed.streamed and not loaded.streamed
+    np.testing.assert_array_equal(_streamed(streamed.val)[0], loaded.val.images)
+    with pytest.raises(ValueError, match=r"does not go with --stream \(folder:.* GiB decoded, more than"):
+        load_dataset(f"folder:{root}", stream=None, on_corrupt="skip")
+    with pytest.raises(ValueError, match=r"does not go with --stream$"):
+        load_dataset(f"folder:{root}", stream=True, on_corrupt="skip")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_train_examples_samples_the_train_split(tmp_path: pathlib.Path, stream: bool) -> None:
+    root = make_folder(tmp_path / "data")
+    full = load_dataset(f"folder:{root}", val_fraction=0.2, seed=3, cache_dir=False)
+    few = load_dataset(f"folder:{root}", val_fraction=0.2, seed=3, cache_dir=False, stream=stream,
+                       max_train_examples=5)
+    want = full.train.sample(5, seed=3)
+    assert len(few.train) == 5 and few.streamed == stream
+    np.testing.assert_array_equal(_streamed(few.train)[0], want.images)
+    np.testing.assert_array_equal(few.train.labels, want.labels)
+    np.testing.assert_array_equal(few.val.labels, full.val.labels)
+    assert len(load_dataset(f"folder:{root}", cache_dir=False, stream=stream, max_train_examples=100).train) == 13
 
 
 def test_stream_of_tfds_equals_the_loaded_dataset(cache: pathlib.Path) -> None:
