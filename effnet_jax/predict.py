@@ -29,7 +29,8 @@ it on, `--no-progress` off.
 
 Otherwise images are preprocessed with the variant's ImageNet eval transform (`effnet_jax.preprocess.eval_transform`) and
 run in batches of `--batch-size` through one jitted function (the last batch is padded, so it compiles once).
-Arguments may be folders: all .jpg/.jpeg/.png/.bmp/.webp files below them, recursively, in sorted order. An
+Arguments may be folders: all image files below them (the extensions training reads, `data.IMAGE_EXTENSIONS`:
+.jpg/.jpeg/.png/.ppm/.bmp/.pgm/.tif/.tiff/.webp), recursively, in sorted order. An
 image inside a folder that cannot be read gets `{"image": path, "error": "..."}` and the run goes on; a missing
 or unreadable image named on the command line, or an `--init` that cannot be loaded, is an error: one message on
 stderr and exit status 2.
