@@ -73,7 +73,7 @@ def load_dataset(spec: str, data_dir: str | os.PathLike[str] | None = None, *, v
         stream = bool(why)
     if stream:
         if on_corrupt != "error":
-            raise ValueError("--on-corrupt skip needs the whole dataset decoded first; it does not go with --stream"
+            raise ConfigError("--on-corrupt skip needs the whole dataset decoded first; it does not go with --stream"
                              + (f" ({spec}: {why})" if why else ""))
         contents, image_size = _open(source, image_size)
     else:
