@@ -98,7 +98,7 @@ class TrainConfig:
     on_corrupt: str = "error"
     stream: bool | None = None          # read the images from the source as training goes (grain threads) instead
                                         # of holding the decoded dataset on the device; None: when it would take
-                                        # more than STREAM_ABOVE_BYTES decoded
+                                        # more than data.STREAM_ABOVE_BYTES decoded
     max_train_examples: int | None = None   # for smoke tests and quick looks: a seeded random N of them
     progress: bool = True
 
