@@ -84,9 +84,9 @@ def folder(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory) -> pathlib.Path:
     """A model directory (as `python -m effnet_jax.convert` writes) of lite0 at width and depth 0.25 with
-    random weights drawn in numpy (`export.random_variables`), so that nothing is compiled here."""
+    random weights drawn in numpy (`models.random_variables`), so that nothing is compiled here."""
     from effnet_jax import checkpoint, create_model
-    from effnet_jax.export import random_variables
+    from effnet_jax.models import random_variables
     overrides = {"width": 0.25, "depth": 0.25}
     directory = tmp_path_factory.mktemp("small_model") / "lite0_w0.25_d0.25"
     checkpoint.save_model(directory, random_variables(create_model("lite0", CLASSES, **overrides), 32),
