@@ -44,7 +44,6 @@ sides use the same device (`--device-kind`, one device). The last stdout line is
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import sys

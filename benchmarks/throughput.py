@@ -39,7 +39,6 @@ frameworks, all rows before); on a GPU, `jax_peak_mb` / `torch_peak_mb` are the 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import itertools
 import json
