@@ -15,7 +15,6 @@ import contextlib
 import io
 import json
 import pathlib
-import tarfile
 
 import jax
 import numpy as np
@@ -24,13 +23,11 @@ from PIL import Image
 
 from effnet_jax import export, predict, variants
 from effnet_jax.preprocess import EvalTransform, preprocess_config
-from helpers import load_train_cli, run_main
+from helpers import REPO, cifar_jpegs, load_train_cli, run_main
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-CIFAR_TAR = REPO / "../shared/data/cifar10-jpeg-train.tar.gz"
 R = 64
 TOL = 1e-4
 
@@ -46,21 +43,15 @@ def write_image_folder(root: pathlib.Path, files: dict[str, list[bytes]]) -> pat
 
 
 @pytest.fixture(scope="module")
-def cifar_files():
+def cifar_files(cifar_tar):
     """{class: [JPEG bytes, ...]}: the first 10 real CIFAR-10 training JPEGs of two classes."""
-    if not CIFAR_TAR.exists():
-        pytest.skip(f"{CIFAR_TAR.resolve()} not found")
     files: dict[str, list[bytes]] = {}
-    with tarfile.open(CIFAR_TAR) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            cls = member.name.split("/")[-2]
-            if cls in files or len(files) < 2:
-                if len(files.setdefault(cls, [])) < 10:
-                    files[cls].append(tar.extractfile(member).read())
-            if len(files) == 2 and all(len(v) == 10 for v in files.values()):
-                break
+    for cls, _, jpeg in cifar_jpegs(cifar_tar):
+        if cls in files or len(files) < 2:
+            if len(files.setdefault(cls, [])) < 10:
+                files[cls].append(jpeg)
+        if len(files) == 2 and all(len(v) == 10 for v in files.values()):
+            break
     return files
 
 

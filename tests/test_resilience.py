@@ -30,7 +30,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 
@@ -38,10 +37,8 @@ import numpy as np
 import pytest
 
 from effnet_jax import train as trainer
-from helpers import load_train_cli
+from helpers import REPO, cifar_jpegs, load_train_cli
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-CIFAR_TAR = REPO / "../shared/data/cifar10-jpeg-train.tar.gz"
 CLASSES, PER_CLASS = 4, 10                    # 40 images: 32 train, 8 validation (val fraction 0.2)
 STEPS_PER_EPOCH, EPOCHS = 32 // 4, 2
 BASE = ["--variant", "lite0", "--init", "scratch", "--resolution", "32", "--batch-size", "4",
@@ -60,24 +57,18 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> pathlib.Path:
+def folder(tmp_path_factory, cifar_tar) -> pathlib.Path:
     """<class>/NNNN.jpg: the first PER_CLASS training JPEGs of the first CLASSES classes, as in the tarball."""
-    if not CIFAR_TAR.exists():
-        pytest.skip(f"{CIFAR_TAR.resolve()} not found")
     root = tmp_path_factory.mktemp("cifar_folder")
     counts: dict[str, int] = {}
-    with tarfile.open(CIFAR_TAR) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            cls = member.name.split("/")[-2]
-            if counts.get(cls, 0) >= PER_CLASS or (cls not in counts and len(counts) == CLASSES):
-                continue
-            counts[cls] = counts.get(cls, 0) + 1
-            (root / cls).mkdir(exist_ok=True)
-            (root / cls / pathlib.Path(member.name).name).write_bytes(tar.extractfile(member).read())
-            if sum(counts.values()) == CLASSES * PER_CLASS:
-                break
+    for cls, name, jpeg in cifar_jpegs(cifar_tar):
+        if counts.get(cls, 0) >= PER_CLASS or (cls not in counts and len(counts) == CLASSES):
+            continue
+        counts[cls] = counts.get(cls, 0) + 1
+        (root / cls).mkdir(exist_ok=True)
+        (root / cls / name).write_bytes(jpeg)
+        if sum(counts.values()) == CLASSES * PER_CLASS:
+            break
     return root
 
 
