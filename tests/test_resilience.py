@@ -27,7 +27,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,7 +36,7 @@ import numpy as np
 import pytest
 
 from effnet_jax import train as trainer
-from helpers import REPO, cifar_jpegs, load_train_cli
+from helpers import REPO, cifar_jpegs, load_train_cli, unused_port
 
 CLASSES, PER_CLASS = 4, 10                    # 40 images: 32 train, 8 validation (val fraction 0.2)
 STEPS_PER_EPOCH, EPOCHS = 32 // 4, 2
@@ -258,12 +257,6 @@ def test_interrupted_save_leaves_the_previous_checkpoint(env, base, uninterrupte
 
 # ------------------------------------------------------------------------------- two processes vs one
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_two_processes_equal_one_process_with_four_devices(env, base, tmp_path, optimizer):
     one = tmp_path / "one_process"
@@ -276,7 +269,7 @@ def test_two_processes_equal_one_process_with_four_devices(env, base, tmp_path, 
              "--max-train-examples", 16)
     if optimizer == "adamw":  # the default optimizer, with its default lr
         extra += ("--optimizer", "adamw", "--lr", trainer.TrainConfig().lr)
-    address = f"127.0.0.1:{free_port()}"
+    address = f"127.0.0.1:{unused_port()}"
     # the two processes stream the images (each reads its rows of every batch), the single one holds them
     procs = [start(env, base, two, *extra, "--stream", "--coordinator-address", address, "--num-processes", 2,
                    "--process-id", i, devices=2) for i in (0, 1)]
