@@ -6,6 +6,7 @@ import contextlib
 import http.server
 import importlib.util
 import io
+import json
 import pathlib
 import socket
 import tarfile
@@ -25,6 +26,16 @@ def run_main(main, argv):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main([str(a) for a in argv])
     return rc, out.getvalue(), err.getvalue()
+
+
+def last_json(stdout: str) -> dict:
+    """The JSON summary a CLI prints as its last line of stdout."""
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def read_metrics(workdir: pathlib.Path) -> list[dict]:
+    """A training run's metrics.jsonl: one dict an evaluation."""
+    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def load_train_cli(module_name: str = "effnet_jax_train_cli"):

@@ -25,7 +25,7 @@ import pytest
 
 from effnet_jax import data
 from effnet_jax.download import ChecksumError, DownloadError, download
-from helpers import load_train_cli, persistent_compilation_cache, run_main, unused_port
+from helpers import load_train_cli, persistent_compilation_cache, read_metrics, run_main, unused_port
 
 cli = load_train_cli()
 ARCHIVE = data.CIFAR_ARCHIVES["cifar10"].file_name  # cifar-10-python.tar.gz
@@ -201,7 +201,7 @@ def test_mission_command_downloads_verifies_caches_and_trains_then_runs_offline(
         assert rc == 0, err
         assert (cifar_env / ARCHIVE).read_bytes() == served and [p.name for p in cifar_env.iterdir()] == [ARCHIVE]
         assert server.requests == [f"/kriz/{ARCHIVE}"] * 2
-        first = [json.loads(line) for line in (tmp_path / "w1" / "metrics.jsonl").read_text().splitlines()]
+        first = read_metrics(tmp_path / "w1")
         assert [m["epoch"] for m in first] == [0, 1]
         names = json.loads((tmp_path / "w1" / "class_names.json").read_text())
         assert names[:2] == ["airplane", "automobile"] and len(names) == 10  # from the archive's batches.meta
@@ -209,7 +209,7 @@ def test_mission_command_downloads_verifies_caches_and_trains_then_runs_offline(
         server.stop()  # offline: the cache serves the second run
         rc, out, err = run_main(cli.main, train_argv(tmp_path / "w2"))
         assert rc == 0, err
-        second = [json.loads(line) for line in (tmp_path / "w2" / "metrics.jsonl").read_text().splitlines()]
+        second = read_metrics(tmp_path / "w2")
         assert [m["val_acc"] for m in second] == [m["val_acc"] for m in first]  # same data, seed, flags
         assert second[1]["train_loss"] == pytest.approx(first[1]["train_loss"], rel=1e-5)
         assert len(server.requests) == 2

@@ -23,7 +23,7 @@ from PIL import Image
 
 from effnet_jax import export, predict, variants
 from effnet_jax.preprocess import EvalTransform, preprocess_config
-from helpers import REPO, cifar_jpegs, load_train_cli, run_main
+from helpers import REPO, cifar_jpegs, last_json, load_train_cli, run_main
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -276,7 +276,7 @@ def test_v2_run_trains_freezes_evaluates_and_exports(v2_run, tmp_path):
     from effnet_jax.train import restore_checkpoint
     work, data, initial, (rc, stdout, stderr) = v2_run
     assert rc == 0, stderr
-    summary = json.loads(stdout.strip().splitlines()[-1])
+    summary = last_json(stdout)
     assert summary["variant"] == "v2_s" and summary["epochs"] == 1 and summary["final_val_acc"] is not None
 
     # trained by units: stem, blocks_0, blocks_1 (and their BN statistics) untouched, blocks_2.. and the head moved
@@ -300,7 +300,7 @@ def test_v2_run_trains_freezes_evaluates_and_exports(v2_run, tmp_path):
     # evaluate reproduces the logged validation
     rc, out, err = run_main(evaluate_cli.main, ["--workdir", work, "--which", "latest"])
     assert rc == 0, err
-    assert json.loads(out.strip().splitlines()[-1])["top1"] == summary["final_val_acc"]
+    assert last_json(out)["top1"] == summary["final_val_acc"]
 
     # export: onnxruntime and StableHLO against the JAX model of the run's best checkpoint, on 7 real images
     run = load_run(work, "best")

@@ -22,7 +22,6 @@ persistent compilation cache, so a step is compiled once per device layout and s
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import shutil
@@ -36,7 +35,7 @@ import numpy as np
 import pytest
 
 from effnet_jax import train as trainer
-from helpers import REPO, cifar_jpegs, load_train_cli, unused_port
+from helpers import REPO, cifar_jpegs, last_json, load_train_cli, read_metrics, unused_port
 
 CLASSES, PER_CLASS = 4, 10                    # 40 images: 32 train, 8 validation (val fraction 0.2)
 STEPS_PER_EPOCH, EPOCHS = 32 // 4, 2
@@ -117,8 +116,7 @@ def leaves(tree) -> list[np.ndarray]:
 
 def metrics(workdir) -> list[dict]:
     """metrics.jsonl without the wall-clock fields."""
-    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in ("time_s", "img_s")} for line in lines]
+    return [{k: v for k, v in m.items() if k not in ("time_s", "img_s")} for m in read_metrics(workdir)]
 
 
 def assert_bit_identical(a_dir, b_dir):
@@ -177,7 +175,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(env, base, uninterrupted
     rc, out, err = run(env, base, workdir, "--checkpoint-every", 1, "--resume")
     assert "resumed at epoch" in err
     assert_bit_identical(uninterrupted, workdir)
-    assert json.loads(out.strip().splitlines()[-1])["final_val_acc"] == metrics(uninterrupted)[-1]["val_acc"]
+    assert last_json(out)["final_val_acc"] == metrics(uninterrupted)[-1]["val_acc"]
 
 
 def test_sigterm_saves_then_resume_is_bit_identical(env, base, uninterrupted, tmp_path):
@@ -306,7 +304,7 @@ def test_two_processes_equal_one_process_with_four_devices(env, base, tmp_path, 
         assert max(mdiff["train_loss"], mdiff["val_loss"]) <= 1e-3, mdiff
         assert mdiff["train_acc"] == mdiff["val_acc"] == mdiff["val_top5"] == 0, mdiff
         assert mdiff["lr"] == 0 and mdiff["resolution"] == 0, mdiff
-    assert json.loads(outs[0][0].strip().splitlines()[-1])["final_val_acc"] == mb[-1]["val_acc"]
+    assert last_json(outs[0][0])["final_val_acc"] == mb[-1]["val_acc"]
 
 
 # ------------------------------------------------------------------------------------------- bad inputs

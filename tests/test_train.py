@@ -44,7 +44,8 @@ from effnet_jax import train as trainer
 from effnet_jax import weights
 from effnet_jax.optim import param_names
 from effnet_jax.variants import VARIANTS
-from helpers import load_train_cli, persistent_compilation_cache, run_main, serve_folder, unused_port
+from helpers import (last_json, load_train_cli, persistent_compilation_cache, read_metrics, run_main, serve_folder,
+                     unused_port)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CLASSES = ("zebra", "ant", "mole")      # written in this order; the class index is the sorted position
@@ -63,14 +64,6 @@ SMALL = (0.25, 0.1)                     # run A's --width, --depth
 
 cli = load_train_cli()
 
-
-
-def last_json(stdout: str) -> dict:
-    return json.loads(stdout.strip().splitlines()[-1])
-
-
-def read_metrics(workdir: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def flat(tree) -> dict[str, np.ndarray]:
@@ -688,7 +681,7 @@ def test_cosine_schedule_lr(run_d):
 def test_two_device_step_equals_one_device_step(sharded_proc):
     stdout, stderr = sharded_proc.communicate(timeout=600)
     assert sharded_proc.returncode == 0, stderr[-3000:]
-    r = json.loads(stdout.strip().splitlines()[-1])
+    r = last_json(stdout)
     assert r["device_count"] == 2 and r["count"] == [8.0, 8.0] and r["correct"][0] == r["correct"][1]
     assert r["params_moved"] > 1e-3 and r["batch_stats_moved"] > 1e-2  # the step did something
     assert r["params_diff"] <= 1e-6
