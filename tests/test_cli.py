@@ -20,7 +20,6 @@ from helpers import REPO, cifar_jpegs, run_main
 N_IMAGES = 5
 
 
-
 def read_lines(text):
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 

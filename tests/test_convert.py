@@ -20,7 +20,6 @@ torch = pytest.importorskip("torch")
 tv_models = pytest.importorskip("torchvision.models")
 
 
-
 def variant_seed(variant):
     """The torch seed of a variant's random model: its number for b0..b7, 11..13 for v2_s/m/l."""
     return int(variant[1]) if variant.startswith("b") else 11 + ["v2_s", "v2_m", "v2_l"].index(variant)

@@ -32,7 +32,6 @@ R = 64
 TOL = 1e-4
 
 
-
 def write_image_folder(root: pathlib.Path, files: dict[str, list[bytes]]) -> pathlib.Path:
     """<class>/NN.jpg from {class: [JPEG bytes, ...]}; returns `root`."""
     for cls, blobs in files.items():

@@ -65,7 +65,6 @@ SMALL = (0.25, 0.1)                     # run A's --width, --depth
 cli = load_train_cli()
 
 
-
 def flat(tree) -> dict[str, np.ndarray]:
     """{'/'-joined path: numpy array} of a pytree."""
     return {n: np.asarray(v) for n, v in zip(jax.tree.leaves(param_names(tree)), jax.tree.leaves(tree))}
