@@ -42,8 +42,8 @@ import numpy as np
 
 from effnet_jax.host import with_fast_malloc
 from effnet_jax.layers import ACTIVATIONS, BatchNorm, Conv, conv_padding, depthwise_conv, resolve_depthwise_impl
-from effnet_jax.models import FusedMBConv, MBConv, create_model, unit_names
-from throughput import cpu_threads, log, random_variables, time_steps, torch_model
+from effnet_jax.models import FusedMBConv, MBConv, create_model, random_variables, unit_names
+from throughput import cpu_threads, log, time_steps, torch_model
 
 
 class ConvBNAct(nn.Module):

@@ -18,16 +18,13 @@ import numpy as np
 import optax
 
 import effnet_jax
-from effnet_jax.models import param_shapes
+from effnet_jax.models import random_variables
 
 
 def bench(variant, impl, res, bs, repeats):
     model = effnet_jax.create_model(variant, num_classes=10, depthwise_impl=impl)
-    rng = np.random.RandomState(0)
-    shapes = param_shapes(model, res)
-    variables = jax.tree.map(lambda s: jnp.asarray(rng.randn(*s.shape).astype(np.float32) * 0.05), shapes)
-    variables["batch_stats"] = jax.tree.map(jnp.ones_like, variables["batch_stats"])
-    x = jnp.asarray(rng.randn(bs, res, res, 3), jnp.float32)
+    variables = jax.tree.map(jnp.asarray, random_variables(model, res))
+    x = jnp.asarray(np.random.RandomState(0).randn(bs, res, res, 3), jnp.float32)
     y = jnp.arange(bs) % 10
 
     def loss(p, b):

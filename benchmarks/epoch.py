@@ -44,7 +44,6 @@ sides use the same device (`--device-kind`, one device). The last stdout line is
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import sys
@@ -55,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import throughput  # noqa: E402  (torch_model, torch_freeze, random_variables: the same model on both sides)
+import throughput  # noqa: E402  (torch_model, torch_freeze: the same model on both sides)
 from throughput import log  # noqa: E402
 
 from effnet_jax import data as data_lib  # noqa: E402
@@ -64,6 +63,7 @@ from effnet_jax.host import with_fast_malloc  # noqa: E402
 from effnet_jax.mesh import Mesh  # noqa: E402
 from effnet_jax.steps import create_train_state, jit_train_step  # noqa: E402
 from effnet_jax.train import PRESETS, TrainConfig, augment_config, build_model  # noqa: E402
+from effnet_jax.models import random_variables  # noqa: E402
 
 DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
 
@@ -77,7 +77,7 @@ def jax_epoch(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, num_clas
     ocfg = cfg.optim_config()
     fu = optim.frozen_units(base.config, ocfg.freeze)
     steps_per_epoch = len(labels) // cfg.batch_size
-    variables = throughput.random_variables(base, cfg.resolution, cfg.seed)
+    variables = random_variables(base, cfg.resolution, cfg.seed)
     tx = optim.make_optimizer(ocfg, variables["params"], base.config, steps_per_epoch)
     step_fn = jit_train_step(build_model(cfg, num_classes, fu, overrides), tx,
                              augment_config(cfg, *cfg.normalization()), cfg.label_smoothing, cfg.ema_decay)

@@ -38,7 +38,7 @@ def main(specs):
                      "jax_vs_torch32": float(np.abs(j - t32).max()), "jax_vs_torch64": float(np.abs(j - t64).max()),
                      "torch32_vs_torch64": float(np.abs(t32 - t64).max())})
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\n| variant @ px | max abs logit | JAX vs torch fp32 | JAX vs torch fp64 | torch fp32 vs fp64 |")
+    print("\n| variant @ px | max abs logit | JAX vs torch fp32 | JAX vs torch fp64 | torch fp32 vs fp64 |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['variant']} @ {r['resolution']} | {r['max_abs_logit']:.2f} | {r['jax_vs_torch32']:.1e} | "

@@ -39,7 +39,6 @@ frameworks, all rows before); on a GPU, `jax_peak_mb` / `torch_peak_mb` are the 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import itertools
 import json
@@ -58,7 +57,7 @@ import numpy as np
 from effnet_jax import data as data_lib
 from effnet_jax import optim, variants
 from effnet_jax.host import with_fast_malloc
-from effnet_jax.models import count_flops, param_shapes
+from effnet_jax.models import count_flops, random_variables
 from effnet_jax.mesh import Mesh
 from effnet_jax.steps import create_train_state, jit_eval_step, jit_train_step
 from effnet_jax.train import TrainConfig, augment_config, build_model
@@ -89,20 +88,6 @@ def device_kind(requested: str, compare: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- JAX side
-
-def random_variables(model, resolution: int, seed: int = 0) -> dict:
-    """Variables of `model` as host (numpy) arrays, without compiling anything: kernels normal / sqrt(fan-in),
-    BN scale 1, bias 0, running mean 0, var 1. (Host arrays: every use makes its own device copy, so the
-    donated train state cannot delete the eval step's variables.)"""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        name = jax.tree_util.keystr(path, simple=True, separator="/").rsplit("/", 1)[-1]
-        if name == "kernel":
-            return rng.standard_normal(s.shape, np.float32) / np.float32(math.sqrt(max(1, math.prod(s.shape[:-1]))))
-        return np.ones(s.shape, s.dtype) if name in ("scale", "var") else np.zeros(s.shape, s.dtype)
-    return jax.tree_util.tree_map_with_path(fill, param_shapes(model, resolution))
-
 
 def model_overrides(args) -> dict:
     return {k: getattr(args, k) for k in ("width", "depth", "conv_impl", "depthwise_impl")

@@ -59,28 +59,6 @@ INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 # ---------------------------------------------------------------------------------------------------- loading
 
-def random_variables(model, resolution: int, seed: int = 0) -> dict:
-    """Variables of `model` with random values drawn in numpy (no XLA compile): kernels ~ N(0, 1/fan_in), BN scale
-    ~ U(0.5, 1.5), bias/mean ~ N(0, 0.1), var ~ U(0.5, 2). For export tests and `--init scratch`."""
-    import jax
-    from .models import param_shapes
-    rng = np.random.default_rng(seed)
-    shapes = param_shapes(model, resolution)
-
-    def draw(path, s):
-        name = path[-1].key
-        if name == "kernel":
-            fan_in = int(np.prod(s.shape[:-1])) or 1
-            return (rng.standard_normal(s.shape) / np.sqrt(fan_in)).astype(np.float32)
-        if name == "scale":
-            return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
-        if name == "var":
-            return rng.uniform(0.5, 2.0, s.shape).astype(np.float32)
-        return (0.1 * rng.standard_normal(s.shape)).astype(np.float32)  # bias, mean
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 def load_for_export(*, workdir: str | None = None, which: str = "best", variant: str | None = None,
                     init: str | None = None, resolution: int | None = None):
     """(model, variables, metadata) of the eval-mode model to export (`loader.load`; the model computes its

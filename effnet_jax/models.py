@@ -28,6 +28,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import variants
 from .layers import ACTIVATIONS, BatchNorm, Conv, DepthwiseConv, DropPath, SqueezeExcite
@@ -215,6 +216,28 @@ def param_shapes(model: EfficientNet, resolution: int | None = None):
     """Shapes of `model`'s variables, without allocating or compiling anything."""
     r = resolution or model.config.resolution
     return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, r, r, 3)), train=False))
+
+
+def random_variables(model: EfficientNet, resolution: int | None = None, seed: int = 0) -> dict:
+    """Variables of `model` with random values drawn in numpy, without compiling anything: kernels ~ N(0, 1/fan_in),
+    BN scale ~ U(0.5, 1.5), bias and running mean ~ N(0, 0.01), running var ~ U(0.5, 2): activations stay O(1)
+    through every block, and BN's statistics are not the identity (which would hide a mistake in folding them).
+    Host (numpy float32) arrays: each use makes its own device copy, so a donated train state cannot delete another
+    user's variables. For `export --init scratch`, the benchmarks' models and the tests."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = int(np.prod(s.shape[:-1])) or 1
+            return (rng.standard_normal(s.shape) / np.sqrt(fan_in)).astype(np.float32)
+        if name == "scale":
+            return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
+        if name == "var":
+            return rng.uniform(0.5, 2.0, s.shape).astype(np.float32)
+        return (0.1 * rng.standard_normal(s.shape)).astype(np.float32)  # bias, mean
+
+    return jax.tree_util.tree_map_with_path(draw, param_shapes(model, resolution))
 
 
 def count_flops(config: ModelConfig, num_classes: int = 1000, resolution: int | None = None) -> float:

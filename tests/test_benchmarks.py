@@ -15,6 +15,8 @@ import sys
 import numpy as np
 import pytest
 
+from helpers import last_json
+
 pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 
@@ -28,10 +30,6 @@ def load(name: str):
     sys.modules[spec.name] = module  # dataclasses (blocks.py's Flax modules) look their module up there
     spec.loader.exec_module(module)
     return module
-
-
-def last_json(out: str) -> dict:
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def test_throughput_train_and_eval(capsys):

@@ -7,10 +7,8 @@ lite0 and b0 are each compiled once here (lite0 once more in the no-torch subpro
 
 import io
 import json
-import pathlib
 import subprocess
 import sys
-import tarfile
 
 import numpy as np
 import pytest
@@ -18,12 +16,9 @@ import pytest
 from effnet_jax import checkpoint, convert, loader, predict
 from effnet_jax.errors import UserError
 from effnet_jax.preprocess import eval_transform, imagenet_class_names
-from helpers import run_main
+from helpers import REPO, cifar_jpegs, run_main
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-CIFAR_TAR = REPO / "../shared/data/cifar10-jpeg-train.tar.gz"
 N_IMAGES = 5
-
 
 
 def read_lines(text):
@@ -31,28 +26,22 @@ def read_lines(text):
 
 
 @pytest.fixture(scope="module")
-def image_dir(tmp_path_factory):
+def image_dir(tmp_path_factory, cifar_tar):
     """Real CIFAR-10 training JPEGs upscaled bicubic to 224, saved alternately as JPEG and PNG, in a folder with a
     subfolder holding a corrupt `.jpg` (random bytes)."""
     from PIL import Image
-    if not CIFAR_TAR.exists():
-        pytest.skip(f"{CIFAR_TAR.resolve()} not found")
     d = tmp_path_factory.mktemp("images")
     counts: dict[str, int] = {}
-    with tarfile.open(CIFAR_TAR) as tar:  # layout train/<class>/NNNN.jpg, grouped by class
-        for member in tar:
-            if not member.isfile():
-                continue
-            cls = member.name.split("/")[-2]
-            if counts.get(cls, 0) >= (2 if not counts or cls == next(iter(counts)) else 1):
-                continue
-            counts[cls] = counts.get(cls, 0) + 1
-            image = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
-            image = image.resize((224, 224), Image.Resampling.BICUBIC)
-            n = sum(counts.values())
-            image.save(d / f"{n:02d}_{cls}.{'png' if n % 2 == 0 else 'jpg'}")
-            if n == N_IMAGES:
-                break
+    for cls, _, jpeg in cifar_jpegs(cifar_tar):  # grouped by class
+        if counts.get(cls, 0) >= (2 if not counts or cls == next(iter(counts)) else 1):
+            continue
+        counts[cls] = counts.get(cls, 0) + 1
+        image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+        image = image.resize((224, 224), Image.Resampling.BICUBIC)
+        n = sum(counts.values())
+        image.save(d / f"{n:02d}_{cls}.{'png' if n % 2 == 0 else 'jpg'}")
+        if n == N_IMAGES:
+            break
     (d / "sub").mkdir()
     (d / "sub" / "corrupt.jpg").write_bytes(np.random.default_rng(0).bytes(2000))
     (d / "notes.txt").write_text("not an image, ignored\n")

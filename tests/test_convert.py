@@ -4,7 +4,6 @@ Lite reference model on real images, and one Adam training step (B0, V2-S)."""
 
 import functools
 import io
-import tarfile
 
 import jax
 import jax.numpy as jnp
@@ -15,11 +14,10 @@ import pytest
 import effnet_jax
 from effnet_jax import convert
 from effnet_jax.torch_reader import read_torch_state_dict
+from helpers import cifar_jpegs
 
 torch = pytest.importorskip("torch")
 tv_models = pytest.importorskip("torchvision.models")
-
-CIFAR_TAR = "../shared/data/cifar10-jpeg-train.tar.gz"
 
 
 def variant_seed(variant):
@@ -153,28 +151,20 @@ def test_wrong_variant_names_the_key(tmp_path):
         convert.convert_state_dict(v2_s, "v2_m")
 
 
-def _cifar_images(n_per_class=2):
-    """Real CIFAR-10 training JPEGs from ../shared/data: (PIL images, class names)."""
+def _cifar_images(cifar_tar, n_per_class=2):
+    """Real CIFAR-10 training JPEGs from the `cifar_tar` archive: the first `n_per_class` of each class (PIL, RGB)."""
     from PIL import Image
-    import pathlib
-    tar_path = pathlib.Path(__file__).resolve().parents[1] / CIFAR_TAR
-    if not tar_path.exists():
-        pytest.skip(f"{tar_path} not found")
     images, counts = [], {}
-    with tarfile.open(tar_path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            cls = member.name.split("/")[-2]
-            if counts.get(cls, 0) < n_per_class:
-                counts[cls] = counts.get(cls, 0) + 1
-                images.append(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB"))
-            if len(counts) == 10 and all(c >= n_per_class for c in counts.values()):
-                break
+    for cls, _, jpeg in cifar_jpegs(cifar_tar):
+        if counts.get(cls, 0) < n_per_class:
+            counts[cls] = counts.get(cls, 0) + 1
+            images.append(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+        if len(counts) == 10 and all(c >= n_per_class for c in counts.values()):
+            break
     return images
 
 
-def test_lite0_imagenet_weights_equal_reference():
+def test_lite0_imagenet_weights_equal_reference(cifar_tar):
     ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
     from effnet_jax.weights import weights_file
     from PIL import Image
@@ -182,7 +172,7 @@ def test_lite0_imagenet_weights_equal_reference():
     path = weights_file("lite0")
     ref = ref_pkg.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path)).eval()
     variables = effnet_jax.pretrained("lite0")
-    images = _cifar_images(n_per_class=1)  # 10 real images, one per class
+    images = _cifar_images(cifar_tar, n_per_class=1)  # 10 real images, one per class
     x = np.stack([np.asarray(im.resize((224, 224), Image.BICUBIC), np.float32) for im in images])
     x = (x - 127.0) / 128.0  # the Lite weights' normalization (see effnet_jax/weights.py)
     with torch.no_grad():

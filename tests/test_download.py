@@ -20,13 +20,12 @@ import tarfile
 import threading
 from collections.abc import Iterator
 
-import jax
 import numpy as np
 import pytest
 
 from effnet_jax import data
 from effnet_jax.download import ChecksumError, DownloadError, download
-from helpers import load_train_cli, run_main
+from helpers import load_train_cli, persistent_compilation_cache, read_metrics, run_main, unused_port
 
 cli = load_train_cli()
 ARCHIVE = data.CIFAR_ARCHIVES["cifar10"].file_name  # cifar-10-python.tar.gz
@@ -191,14 +190,7 @@ def test_mission_command_downloads_verifies_caches_and_trains_then_runs_offline(
     served = (server.root / ARCHIVE).read_bytes()
     monkeypatch.setitem(data.CIFAR_ARCHIVES, "cifar10", dataclasses.replace(
         data.CIFAR_ARCHIVES["cifar10"], size=len(served), sha256=hashlib.sha256(served).hexdigest()))
-    # JAX's persistent compilation cache: the second run compiles nothing
-    from jax._src import compilation_cache
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    saved = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    compilation_cache.reset_cache()
-    try:
+    with persistent_compilation_cache(tmp_path / "xla_cache"):  # the second run compiles nothing
         server.truncate[0] = True  # a transfer cut short: refused, nothing kept
         rc, out, err = run_main(cli.main, train_argv(tmp_path / "w0"))
         assert rc == 2 and err.count("\n") == 1 and f"{len(served) // 2:,} bytes arrived" in err
@@ -209,7 +201,7 @@ def test_mission_command_downloads_verifies_caches_and_trains_then_runs_offline(
         assert rc == 0, err
         assert (cifar_env / ARCHIVE).read_bytes() == served and [p.name for p in cifar_env.iterdir()] == [ARCHIVE]
         assert server.requests == [f"/kriz/{ARCHIVE}"] * 2
-        first = [json.loads(line) for line in (tmp_path / "w1" / "metrics.jsonl").read_text().splitlines()]
+        first = read_metrics(tmp_path / "w1")
         assert [m["epoch"] for m in first] == [0, 1]
         names = json.loads((tmp_path / "w1" / "class_names.json").read_text())
         assert names[:2] == ["airplane", "automobile"] and len(names) == 10  # from the archive's batches.meta
@@ -217,24 +209,17 @@ def test_mission_command_downloads_verifies_caches_and_trains_then_runs_offline(
         server.stop()  # offline: the cache serves the second run
         rc, out, err = run_main(cli.main, train_argv(tmp_path / "w2"))
         assert rc == 0, err
-        second = [json.loads(line) for line in (tmp_path / "w2" / "metrics.jsonl").read_text().splitlines()]
+        second = read_metrics(tmp_path / "w2")
         assert [m["val_acc"] for m in second] == [m["val_acc"] for m in first]  # same data, seed, flags
         assert second[1]["train_loss"] == pytest.approx(first[1]["train_loss"], rel=1e-5)
         assert len(server.requests) == 2
-    finally:
-        for n, v in saved.items():
-            jax.config.update(n, v)
-        compilation_cache.reset_cache()
 
 
 def test_offline_message_names_file_source_destination_and_flags(
         tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No route to the host (a closed port here): one message, at once, saying what to fetch from where, where to
     put it, and which flags avoid it."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = unused_port()
     monkeypatch.setenv(data.DATA_URL_ENV_VAR, f"http://127.0.0.1:{port}/kriz")
     monkeypatch.setenv(data.CACHE_ENV_VAR, str(tmp_path / "cache"))
     rc, out, err = run_main(cli.main, train_argv(tmp_path / "w"))

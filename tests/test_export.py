@@ -15,7 +15,6 @@ import contextlib
 import io
 import json
 import pathlib
-import tarfile
 
 import jax
 import numpy as np
@@ -24,16 +23,13 @@ from PIL import Image
 
 from effnet_jax import export, loader, predict, variants
 from effnet_jax.preprocess import EvalTransform, preprocess_config
-from helpers import load_train_cli, run_main
+from helpers import REPO, cifar_jpegs, last_json, load_train_cli, run_main
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-CIFAR_TAR = REPO / "../shared/data/cifar10-jpeg-train.tar.gz"
 R = 64
 TOL = 1e-4
-
 
 
 def write_image_folder(root: pathlib.Path, files: dict[str, list[bytes]]) -> pathlib.Path:
@@ -46,21 +42,15 @@ def write_image_folder(root: pathlib.Path, files: dict[str, list[bytes]]) -> pat
 
 
 @pytest.fixture(scope="module")
-def cifar_files():
+def cifar_files(cifar_tar):
     """{class: [JPEG bytes, ...]}: the first 10 real CIFAR-10 training JPEGs of two classes."""
-    if not CIFAR_TAR.exists():
-        pytest.skip(f"{CIFAR_TAR.resolve()} not found")
     files: dict[str, list[bytes]] = {}
-    with tarfile.open(CIFAR_TAR) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            cls = member.name.split("/")[-2]
-            if cls in files or len(files) < 2:
-                if len(files.setdefault(cls, [])) < 10:
-                    files[cls].append(tar.extractfile(member).read())
-            if len(files) == 2 and all(len(v) == 10 for v in files.values()):
-                break
+    for cls, _, jpeg in cifar_jpegs(cifar_tar):
+        if cls in files or len(files) < 2:
+            if len(files.setdefault(cls, [])) < 10:
+                files[cls].append(jpeg)
+        if len(files) == 2 and all(len(v) == 10 for v in files.values()):
+            break
     return files
 
 
@@ -285,7 +275,7 @@ def test_v2_run_trains_freezes_evaluates_and_exports(v2_run, tmp_path):
     from effnet_jax.rundir import restore_checkpoint
     work, data, initial, (rc, stdout, stderr) = v2_run
     assert rc == 0, stderr
-    summary = json.loads(stdout.strip().splitlines()[-1])
+    summary = last_json(stdout)
     assert summary["variant"] == "v2_s" and summary["epochs"] == 1 and summary["final_val_acc"] is not None
 
     # trained by units: stem, blocks_0, blocks_1 (and their BN statistics) untouched, blocks_2.. and the head moved
@@ -309,7 +299,7 @@ def test_v2_run_trains_freezes_evaluates_and_exports(v2_run, tmp_path):
     # evaluate reproduces the logged validation
     rc, out, err = run_main(evaluate_cli.main, ["--workdir", work, "--which", "latest"])
     assert rc == 0, err
-    assert json.loads(out.strip().splitlines()[-1])["top1"] == summary["final_val_acc"]
+    assert last_json(out)["top1"] == summary["final_val_acc"]
 
     # export: onnxruntime and StableHLO against the JAX model of the run's best checkpoint, on 7 real images
     run = loader.load(work, which="best")

@@ -11,7 +11,7 @@ import pytest
 
 import effnet_jax
 from effnet_jax import layers, variants
-from effnet_jax.models import count_flops, count_params, param_shapes
+from effnet_jax.models import count_flops, count_params, param_shapes, random_variables
 
 torch = pytest.importorskip("torch")
 tv_models = pytest.importorskip("torchvision.models")
@@ -279,21 +279,6 @@ def test_drop_path_statistics():
     assert abs(per_sample.mean() - 1.0) < 5 * math.sqrt(rate / (1 - rate) / n)
 
 
-def _random_variables(model, resolution, seed=0):
-    """Variables of the model's shapes with random values (numpy: no per-shape XLA compiles); BN running
-    variances positive, BN scales near 1, so activations stay O(1) through all blocks."""
-    rng = np.random.RandomState(seed)
-
-    def value(path, s):
-        name = jax.tree_util.keystr(path)
-        if name.endswith("['var']"):
-            return jnp.asarray(rng.uniform(0.5, 1.5, s.shape).astype(np.float32))
-        base = 1.0 if name.endswith("['scale']") else 0.0
-        return jnp.asarray((base + 0.1 * rng.randn(*s.shape)).astype(np.float32))
-
-    return jax.tree_util.tree_map_with_path(value, param_shapes(model, resolution))
-
-
 def _loss(model, x, y, key):
     def f(params, batch_stats):
         logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
@@ -317,7 +302,7 @@ def test_jit_grad_lowers_for_every_variant(variant):
 
 def _run_jit_grad(variant, dtype=jnp.float32):
     model = effnet_jax.create_model(variant, num_classes=10, dtype=dtype)
-    variables = _random_variables(model, 32)
+    variables = random_variables(model, 32)
     x = jnp.asarray(np.random.RandomState(1).randn(4, 32, 32, 3), jnp.float32)
     y = jnp.arange(4) % 10
     grads = jax.jit(jax.grad(_loss(model, x, y, jax.random.key(0))))(variables["params"], variables["batch_stats"])
@@ -341,7 +326,7 @@ def test_jit_grad_runs_every_variant(variant):
 def test_bfloat16_compute_keeps_float32_params():
     model32 = effnet_jax.create_model("lite0", num_classes=10)
     model16 = effnet_jax.create_model("lite0", num_classes=10, dtype=jnp.bfloat16)
-    variables = _random_variables(model32, 32)
+    variables = random_variables(model32, 32)
     x = jnp.asarray(np.random.RandomState(2).randn(2, 32, 32, 3), jnp.float32)
     y32, y16 = jax.jit(lambda v, x: (model32.apply(v, x), model16.apply(v, x)))(variables, x)
     assert y16.dtype == jnp.float32

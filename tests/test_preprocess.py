@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import pathlib
-import tarfile
 
 import numpy as np
 import pytest
@@ -15,8 +14,8 @@ from PIL import Image
 from effnet_jax.preprocess import (EvalTransform, eval_transform, imagenet_class_names, preprocess_config,
                                    run_preprocess_config)
 from effnet_jax.weights import WEIGHTS
+from helpers import cifar_jpegs
 
-CIFAR_TAR = pathlib.Path("/work/shared/data/cifar10-jpeg-train.tar.gz")
 NUM_PHOTOS = 20  # the first JPEGs of the archive
 # (width, height) the 32x32 photos are upscaled to first (in turn), so that both the resize (down and up, odd
 # aspect ratios, a shorter side already at 256) and the crop offsets (half-pixel rounding) matter.
@@ -24,17 +23,12 @@ SIZES = [(300, 260), (200, 341), (333, 256)]
 
 
 @pytest.fixture(scope="module")
-def photos() -> list[Image.Image]:
-    if not CIFAR_TAR.is_file():
-        pytest.skip(f"{CIFAR_TAR} not available")
+def photos(cifar_tar: pathlib.Path) -> list[Image.Image]:
     images: list[Image.Image] = []
-    with tarfile.open(CIFAR_TAR) as tar:
-        for member in tar:
-            if member.isfile() and member.name.endswith(".jpg"):
-                data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                images.append(Image.open(io.BytesIO(data)).convert("RGB"))
-                if len(images) == NUM_PHOTOS:
-                    break
+    for _, _, jpeg in cifar_jpegs(cifar_tar):
+        images.append(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+        if len(images) == NUM_PHOTOS:
+            break
     return [image.resize(SIZES[k % len(SIZES)], Image.Resampling.BICUBIC) for k, image in enumerate(images)]
 
 

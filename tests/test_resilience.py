@@ -22,15 +22,12 @@ persistent compilation cache, so a step is compiled once per device layout and s
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 
@@ -39,10 +36,8 @@ import pytest
 
 from effnet_jax import train as trainer
 from effnet_jax.rundir import restore_checkpoint
-from helpers import load_train_cli
+from helpers import REPO, cifar_jpegs, last_json, load_train_cli, read_metrics, unused_port
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-CIFAR_TAR = REPO / "../shared/data/cifar10-jpeg-train.tar.gz"
 CLASSES, PER_CLASS = 4, 10                    # 40 images: 32 train, 8 validation (val fraction 0.2)
 STEPS_PER_EPOCH, EPOCHS = 32 // 4, 2
 BASE = ["--variant", "lite0", "--init", "scratch", "--resolution", "32", "--batch-size", "4",
@@ -61,33 +56,27 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> pathlib.Path:
+def folder(tmp_path_factory, cifar_tar) -> pathlib.Path:
     """<class>/NNNN.jpg: the first PER_CLASS training JPEGs of the first CLASSES classes, as in the tarball."""
-    if not CIFAR_TAR.exists():
-        pytest.skip(f"{CIFAR_TAR.resolve()} not found")
     root = tmp_path_factory.mktemp("cifar_folder")
     counts: dict[str, int] = {}
-    with tarfile.open(CIFAR_TAR) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            cls = member.name.split("/")[-2]
-            if counts.get(cls, 0) >= PER_CLASS or (cls not in counts and len(counts) == CLASSES):
-                continue
-            counts[cls] = counts.get(cls, 0) + 1
-            (root / cls).mkdir(exist_ok=True)
-            (root / cls / pathlib.Path(member.name).name).write_bytes(tar.extractfile(member).read())
-            if sum(counts.values()) == CLASSES * PER_CLASS:
-                break
+    for cls, name, jpeg in cifar_jpegs(cifar_tar):
+        if counts.get(cls, 0) >= PER_CLASS or (cls not in counts and len(counts) == CLASSES):
+            continue
+        counts[cls] = counts.get(cls, 0) + 1
+        (root / cls).mkdir(exist_ok=True)
+        (root / cls / name).write_bytes(jpeg)
+        if sum(counts.values()) == CLASSES * PER_CLASS:
+            break
     return root
 
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory) -> pathlib.Path:
     """A model directory (as `python -m effnet_jax.convert` writes) of lite0 at width and depth 0.25 with
-    random weights drawn in numpy (`export.random_variables`), so that nothing is compiled here."""
+    random weights drawn in numpy (`models.random_variables`), so that nothing is compiled here."""
     from effnet_jax import checkpoint, create_model
-    from effnet_jax.export import random_variables
+    from effnet_jax.models import random_variables
     overrides = {"width": 0.25, "depth": 0.25}
     directory = tmp_path_factory.mktemp("small_model") / "lite0_w0.25_d0.25"
     checkpoint.save_model(directory, random_variables(create_model("lite0", CLASSES, **overrides), 32),
@@ -128,8 +117,7 @@ def leaves(tree) -> list[np.ndarray]:
 
 def metrics(workdir) -> list[dict]:
     """metrics.jsonl without the wall-clock fields."""
-    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in ("time_s", "img_s")} for line in lines]
+    return [{k: v for k, v in m.items() if k not in ("time_s", "img_s")} for m in read_metrics(workdir)]
 
 
 def assert_bit_identical(a_dir, b_dir):
@@ -188,7 +176,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(env, base, uninterrupted
     rc, out, err = run(env, base, workdir, "--checkpoint-every", 1, "--resume")
     assert "resumed at epoch" in err
     assert_bit_identical(uninterrupted, workdir)
-    assert json.loads(out.strip().splitlines()[-1])["final_val_acc"] == metrics(uninterrupted)[-1]["val_acc"]
+    assert last_json(out)["final_val_acc"] == metrics(uninterrupted)[-1]["val_acc"]
 
 
 def test_sigterm_saves_then_resume_is_bit_identical(env, base, uninterrupted, tmp_path):
@@ -268,12 +256,6 @@ def test_interrupted_save_leaves_the_previous_checkpoint(env, base, uninterrupte
 
 # ------------------------------------------------------------------------------- two processes vs one
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_two_processes_equal_one_process_with_four_devices(env, base, tmp_path, optimizer):
     one = tmp_path / "one_process"
@@ -286,7 +268,7 @@ def test_two_processes_equal_one_process_with_four_devices(env, base, tmp_path, 
              "--max-train-examples", 16)
     if optimizer == "adamw":  # the default optimizer, with its default lr
         extra += ("--optimizer", "adamw", "--lr", trainer.TrainConfig().lr)
-    address = f"127.0.0.1:{free_port()}"
+    address = f"127.0.0.1:{unused_port()}"
     # the two processes stream the images (each reads its rows of every batch), the single one holds them
     procs = [start(env, base, two, *extra, "--stream", "--coordinator-address", address, "--num-processes", 2,
                    "--process-id", i, devices=2) for i in (0, 1)]
@@ -323,7 +305,7 @@ def test_two_processes_equal_one_process_with_four_devices(env, base, tmp_path, 
         assert max(mdiff["train_loss"], mdiff["val_loss"]) <= 1e-3, mdiff
         assert mdiff["train_acc"] == mdiff["val_acc"] == mdiff["val_top5"] == 0, mdiff
         assert mdiff["lr"] == 0 and mdiff["resolution"] == 0, mdiff
-    assert json.loads(outs[0][0].strip().splitlines()[-1])["final_val_acc"] == mb[-1]["val_acc"]
+    assert last_json(outs[0][0])["final_val_acc"] == mb[-1]["val_acc"]
 
 
 # ------------------------------------------------------------------------------------------- bad inputs

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import http.server
 import io
 import json
 import math
@@ -33,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import threading
 
 import jax
 import numpy as np
@@ -48,7 +46,8 @@ from effnet_jax.rundir import restore_checkpoint
 from effnet_jax.steps import jit_eval_step
 from effnet_jax.optim import param_names
 from effnet_jax.variants import VARIANTS
-from helpers import load_train_cli, run_main
+from helpers import (last_json, load_train_cli, persistent_compilation_cache, read_metrics, run_main, serve_folder,
+                     unused_port)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CLASSES = ("zebra", "ant", "mole")      # written in this order; the class index is the sorted position
@@ -66,15 +65,6 @@ SMALL = (0.25, 0.1)                     # run A's --width, --depth
 
 
 cli = load_train_cli()
-
-
-
-def last_json(stdout: str) -> dict:
-    return json.loads(stdout.strip().splitlines()[-1])
-
-
-def read_metrics(workdir: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def flat(tree) -> dict[str, np.ndarray]:
@@ -171,21 +161,10 @@ def test_resolution_plan_refuses(schedule, message):
 @pytest.fixture(scope="module")
 def trainer_env(tmp_path_factory):
     """The dataset cache in a temp folder and JAX's persistent compilation cache on (restored afterwards)."""
-    from jax._src import compilation_cache
     root = tmp_path_factory.mktemp("env")
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    saved = {n: getattr(jax.config, n) for n in names}
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, persistent_compilation_cache(root / "xla_cache"):
         mp.setenv("EFFNET_JAX_CACHE", str(root / "data_cache"))
-        jax.config.update("jax_compilation_cache_dir", str(root / "xla_cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-        compilation_cache.reset_cache()
-        try:
-            yield root
-        finally:
-            for n, v in saved.items():
-                jax.config.update(n, v)
-            compilation_cache.reset_cache()
+        yield root
 
 
 @pytest.fixture(scope="module")
@@ -590,11 +569,7 @@ def test_bad_inputs_exit_2(case, trainer_env, image_folder, tmp_path):
 def test_v2_imagenet_init_offline_names_the_file(trainer_env, image_folder, tmp_path, monkeypatch):
     """`--variant v2_s --init imagenet` without network (a closed local port) and with an empty torch hub cache:
     exit 2 with the one weights message, naming torchvision's V2-S file and where to put it."""
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    monkeypatch.setenv(weights.URL_ENV_VAR, f"http://127.0.0.1:{port}/models")
+    monkeypatch.setenv(weights.URL_ENV_VAR, f"http://127.0.0.1:{unused_port()}/models")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     workdir = tmp_path / "w"
     argv = base_argv(image_folder, workdir, "--variant", "v2_s", "--init", "imagenet")
@@ -629,29 +604,13 @@ def run_d(trainer_env, image_folder, tmp_path_factory):
     (root / "served" / "mirror" / name).write_bytes(content)
     sd = {k: v.numpy().copy() for k, v in model.state_dict().items() if v.dtype == torch.float32}
 
-    requests: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(root / "served"), **kwargs)
-
-        def do_GET(self):
-            requests.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
     workdir = root / "d"
     argv = base_argv(image_folder, workdir, "--init", "imagenet", "--freeze", "head-only", "--epochs", 2,
                      "--warmup-epochs", 1.25, "--max-train-examples", 20,
                      "--resolution", 48, "--resolution-schedule", "32:1")  # progressive: epoch 1 at 32 px
-    try:
+    with serve_folder(root / "served") as (url, requests):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setenv(weights.URL_ENV_VAR, f"http://127.0.0.1:{server.server_address[1]}/mirror/")
+            mp.setenv(weights.URL_ENV_VAR, f"{url}/mirror/")
             mp.setenv("TORCH_HOME", str(root / "torch"))
             mp.setitem(weights.WEIGHTS, "b0", dataclasses.replace(
                 weights.WEIGHTS["b0"], file_name=name, url=f"{weights.DEFAULT_BASE_URL}/{name}"))
@@ -660,10 +619,6 @@ def run_d(trainer_env, image_folder, tmp_path_factory):
             requests_after_run = list(requests)
             cfg = cli.parse_args([str(a) for a in argv])
             initial = trainer.initial_variables(cfg, len(CLASSES), jax.random.fold_in(jax.random.key(cfg.seed), 1))[0]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
     run.metrics = read_metrics(workdir)
     run.extra = dict(name=name, content=content, sd=sd, requests=requests_after_run, all_requests=requests,
                      checkpoints=root / "torch" / "hub" / "checkpoints", initial=jax.device_get(initial))
@@ -728,7 +683,7 @@ def test_cosine_schedule_lr(run_d):
 def test_two_device_step_equals_one_device_step(sharded_proc):
     stdout, stderr = sharded_proc.communicate(timeout=600)
     assert sharded_proc.returncode == 0, stderr[-3000:]
-    r = json.loads(stdout.strip().splitlines()[-1])
+    r = last_json(stdout)
     assert r["device_count"] == 2 and r["count"] == [8.0, 8.0] and r["correct"][0] == r["correct"][1]
     assert r["params_moved"] > 1e-3 and r["batch_stats_moved"] > 1e-2  # the step did something
     assert r["params_diff"] <= 1e-6

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import http.server
 import pathlib
-import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 
 import pytest
 
 from effnet_jax import weights
 from effnet_jax.weights import DEFAULT_BASE_URL, URL_ENV_VAR, WeightsIntegrityError, WeightsUnavailableError
+from helpers import serve_folder, unused_port
 
 CONTENT = bytes(range(256)) * 400  # 100 KiB of fake "weights"
 
@@ -44,30 +42,10 @@ class Mirror:
 def mirror(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mirror]:
     root = tmp_path / "served" / "mirror"
     root.mkdir(parents=True)
-    requests: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, directory=str(tmp_path / "served"), **kwargs)
-
-        def do_GET(self) -> None:
-            requests.append(self.path)
-            super().do_GET()
-
-        def log_message(self, format: str, *args: object) -> None:  # keep pytest output clean
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    monkeypatch.setenv(URL_ENV_VAR, f"http://127.0.0.1:{server.server_address[1]}/mirror/")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    try:
+    with serve_folder(tmp_path / "served") as (url, requests):
+        monkeypatch.setenv(URL_ENV_VAR, f"{url}/mirror/")
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
         yield Mirror(root, requests, tmp_path / "torch" / "hub" / "checkpoints")
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def test_download_lands_in_hub_cache_then_is_reused(mirror: Mirror, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -106,18 +84,12 @@ def test_corrupt_cached_file_is_detected(mirror: Mirror, monkeypatch: pytest.Mon
     assert mirror.requests == []
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("failure", ["refused", "404"])
 def test_unreachable_url_gives_actionable_error(
         failure: str, mirror: Mirror, monkeypatch: pytest.MonkeyPatch) -> None:
     name = mirror.publish(monkeypatch, CONTENT)
     if failure == "refused":
-        monkeypatch.setenv(URL_ENV_VAR, f"http://127.0.0.1:{_closed_port()}/mirror")
+        monkeypatch.setenv(URL_ENV_VAR, f"http://127.0.0.1:{unused_port()}/mirror")
     else:
         (mirror.root / name).unlink()
     with pytest.raises(WeightsUnavailableError) as info:
@@ -131,7 +103,7 @@ def test_unreachable_url_gives_actionable_error(
 
 def test_v2_offline_names_its_file(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     """No network, an empty cache: the V2-S file is named in the one unavailable-weights message."""
-    monkeypatch.setenv(URL_ENV_VAR, f"http://127.0.0.1:{_closed_port()}/models")
+    monkeypatch.setenv(URL_ENV_VAR, f"http://127.0.0.1:{unused_port()}/models")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(WeightsUnavailableError) as info:
         weights.weights_file("v2_s", progress=False)
