@@ -1,6 +1,6 @@
 """The order in which the two pytest-xdist workers take the test files (`--dist loadfile` with
 `--no-loadscope-reorder`, pyproject's addopts): the longest files first, each measured at 1.5–4 minutes on
-2 cores (benchmarks/RESULTS.md, "Test suite"), then the short ones. A worker takes the next file when it is
+2 cores (benchmarks/results/test-suite.md), then the short ones. A worker takes the next file when it is
 nearly done with its own, so with the long ones first the two finish within a short file of each other;
 xdist's default order (most tests first) left test_resilience.py for last and one worker running it alone.
 

@@ -316,11 +316,15 @@ def test_v2_run_trains_freezes_evaluates_and_exports(v2_run, tmp_path):
 
 # ----------------------------------------------------------------------------------------- every variant
 
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+EXPORT_DEFAULT = ("b0", "lite0", "v2_s")  # one of each kind: torchvision-style B, TF-style Lite, V2 with fused blocks
+
+
+@pytest.mark.parametrize("variant", [v if v in EXPORT_DEFAULT else pytest.param(v, marks=pytest.mark.slow)
+                                     for v in variants.VARIANTS])
 def test_every_variant_exports(variant, tmp_path):
     """`--init scratch` (random weights, no download) at 32 px: both formats export; the ONNX file runs in
-    onnxruntime at batch 1 and 3; the StableHLO file deserializes with a symbolic batch dimension. (The 13 B/Lite
-    models take about 50 s here, B7 12 s; V2-S/M/L 5 / 9 / 21 s; none is marked slow.)"""
+    onnxruntime at batch 1 and 3; the StableHLO file deserializes with a symbolic batch dimension. One variant of
+    each kind in the default run, the other 13 with `-m slow`."""
     paths = export_both(tmp_path, ["--variant", variant, "--init", "scratch", "--resolution", 32])
     sess = ort_session(paths["onnx"])
     for n in (1, 3):

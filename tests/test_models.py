@@ -287,10 +287,15 @@ def _loss(model, x, y, key):
     return f
 
 
-@pytest.mark.parametrize("variant", B_VARIANTS + LITE_VARIANTS + V2_VARIANTS)
+LOWER_SLOW = ("b7", "v2_m", "v2_l")  # the largest graphs: 8-14 s of tracing each
+
+
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v in LOWER_SLOW else v
+                                     for v in B_VARIANTS + LITE_VARIANTS + V2_VARIANTS])
 def test_jit_grad_lowers_for_every_variant(variant):
-    """Tracing + lowering of jit(grad(loss)) for every variant (shapes, dtypes, differentiability); the
-    compiled run of each is in the slow suite; Lite0's below, B0's in test_convert's Adam-step test."""
+    """Tracing + lowering of jit(grad(loss)) for every variant (shapes, dtypes, differentiability; B7, V2-M and
+    V2-L with `-m slow`); the compiled run of each is in the slow suite; Lite0's below, B0's in test_convert's
+    Adam-step test."""
     model = effnet_jax.create_model(variant, num_classes=10, depthwise_impl="xla")  # fewer ops: faster tracing
     shapes = param_shapes(model, 32)
     x, y = jnp.zeros((2, 32, 32, 3)), jnp.zeros((2,), jnp.int32)

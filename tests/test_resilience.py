@@ -5,7 +5,7 @@
   and trains its top 6 blocks, 2 steps): with SGD the same final parameters (≤ 1e-6; BN statistics ≤ 1e-5
   relative) and the same metrics (≤ 1e-6); with AdamW, the default, whose first steps turn rounding-level
   gradients into steps of about lr, parameters within lr, losses within 1e-4 and the same accuracies (what the
-  README claims for each).
+  docs/devices.md claims for each).
 * A run killed with SIGKILL mid-epoch (while it saves a checkpoint every step) and resumed ends bit-identical
   to an uninterrupted run; SIGTERM saves a checkpoint and exits 143, and that run resumed ends the same too
   (this one reads the images with `--stream`, against a reference that holds them); an interrupted orbax save
@@ -256,7 +256,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint(env, base, uninterrupte
 
 # ------------------------------------------------------------------------------- two processes vs one
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("optimizer", ["sgd", pytest.param("adamw", marks=pytest.mark.slow)])
 def test_two_processes_equal_one_process_with_four_devices(env, base, tmp_path, optimizer):
     one = tmp_path / "one_process"
     two = tmp_path / "two_processes"
