@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Training / inference throughput: our jitted JAX step against torchvision's same model, in one process.
 
-JAX side: the trainer's own step, `effnet_jax.train.jit_train_step` (state donated) exactly as
+JAX side: the trainer's own step, `effnet_jax.steps.jit_train_step` (state donated) exactly as
 `train_and_evaluate` builds it (model from `build_model`, optimizer from `optim.make_optimizer` with the
 project's default AdamW recipe and `--freeze`, the model's `frozen_units` for it, `augment_config`), fed an
 on-device uint8 dataset (random CIFAR-sized images, `--source-size`) and host index batches put on a
 one-device mesh each step, as training does: so a step includes the gather, the on-device augmentation
 (crop + flip + resize to `--resolution`), forward, backward, BN update and the optimizer. Eval:
-`effnet_jax.train.jit_eval_step` (resize + normalize + forward + metrics) on an index batch.
+`effnet_jax.steps.jit_eval_step` (resize + normalize + forward + metrics) on an index batch.
 
 PyTorch side: torchvision's `efficientnet_bX` / `efficientnet_v2_X(weights=None, num_classes=10)` (for Lite: the
 `efficientnet_lite_pytorch` package, when installed), on a ready float batch of the same size (no data
