@@ -24,6 +24,12 @@ class ConfigError(UserError, ValueError):
     """A flag or a combination of flags that cannot work (also a `ValueError`, as argument errors are)."""
 
 
+def describe(e: BaseException) -> str:
+    """'Type: message' of an exception from another library (PIL, orbax), for a one-line UserError."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def cli(main: Callable[..., int]) -> Callable[..., int]:
     """Wrap a CLI's `main(argv)`: a `UserError` becomes `error: <message>` on stderr and exit status 2, argparse's
     own exit (usage error: 2, --help: 0) a return value; everything else propagates with its traceback."""

@@ -32,12 +32,11 @@ def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_d
     `stream`: read the images as it goes instead of loading the split (None: as the run's --stream says)."""
     from .loader import load
     from .mesh import Mesh
+    from .rundir import existing_run
     from .steps import evaluate, jit_eval_step
     from .train import TrainConfig, augment_config, load_data
 
-    if not pathlib.Path(workdir).is_dir():
-        raise UserError(f"--workdir {workdir}: no such directory")
-    run = load(workdir, which=which)
+    run = load(existing_run(workdir).path, which=which)
     saved, run_classes, meta = run.run.config, run.class_names, run.run.meta
     cfg = TrainConfig.from_saved(saved)
     if dataset is not None:

@@ -65,14 +65,10 @@ def load_for_export(*, workdir: str | None = None, which: str = "best", variant:
     convolutions as XLA convolutions). `resolution` defaults to the run's (workdir) or the weights' eval input
     size; for the weights' torchvision-style crop, `resize_size` keeps its ratio to it."""
     from .loader import load
-    from .rundir import RunDir
+    from .rundir import existing_run
 
     if workdir is not None:
-        if not pathlib.Path(workdir).is_dir():
-            raise UserError(f"--workdir {workdir}: no such directory")
-        if not RunDir.holds_run(workdir):
-            raise UserError(f"--workdir {workdir}: not a training run directory (no config.json and checkpoints/)")
-        loaded = load(workdir, which=which, depthwise_impl="xla", conv_impl="xla")
+        loaded = load(existing_run(workdir).path, which=which, depthwise_impl="xla", conv_impl="xla")
     else:
         if variant is None and not (init is not None and pathlib.Path(init).is_dir()):
             raise UserError("--variant (or --workdir) is required")

@@ -27,7 +27,7 @@ import pathlib
 from typing import Any
 
 from . import checkpoint, variants
-from .errors import ConfigError, UserError
+from .errors import ConfigError, UserError, describe
 from .models import EfficientNet, create_model, new_classifier
 from .preprocess import EvalTransform, eval_transform, imagenet_class_names, run_preprocess_config
 from .rundir import RunDir, evaluation_variables
@@ -146,7 +146,7 @@ def _from_model_dir(path: pathlib.Path, variant: str | None, options: dict) -> L
     try:
         model, variables, meta = checkpoint.load_model(path, **options)
     except Exception as e:  # noqa: BLE001 — orbax, json and metadata errors alike: the directory is unusable
-        raise UserError(f"--init {path}: cannot load the model directory: {_describe(e)}") from None
+        raise UserError(f"--init {path}: cannot load the model directory: {describe(e)}") from None
     saved_variant = meta["variant"]
     if variant is not None and variant != saved_variant:
         raise ConfigError(f"--init {path} holds a {saved_variant} model, not --variant {variant}")
@@ -168,7 +168,7 @@ def _from_run(run: RunDir, variant: str | None, which: str, options: dict) -> Lo
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 — orbax's errors for a missing or damaged checkpoint
-        raise UserError(f"{run.path}: cannot restore checkpoints/{which}: {_describe(e)}") from None
+        raise UserError(f"{run.path}: cannot restore checkpoints/{which}: {describe(e)}") from None
     if variant is not None and variant != saved["variant"]:
         raise ConfigError(f"{run.path} holds a {saved['variant']} model, not --variant {variant}")
     overrides = dict(saved.get("model_overrides", {}))
@@ -200,8 +200,3 @@ def _with_new_head(loaded: Loaded, init: str, num_classes: int, head_init: str, 
     model = loaded.model.clone(num_classes=num_classes)
     return dataclasses.replace(loaded, model=model, variables={**loaded.variables, "params": params},
                                class_names=class_names_for(num_classes))
-
-
-def _describe(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -44,7 +44,6 @@ import argparse
 import concurrent.futures
 import dataclasses
 import json
-import os
 import pathlib
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -53,7 +52,7 @@ from typing import TextIO
 import numpy as np
 
 from .data.image import IMAGE_EXTENSIONS
-from .errors import UserError, cli
+from .errors import UserError, cli, describe
 from .loader import Loaded, load
 
 
@@ -93,12 +92,7 @@ def _check_readable(item: ImageItem) -> None:
         with Image.open(item.path) as im:
             im.size  # noqa: B018
     except Exception as e:  # noqa: BLE001 — PIL raises many types for bad files
-        raise UserError(f"{item.path}: cannot read image: {_describe(e)}") from None
-
-
-def _describe(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+        raise UserError(f"{item.path}: cannot read image: {describe(e)}") from None
 
 
 def _load(item: ImageItem, transform: Callable) -> np.ndarray | str:
@@ -108,19 +102,15 @@ def _load(item: ImageItem, transform: Callable) -> np.ndarray | str:
         with Image.open(item.path) as im:
             return np.asarray(transform(im), np.float32)
     except Exception as e:  # noqa: BLE001
-        return f"cannot read image: {_describe(e)}"
+        return f"cannot read image: {describe(e)}"
 
 
 # ---------------------------------------------------------------------------------------------------- model
 
 def load_run(workdir: str, which: str = "best", variant: str | None = None) -> Loaded:
     """A training run's evaluation weights (the EMA when kept), class names and eval preprocessing."""
-    from .rundir import RunDir
-    if not os.path.isdir(workdir):
-        raise UserError(f"--workdir {workdir}: no such directory")
-    if not RunDir.holds_run(workdir):
-        raise UserError(f"--workdir {workdir}: not a training run directory (no config.json and checkpoints/)")
-    return load(workdir, variant, which=which)
+    from .rundir import existing_run
+    return load(existing_run(workdir).path, variant, which=which)
 
 
 def make_eval_fn(model, k: int):

@@ -146,6 +146,15 @@ class RunDir:
         return restore_checkpoint(self.checkpoints(which), target)
 
 
+def existing_run(path: str | os.PathLike, flag: str = "--workdir") -> RunDir:
+    """The run directory at `path`, or a UserError naming `flag` when there is none."""
+    if not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: no such directory")
+    if not RunDir.holds_run(path):
+        raise UserError(f"{flag} {path}: not a training run directory (no {CONFIG} and {CHECKPOINTS}/)")
+    return RunDir(path)
+
+
 def restore_checkpoint(directory: str | os.PathLike, target: dict | None = None) -> tuple[dict, dict]:
     """(state tree, meta) of the newest checkpoint under an orbax CheckpointManager directory. Without `target`
     the tree is restored as saved, replicated on this process's devices (the saving run may have had others)."""
