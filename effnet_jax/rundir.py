@@ -180,12 +180,13 @@ def restore_checkpoint(directory: str | os.PathLike, target: dict | None = None)
 
 
 def plot_curves(records: Sequence[dict], path: pathlib.Path) -> None:
-    """Loss and accuracy (train and validation) per epoch, as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Loss and accuracy (train and validation) per epoch, as a PNG. (A `Figure` of its own, not pyplot: the
+    caller's matplotlib backend and open figures, in a notebook say, are left alone.)"""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
     ep = [r["epoch"] for r in records]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    a1, a2 = fig.subplots(1, 2)
     tr = [r for r in records if r.get("train_loss") is not None]
     a1.plot([r["epoch"] for r in tr], [r["train_loss"] for r in tr], "o-", label="train")
     a1.plot(ep, [r["val_loss"] for r in records], "o-", label="validation")
@@ -194,8 +195,8 @@ def plot_curves(records: Sequence[dict], path: pathlib.Path) -> None:
     a2.plot(ep, [100 * r["val_acc"] for r in records], "o-", label="validation")
     a2.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for a in (a1, a2):
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))  # (epochs: no 0.25 ticks)
         a.grid(alpha=0.3)
         a.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

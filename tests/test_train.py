@@ -345,6 +345,25 @@ def test_curves_png(run_a):
         assert im.size == (1100, 400)  # figsize (11, 4) at dpi 100
 
 
+def test_curves_leave_the_callers_matplotlib_alone(tmp_path):
+    """In a notebook, drawing curves.png must neither switch the backend nor leave figures open in pyplot."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    from effnet_jax.rundir import plot_curves
+    backend = matplotlib.get_backend()
+    plt.switch_backend("svg")  # (a backend other than the Agg a headless run has)
+    try:
+        figures = plt.get_fignums()
+        plot_curves([{"epoch": 0, "val_loss": 2.3, "val_acc": 0.1},
+                     {"epoch": 1, "train_loss": 1.0, "train_acc": 0.7, "val_loss": 0.6, "val_acc": 0.8}],
+                    tmp_path / "c.png")
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == figures
+    finally:
+        plt.switch_backend(backend)
+    with Image.open(tmp_path / "c.png") as im:
+        assert im.size == (1100, 400)
+
+
 def test_checkpoints(run_a):
     ck = run_a.workdir / "checkpoints"
     assert step_dirs(ck / "latest") == [str(2 * STEPS_PER_EPOCH)]  # keyed by global step; max_to_keep 1
