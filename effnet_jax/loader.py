@@ -162,6 +162,8 @@ def _from_model_dir(path: pathlib.Path, variant: str | None, options: dict) -> L
 
 def _from_run(run: RunDir, variant: str | None, which: str, options: dict) -> Loaded:
     saved = run.read_config()
+    if variant is not None and variant != saved["variant"]:  # before the (slow) restore
+        raise ConfigError(f"{run.path} holds a {saved['variant']} model, not --variant {variant}")
     names = run.read_class_names()
     try:
         tree, meta = run.restore(which)
@@ -169,8 +171,6 @@ def _from_run(run: RunDir, variant: str | None, which: str, options: dict) -> Lo
         raise
     except Exception as e:  # noqa: BLE001 — orbax's errors for a missing or damaged checkpoint
         raise UserError(f"{run.path}: cannot restore checkpoints/{which}: {describe(e)}") from None
-    if variant is not None and variant != saved["variant"]:
-        raise ConfigError(f"{run.path} holds a {saved['variant']} model, not --variant {variant}")
     overrides = dict(saved.get("model_overrides", {}))
     overrides |= {k: saved[k] for k in ("width", "depth", "drop_rate", "drop_path_rate") if saved.get(k) is not None}
     if "dtype" in saved and "dtype" not in options:

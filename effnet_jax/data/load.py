@@ -65,7 +65,7 @@ def load_dataset(spec: str, data_dir: str | os.PathLike[str] | None = None, *, v
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if image_size is not None and image_size <= 0:
-        raise ValueError(f"image_size must be positive, got {image_size}")
+        raise ConfigError(f"image_size must be positive, got {image_size}")
     source = resolve(spec, data_dir)
     why = ""
     if stream is None:
