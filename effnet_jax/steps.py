@@ -107,7 +107,6 @@ def jit_eval_step(model: EfficientNet, aug: data_lib.AugmentConfig, flip: bool =
     return jax.jit(functools.partial(eval_step, model=model, aug=aug, flip=flip, streamed=streamed))
 
 
-
 def evaluate(variables: PyTree, split: tuple[jax.Array, jax.Array] | data_lib.Split, n: int, eval_fn,
              mesh: Mesh, batch_size: int, return_logits: bool = False) -> dict:
     """Loss, top-1, top-5 over all `n` examples of an on-device split (each counted exactly once), or of a
