@@ -174,6 +174,14 @@ def resolve_conv_impl(impl: str) -> str:
 PATCH_DOT_MAX_DEPTH = 64
 
 
+def _matmul_2d(x: jax.Array, w: jax.Array) -> jax.Array:
+    """NHWC `x` times a (Cin, Cout) matrix, as the product of the (N·H·W, Cin) matrix: so the weight gradient is a
+    plain 2-D transposed-operand product. Written on the 4-D array, its gradient's contraction over (N, H, W) made
+    XLA's CPU backend write every such output gradient again transposed first (B0 224 px train: 67 copies, a fifth
+    of the step); measured: B0 224 px train 1.3× faster."""
+    return jnp.matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
+
+
 def conv(x: jax.Array, kernel: jax.Array, stride: int, padding, impl: str) -> jax.Array:
     """Convolution (groups=1) of NHWC `x` with an HWIO kernel. impl 'xla': `lax.conv_general_dilated`. impl 'dot':
     the same sums as a matrix product where XLA's CPU backend runs that faster (its dots go to the GEMM library,
@@ -183,13 +191,13 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding, impl: str) -> ja
     kh, kw, cin, cout = kernel.shape
     if impl == "dot":
         if kh == kw == 1 and stride == 1 and not any(any(p) for p in padding):
-            return jnp.matmul(x, kernel[0, 0])
+            return _matmul_2d(x, kernel[0, 0])
         if kh * kw * cin <= PATCH_DOT_MAX_DEPTH:
             xp = _pad_hw(x, padding)
             oh = (xp.shape[1] - kh) // stride + 1
             ow = (xp.shape[2] - kw) // stride + 1
             patches = jnp.concatenate([tap for _, _, tap in _taps(xp, kh, kw, stride, oh, ow)], axis=-1)
-            return jnp.matmul(patches, kernel.reshape(kh * kw * cin, cout))
+            return _matmul_2d(patches, kernel.reshape(kh * kw * cin, cout))
     return lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
