@@ -113,6 +113,10 @@ def _shifted_bwd(stride, padding, residuals, g):
     return dx, dk.astype(kernel.dtype)
 
 
+# windows (batch × output positions × channels) smaller than this: the kernel gradient's taps unrolled
+LOOP_MIN_ELEMENTS = 1 << 19
+
+
 def _kernel_grad(xp: jax.Array, g: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
     """dk[i, j] = the sum over batch and output positions of window(i, j) of padded `xp` times `g`, (kh, kw, 1, C),
     accumulated in float32 whatever the compute dtype (a bf16 sum over batch × positions loses the small terms).
@@ -120,8 +124,12 @@ def _kernel_grad(xp: jax.Array, g: jax.Array, kh: int, kw: int, stride: int) -> 
     One tap per iteration of a loop (`lax.map`) over the materialized `xp`, not k·k reductions side by side:
     unrolled, XLA's CPU backend gives each tap's window a fusion of its own that recomputes whatever produced `xp`
     (BatchNorm and activation of the expansion) and pads it again, k·k times; the loop reads one stored copy.
-    Measured: 1.4–2.6× faster dk (benchmarks/results/speed.md, 2026-12-05)."""
+    Measured: 1.4–3× faster dk from 1M elements per window up (benchmarks/results/speed.md, 2026-12-05); below
+    LOOP_MIN_ELEMENTS the loop's per-iteration cost dominates and the unrolled sums stay (2×2 maps: 4× faster)."""
     n, oh, ow, c = g.shape
+    if g.size < LOOP_MIN_ELEMENTS:
+        return jnp.stack([jnp.sum(tap * g, axis=(0, 1, 2), dtype=jnp.float32)
+                          for _, _, tap in _taps(xp, kh, kw, stride, oh, ow)]).reshape(kh, kw, 1, c)
 
     def tap(t):
         window = lax.dynamic_slice(xp, (0, t // kw, t % kw, 0), (n, (oh - 1) * stride + 1, (ow - 1) * stride + 1, c))
