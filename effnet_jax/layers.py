@@ -125,7 +125,7 @@ def _kernel_grad(xp: jax.Array, g: jax.Array, kh: int, kw: int, stride: int) -> 
     unrolled, XLA's CPU backend gives each tap's window a fusion of its own that recomputes whatever produced `xp`
     (BatchNorm and activation of the expansion) and pads it again, k·k times; the loop reads one stored copy.
     Measured: 1.4–3× faster dk from 1M elements per window up (benchmarks/results/speed.md, 2026-12-05); below
-    LOOP_MIN_ELEMENTS the loop's per-iteration cost dominates and the unrolled sums stay (2×2 maps: 4× faster)."""
+    LOOP_MIN_ELEMENTS the loop's per-iteration cost dominates and the unrolled sums stay (4× faster on 2×2 maps)."""
     n, oh, ow, c = g.shape
     if g.size < LOOP_MIN_ELEMENTS:
         return jnp.stack([jnp.sum(tap * g, axis=(0, 1, 2), dtype=jnp.float32)
