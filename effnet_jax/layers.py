@@ -93,7 +93,9 @@ def shifted_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding
     for stride > 1 phase by phase (`_padded_input_grad`), so that no multiply-add meets a dilation zero
     (what it gains: docs/performance.md). Reverse-mode only (custom_vjp: no jax.jvp / jacfwd through it).
     """
-    xp = _pad_hw(x, padding)
+    # the padded input is materialized (optimization_barrier): XLA otherwise rewrites the taps' slices of the pad
+    # into reads of x itself, with x's producer (BatchNorm, activation) duplicated into the tap sum and the pad
+    xp = lax.optimization_barrier(_pad_hw(x, padding))
     kh, kw = kernel.shape[:2]
     return _tap_sum(xp, kernel, stride, (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1)
 
