@@ -192,22 +192,39 @@ def _matmul_2d(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
 
 
-def conv(x: jax.Array, kernel: jax.Array, stride: int, padding, impl: str) -> jax.Array:
+def _scaled_matmul(x: jax.Array, scale: jax.Array, w: jax.Array) -> jax.Array:
+    """(x · scale[n]) @ w as one product per sample with that sample's scaled weights, (N, H·W, Cin) × (N, Cin, Cout):
+    the scaled activations are never written out, and the gradient needs no pass over them either."""
+    n, h, wd, c = x.shape
+    wn = scale[:, :, None] * w[None]
+    return jnp.einsum("npc,ncd->npd", x.reshape(n, h * wd, c), wn).reshape(n, h, wd, w.shape[-1])
+
+
+def conv(x: jax.Array, kernel: jax.Array, stride: int, padding, impl: str, in_scale: jax.Array | None = None
+         ) -> jax.Array:
     """Convolution (groups=1) of NHWC `x` with an HWIO kernel. impl 'xla': `lax.conv_general_dilated`. impl 'dot':
     the same sums as a matrix product where XLA's CPU backend runs that faster (its dots go to the GEMM library,
     its convolutions to Eigen's spatial convolution): a 1×1 stride-1 convolution is `x @ kernel[0, 0]`; a k×k one
     with at most PATCH_DOT_MAX_DEPTH values per patch is the (N, OH, OW, kh·kw·Cin) patches times the kernel
-    reshaped to (kh·kw·Cin, Cout). Other shapes fall back to 'xla'."""
+    reshaped to (kh·kw·Cin, Cout). Other shapes fall back to 'xla'.
+
+    `in_scale` (N, Cin), optional: per-sample factors of x's channels (squeeze-excitation's gate); the result is the
+    convolution of x · in_scale. impl 'dot' folds them into per-sample 1×1 weights (`_scaled_matmul`) where the map
+    has at least as many positions as x has channels (the early, large blocks); elsewhere x is scaled first."""
     kh, kw, cin, cout = kernel.shape
-    if impl == "dot":
-        if kh == kw == 1 and stride == 1 and not any(any(p) for p in padding):
-            return _matmul_2d(x, kernel[0, 0])
-        if kh * kw * cin <= PATCH_DOT_MAX_DEPTH:
-            xp = _pad_hw(x, padding)
-            oh = (xp.shape[1] - kh) // stride + 1
-            ow = (xp.shape[2] - kw) // stride + 1
-            patches = jnp.concatenate([tap for _, _, tap in _taps(xp, kh, kw, stride, oh, ow)], axis=-1)
-            return _matmul_2d(patches, kernel.reshape(kh * kw * cin, cout))
+    pointwise = kh == kw == 1 and stride == 1 and not any(any(p) for p in padding)
+    if impl == "dot" and pointwise and in_scale is not None and x.shape[1] * x.shape[2] >= cin:
+        return _scaled_matmul(x, in_scale, kernel[0, 0])
+    if in_scale is not None:
+        x = x * in_scale[:, None, None, :]
+    if impl == "dot" and pointwise:
+        return _matmul_2d(x, kernel[0, 0])
+    if impl == "dot" and kh * kw * cin <= PATCH_DOT_MAX_DEPTH:
+        xp = _pad_hw(x, padding)
+        oh = (xp.shape[1] - kh) // stride + 1
+        ow = (xp.shape[2] - kw) // stride + 1
+        patches = jnp.concatenate([tap for _, _, tap in _taps(xp, kh, kw, stride, oh, ow)], axis=-1)
+        return _matmul_2d(patches, kernel.reshape(kh * kw * cin, cout))
     return lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
@@ -222,10 +239,14 @@ class Conv(nn.Module):
     impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, in_scale=None):
+        """`in_scale` (N, Cin), optional: convolve x times these per-sample channel factors (`conv`)."""
         k = self.param("kernel", conv_init, (self.kernel, self.kernel, x.shape[-1], self.features), jnp.float32)
         pads = tuple(conv_padding(self.padding, s, self.kernel, self.stride) for s in x.shape[1:3])
-        return conv(x.astype(self.dtype), k.astype(self.dtype), self.stride, pads, resolve_conv_impl(self.impl))
+        if in_scale is not None:
+            in_scale = in_scale.astype(self.dtype)
+        return conv(x.astype(self.dtype), k.astype(self.dtype), self.stride, pads, resolve_conv_impl(self.impl),
+                    in_scale)
 
 
 class DepthwiseConv(nn.Module):
@@ -320,18 +341,20 @@ _bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)
 
 
 class SqueezeExcite(nn.Module):
-    """x * sigmoid(W2 silu(W1 mean_hw(x) + b1) + b2), with 1×1-conv weights stored as Dense kernels."""
+    """x * gate, gate = sigmoid(W2 silu(W1 mean_hw(x) + b1) + b2), with 1×1-conv weights stored as Dense kernels.
+    `gate_only`: return the (N, C) gate alone, for a consumer that applies it itself (`Conv`'s `in_scale`)."""
     se_channels: int
     activation: str = "silu"
     dtype: Dtype = jnp.float32
+    gate_only: bool = False
 
     @nn.compact
     def __call__(self, x):
-        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
+        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
         s = nn.Dense(self.se_channels, kernel_init=conv_init, dtype=self.dtype, name="reduce")(s)
         s = ACTIVATIONS[self.activation](s)
-        s = nn.Dense(x.shape[-1], kernel_init=conv_init, dtype=self.dtype, name="expand")(s)
-        return x * nn.sigmoid(s)
+        gate = nn.sigmoid(nn.Dense(x.shape[-1], kernel_init=conv_init, dtype=self.dtype, name="expand")(s))
+        return gate if self.gate_only else x * gate[:, None, None, :]
 
 
 class DropPath(nn.Module):

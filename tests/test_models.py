@@ -234,6 +234,29 @@ def test_conv_impls_agree_with_torch(kernel, stride, cin, padding, size):
     assert layers.resolve_conv_impl("auto") == ("dot" if jax.default_backend() == "cpu" else "xla")
 
 
+@pytest.mark.parametrize("size,cin", [(6, 16), (3, 16)], ids=["folded", "scaled-first"])
+def test_gated_pointwise_conv_agrees_with_torch(size, cin):
+    # squeeze-excitation's gate applied by the project conv (`conv(..., in_scale=gate)`): impl 'dot' folds it into
+    # per-sample weights where H·W >= Cin (6×7 >= 16) and scales x first otherwise (3×4 < 16); both against torch's
+    # conv2d of x * gate, with the gradients of x, the gate and the kernel
+    rng = np.random.RandomState(size)
+    x = rng.randn(3, size, size + 1, cin).astype(np.float32)
+    gate = rng.rand(3, cin).astype(np.float32)
+    w = rng.randn(1, 1, cin, 8).astype(np.float32)
+    pads = ((0, 0), (0, 0))
+    xg, sg, wg = (torch.from_numpy(a).requires_grad_() for a in (x, gate, w))
+    y = torch.nn.functional.conv2d((xg * sg[:, None, None, :]).permute(0, 3, 1, 2), wg.permute(3, 2, 0, 1))
+    torch.sin(y).sum().backward()
+    for impl in ("dot", "xla"):
+        f = lambda a, s, b: layers.conv(a, b, 1, pads, impl, in_scale=s)  # noqa: E731
+        out = f(jnp.asarray(x), jnp.asarray(gate), jnp.asarray(w))
+        np.testing.assert_allclose(out, y.detach().permute(0, 2, 3, 1).numpy(), atol=1e-4, rtol=1e-4, err_msg=impl)
+        grads = jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(
+            jnp.asarray(x), jnp.asarray(gate), jnp.asarray(w))
+        for g, ref in zip(grads, (xg, sg, wg)):
+            np.testing.assert_allclose(g, ref.grad.numpy(), atol=1e-4, rtol=1e-4, err_msg=impl)
+
+
 def test_same_padding_is_tensorflows():
     # TF SAME: out = ceil(in / s), pad_total = max((out-1)*s + k - in, 0), extra pixel at the end
     assert layers.conv_padding("same", 224, 3, 2) == (0, 1)
