@@ -34,17 +34,30 @@ frameworks, all rows before); on a GPU, `jax_peak_mb` / `torch_peak_mb` are the 
         --mode train,eval --no-torch-compile          # img/s against GFLOPs
     python benchmarks/throughput.py --variant b0 --resolution 96 --batch-size 8,16,32,64,128 --mode train
     python benchmarks/throughput.py --variant lite0 --resolution 96 --freeze 6 --compare none
+    taskset -c 0 python benchmarks/throughput.py --variant b0 --resolution 224 --batch-size 16 --mode train \
+        --compare none --repeats 1 --steps 3 --profile /tmp/prof   # where the JAX step's time goes
+
+`--profile DIR`: after the timing, `--steps` more JAX steps run under `jax.profiler` (a perfetto trace per row in
+DIR/<variant>_<px>_<batch>_<mode>/); the XLA operations' times in it, summed by kind (the HLO instruction's name
+without its number: `ynn_fusion` = YNNPACK dots and reductions, `dot` = Eigen's, `multiply_pad_fusion` = an
+elementwise chain ending in a pad, ...) per step, are printed after the table and stored in the row as `profile`.
+On one core (`taskset -c 0`) they add up to the step; on several, operations overlap. Which instruction a name
+is: the compiled HLO, `XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_as_text"`.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import glob
+import gzip
 import itertools
 import json
 import math
 import os
 import platform
+import re
 import resource
 import sys
 import time
@@ -63,6 +76,7 @@ from effnet_jax.steps import create_train_state, jit_eval_step, jit_train_step
 from effnet_jax.train import TrainConfig, augment_config, build_model
 
 NUM_CLASSES = 10
+PROFILE_ROWS = 20  # kinds printed per profile (the row's JSON has all)
 
 
 def log(msg: str) -> None:
@@ -107,6 +121,7 @@ def jax_setup(variant: str, resolution: int, batch_size: int, args) -> dict:
     labels = rng.integers(0, NUM_CLASSES, n_data).astype(np.int32)
     mesh = Mesh([args.jax_device])
     return dict(cfg=cfg, overrides=overrides, base=base, fu=fu, mesh=mesh, n_data=n_data,
+                name=f"{variant}_{resolution}_{batch_size}",
                 arrays=mesh.replicate((jnp.asarray(images), jnp.asarray(labels))),
                 aug=augment_config(cfg, *cfg.normalization()),
                 variables=random_variables(base, resolution),
@@ -123,6 +138,47 @@ def time_steps(run, warmup: int, steps: int, repeats: int) -> list[float]:
         run(steps)
         times.append(time.perf_counter() - t)
     return times
+
+
+# XLA's CPU operations in a trace are named as their HLO instructions (`ynn_fusion.75`, `dot`); a `while` contains
+# its body's operations, which the trace times themselves
+_HLO_NAME = re.compile(r"([a-z][a-z0-9_\-]*?)(\.\d+)?")
+_CONTAINERS = {"while", "conditional", "call"}
+
+
+def thunk_profile(trace_file: str, steps: int) -> list[tuple[str, float, float]]:
+    """(kind, calls per step, ms per step) of the XLA operations in a `jax.profiler` perfetto trace of `steps`
+    steps, summed by instruction name without its number, slowest first."""
+    with gzip.open(trace_file) as f:
+        events = json.load(f)["traceEvents"]
+    ms: dict[str, float] = collections.defaultdict(float)
+    calls: collections.Counter = collections.Counter()
+    for e in events:
+        m = _HLO_NAME.fullmatch(e.get("name", "")) if e.get("ph") == "X" else None
+        if m and m.group(1) not in _CONTAINERS:
+            ms[m.group(1)] += e.get("dur", 0) / 1e3 / steps
+            calls[m.group(1)] += 1
+    return sorted(((k, calls[k] / steps, v) for k, v in ms.items()), key=lambda r: -r[2])
+
+
+def profile_steps(run, args, name: str) -> list[tuple[str, float, float]]:
+    """`run(args.steps)` under `jax.profiler` into args.profile/name; its `thunk_profile`."""
+    out = os.path.join(args.profile, name)
+    jax.profiler.start_trace(out, create_perfetto_trace=True)
+    try:
+        run(args.steps)
+    finally:
+        jax.profiler.stop_trace()
+    traces = sorted(glob.glob(os.path.join(out, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
+    return thunk_profile(traces[-1], args.steps)
+
+
+def timed(run, args, name: str) -> dict:
+    """The timings of `run` (`time_steps`), then, with --profile, a profile of `--steps` more steps."""
+    out = {"times": time_steps(run, args.warmup, args.steps, args.repeats)}
+    if args.profile:
+        out["profile"] = profile_steps(run, args, name)
+    return out
 
 
 def jax_train(s: dict, args) -> dict:
@@ -149,7 +205,7 @@ def jax_train(s: dict, args) -> dict:
         if not math.isfinite(loss):
             raise FloatingPointError(f"JAX train loss {loss}")
 
-    return {"times": time_steps(run, args.warmup, args.steps, args.repeats), "compile_s": compile_s}
+    return {**timed(run, args, s["name"] + "_train"), "compile_s": compile_s}
 
 
 def jax_eval(s: dict, args) -> dict:
@@ -166,7 +222,7 @@ def jax_eval(s: dict, args) -> dict:
         out = [compiled(variables, *s["arrays"], idx[i % len(idx)], mask) for i in range(n)]
         jax.block_until_ready(out)
 
-    return {"times": time_steps(run, args.warmup, args.steps, args.repeats), "compile_s": compile_s}
+    return {**timed(run, args, s["name"] + "_eval"), "compile_s": compile_s}
 
 
 # -------------------------------------------------------------------------------------------------- torch side
@@ -302,6 +358,8 @@ def bench_row(variant: str, resolution: int, batch_size: int, mode: str, s: dict
         "ratio": None, "ratio_compiled": None}
     if args.width is not None or args.depth is not None:
         row.update(width=args.width, depth=args.depth)
+    if "profile" in j:
+        row["profile"] = j["profile"]
     if args.compare == "torch":
         log(f"{variant} {resolution}px batch {batch_size} {mode}: torch ...")
         t = torch_bench(variant, resolution, batch_size, mode, s["fu"] if mode == "train" else 0, args)
@@ -335,6 +393,14 @@ def print_table(rows: list[dict]) -> None:
     errors = {r["torch_compile_error"] for r in rows if r["torch_compile_error"]}
     for e in sorted(errors):
         print(f"torch.compile: {e}")
+    for r in rows:
+        if "profile" in r:
+            total = sum(ms for _, _, ms in r["profile"])
+            print(f"\nJAX {r['mode']} step, {r['variant']} {r['resolution']} px batch {r['batch_size']}: XLA operations, "
+                  f"{total:.1f} ms per step in all (step {r['jax_step_ms']:.1f} ms)")
+            print(f"{'kind':<36}{'calls':>7}{'ms/step':>10}{'share':>7}")
+            for kind, n, ms in r["profile"][:PROFILE_ROWS]:
+                print(f"{kind:<36}{n:>7.0f}{ms:>10.1f}{ms / total:>7.0%}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -364,6 +430,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--conv-impl", default=None, choices=("auto", "dot", "xla"),
                    help="JAX: 1x1 convolutions and the stem as matrix products or XLA convolutions (create_model)")
     p.add_argument("--depthwise-impl", default=None, choices=("auto", "shift", "xla"), help="JAX (create_model)")
+    p.add_argument("--profile", default=None, metavar="DIR", help="also trace --steps JAX steps into DIR and print "
+                   "where their time goes, by XLA operation kind (run under `taskset -c 0` for times that add up)")
     args = p.parse_args(argv)
     unknown = [v for v in args.variant.split(",") if v not in variants.VARIANTS]
     if unknown:

@@ -7,6 +7,7 @@ that the XLA compilations stay short: this checks the scripts work, not the figu
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import pathlib
@@ -45,6 +46,32 @@ def test_throughput_train_and_eval(capsys):
         assert r["ratio"] == pytest.approx(r["jax_img_s"] / r["torch_img_s"])
         assert r["torch_compile_img_s"] is None and "skipped" in r["torch_compile_error"]
     assert "JAX img/s" in out  # the table
+
+
+def test_thunk_profile_sums_operations_by_kind(tmp_path):
+    # a hand-made perfetto trace of 2 steps: XLA operations are summed by name without their number; Python and
+    # runtime events, a `while` (its body's operations are events of their own) and instant events are not counted
+    events = [{"ph": "X", "name": "ynn_fusion.75", "dur": 3000}, {"ph": "X", "name": "ynn_fusion", "dur": 1000},
+              {"ph": "X", "name": "ynn_fusion.3", "dur": 2000}, {"ph": "X", "name": "multiply_pad_fusion.14", "dur": 500},
+              {"ph": "X", "name": "while.788", "dur": 9000}, {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9000},
+              {"ph": "X", "name": "$throughput.py:165 run", "dur": 9000}, {"ph": "X", "name": "ParseArguments", "dur": 9},
+              {"ph": "i", "name": "dot", "dur": 9000}, {"ph": "X", "name": "dot", "dur": 250}]
+    path = tmp_path / "host.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert load("throughput").thunk_profile(str(path), steps=2) == [
+        ("ynn_fusion", 1.5, 3.0), ("multiply_pad_fusion", 0.5, 0.25), ("dot", 0.5, 0.125)]
+
+
+def test_throughput_profile(tmp_path, capsys):
+    rows = load("throughput").main(TINY + ["--mode", "eval", "--repeats", "1", "--steps", "2", "--warmup", "1",
+                                           "--compare", "none", "--profile", str(tmp_path)])
+    out = capsys.readouterr().out
+    profile = rows[0]["profile"]
+    assert profile and all(ms >= 0 and calls > 0 for _, calls, ms in profile)
+    assert [ms for _, _, ms in profile] == sorted((ms for _, _, ms in profile), reverse=True)
+    assert "XLA operations" in out and profile[0][0] in out
+    assert list(tmp_path.glob("b0_32_4_eval/**/*.trace.json.gz"))
 
 
 def test_epoch_side_by_side(tmp_path, capsys, monkeypatch):
