@@ -72,7 +72,8 @@ def new_classifier(key: jax.Array, features: int, num_classes: int, init: str = 
 
 class MBConv(nn.Module):
     """Inverted residual: [1×1 expand → BN → act] → k×k depthwise → BN → act → [SE] → 1×1 project → BN,
-    plus the input (through per-sample stochastic depth) when shape allows."""
+    plus the input (through per-sample stochastic depth) when shape allows. SE's gate is applied by the project
+    conv (`Conv`'s `in_scale`), which may fold it into its product instead of writing the gated tensor out."""
     cfg: BlockConfig
     activation: str
     padding: str
