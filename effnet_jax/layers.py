@@ -9,7 +9,7 @@
 * `BatchNorm`: batch statistics in float32 whatever the compute dtype, and running statistics updated
   exactly as PyTorch does (running_var from the *unbiased* batch variance), so a JAX training step equals a
   PyTorch one.
-* `SqueezeExcite`, `DropPath` (per-sample stochastic depth).
+* `SqueezeExcite` (its gate), `DropPath` (per-sample stochastic depth).
 """
 
 from __future__ import annotations
@@ -341,20 +341,19 @@ _bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)
 
 
 class SqueezeExcite(nn.Module):
-    """x * gate, gate = sigmoid(W2 silu(W1 mean_hw(x) + b1) + b2), with 1×1-conv weights stored as Dense kernels.
-    `gate_only`: return the (N, C) gate alone, for a consumer that applies it itself (`Conv`'s `in_scale`)."""
+    """Squeeze-excitation's (N, C) gate, sigmoid(W2 silu(W1 mean_hw(x) + b1) + b2), with 1×1-conv weights stored as
+    Dense kernels. The block's output is x * gate; the consumer applies it (`Conv`'s `in_scale`, which can fold it
+    into its product instead of writing x * gate out)."""
     se_channels: int
     activation: str = "silu"
     dtype: Dtype = jnp.float32
-    gate_only: bool = False
 
     @nn.compact
     def __call__(self, x):
         s = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
         s = nn.Dense(self.se_channels, kernel_init=conv_init, dtype=self.dtype, name="reduce")(s)
         s = ACTIVATIONS[self.activation](s)
-        gate = nn.sigmoid(nn.Dense(x.shape[-1], kernel_init=conv_init, dtype=self.dtype, name="expand")(s))
-        return gate if self.gate_only else x * gate[:, None, None, :]
+        return nn.sigmoid(nn.Dense(x.shape[-1], kernel_init=conv_init, dtype=self.dtype, name="expand")(s))
 
 
 class DropPath(nn.Module):

@@ -93,7 +93,7 @@ class MBConv(nn.Module):
             x = act(bn("expand_bn")(x, not train))
         x = DepthwiseConv(cfg.kernel, cfg.stride, self.padding, self.depthwise_impl, self.dtype, name="dw_conv")(x)
         x = act(bn("dw_bn")(x, not train))
-        gate = SqueezeExcite(cfg.se_channels, "silu", self.dtype, gate_only=True, name="se")(x) \
+        gate = SqueezeExcite(cfg.se_channels, "silu", self.dtype, name="se")(x) \
             if cfg.se_channels else None
         x = Conv(cfg.out_channels, dtype=self.dtype, impl=self.conv_impl, name="project_conv")(x, gate)
         x = bn("project_bn")(x, not train)
