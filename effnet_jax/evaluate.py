@@ -1,14 +1,15 @@
 """Evaluate a fine-tuning run's checkpoint on a dataset split.
 
     python -m effnet_jax.evaluate --workdir DIR [--dataset SPEC] [--data-dir D] [--split val|test] [--which best|latest]
-                                  [--flip | --no-flip]
+                                  [--flip | --no-flip] [--resolution SIDE]
 
 Prints per-class accuracy and, last, one JSON line with top1, top5, loss, n. The evaluated data's classes are
 matched to the run's class names by name (a folder with a subset of the classes, or in another order, works;
 a folder of only `test/<class>/` is a test set: `--dataset folder:DIR --split test`).
 With the run's own dataset and `--split val` it recomputes exactly the validation numbers the run logged.
 `--flip` adds test-time augmentation (the mean of each image's and its mirror's logits); the default is what
-the run's validation did (its `--eval-flip`).
+the run's validation did (its `--eval-flip`). `--resolution` evaluates at another input side than the run's
+`--resolution` (the images are resized to it, as in training's validation).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from .errors import UserError, cli
 
 def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_dir: str | None = None,
                  split: str = "val", which: str = "best", batch_size: int | None = None,
-                 flip: bool | None = None, stream: bool | None = None) -> dict:
+                 flip: bool | None = None, stream: bool | None = None, resolution: int | None = None) -> dict:
     """`flip`: average each image's and its mirror's logits; None: as the run's validation did (`eval_flip`).
-    `stream`: read the images as it goes instead of loading the split (None: as the run's --stream says)."""
+    `stream`: read the images as it goes instead of loading the split (None: as the run's --stream says).
+    `resolution`: the input side (None: the run's `--resolution`, the side its checkpoints/best was validated at)."""
     from .loader import load
     from .mesh import Mesh
     from .rundir import existing_run
@@ -45,6 +47,8 @@ def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_d
         cfg = dataclasses.replace(cfg, data_dir=data_dir)
     if stream is not None:
         cfg = dataclasses.replace(cfg, stream=stream)
+    if resolution is not None:
+        cfg = dataclasses.replace(cfg, resolution=resolution)   # checked in TrainConfig.__post_init__
     ds = load_data(dataclasses.replace(cfg, max_train_examples=None))
     chosen = {"val": ds.val, "test": ds.test, "train": ds.train}.get(split)
     if chosen is None:
@@ -72,7 +76,7 @@ def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_d
     per_class = {run_classes[c]: float(np.mean(pred[labels == c] == c)) for c in np.unique(labels)}
     return {"per_class": per_class, "top1": res["top1"], "top5": res["top5"], "loss": res["loss"], "n": res["n"],
             "epoch": meta.get("epoch"), "split": split, "which": which,
-            "flip": bool(flip)}
+            "flip": bool(flip), "resolution": aug.resolution}
 
 
 @cli
@@ -90,13 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="read the images as evaluation goes instead of loading the split into memory (default: as "
                         "the run, its --stream)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="input side to evaluate at (default: the run's --resolution)")
     args = p.parse_args(argv)
     out = evaluate_run(args.workdir, args.dataset, args.data_dir, args.split, args.which, args.batch_size,
-                       args.flip, args.stream)
+                       args.flip, args.stream, args.resolution)
     width = max(len(c) for c in out["per_class"])
     for name, acc in out["per_class"].items():
         print(f"{name:<{width}}  {100 * acc:6.2f} %")
-    summary = {k: out[k] for k in ("top1", "top5", "loss", "n", "epoch", "split", "which", "flip")}
+    summary = {k: out[k] for k in ("top1", "top5", "loss", "n", "epoch", "split", "which", "flip", "resolution")}
     print(json.dumps(summary))
     return 0
 

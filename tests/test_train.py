@@ -604,17 +604,18 @@ def test_v2_imagenet_init_offline_names_the_file(trainer_env, image_folder, tmp_
 
 @pytest.fixture(scope="module")
 def run_d(trainer_env, image_folder, tmp_path_factory):
-    """A torchvision efficientnet_b0 state dict (random weights; the stem BN's running statistics randomized too)
-    served over HTTP as the b0 ImageNet file; `--init imagenet --freeze head-only`, 2 epochs of 5 steps,
-    warmup 1.25 epochs (floor(6.25) = 6 steps) then cosine."""
+    """A torchvision efficientnet_b0 state dict (random weights; the BN running statistics randomized too)
+    served over HTTP as the b0 ImageNet file; `--init imagenet --freeze head-only --head-init uniform`, 2 epochs
+    of 5 steps, warmup 1.25 epochs (floor(6.25) = 6 steps) then cosine."""
     torch = pytest.importorskip("torch")
     tv = pytest.importorskip("torchvision.models")
     root = tmp_path_factory.mktemp("imagenet")
     torch.manual_seed(0)
     model = tv.efficientnet_b0()
-    with torch.no_grad():
-        model.features[0][1].running_mean.uniform_(-0.5, 0.5)
-        model.features[0][1].running_var.uniform_(0.5, 2.0)
+    with torch.no_grad():  # every BN's statistics randomized: the features depend on the input (as trained ones do)
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     content = buf.getvalue()
@@ -626,6 +627,8 @@ def run_d(trainer_env, image_folder, tmp_path_factory):
     workdir = root / "d"
     argv = base_argv(image_folder, workdir, "--init", "imagenet", "--freeze", "head-only", "--epochs", 2,
                      "--warmup-epochs", 1.25, "--max-train-examples", 20,
+                     "--head-init", "uniform",  # logits far from 0: the resolution test compares losses
+
                      "--resolution", 48, "--resolution-schedule", "32:1")  # progressive: epoch 1 at 32 px
     with serve_folder(root / "served") as (url, requests):
         with pytest.MonkeyPatch.context() as mp:
@@ -684,6 +687,38 @@ def test_progressive_resolution(run_d):
     rc, stdout, stderr = run_main(evaluate_cli.main, ["--workdir", run_d.workdir])
     assert rc == 0, stderr
     assert last_json(stdout)["top1"] == run_d.metrics[2]["val_acc"]
+
+
+def test_evaluate_at_another_resolution_matches_torch(run_d):
+    """`evaluate --resolution 32` on a run whose best checkpoint was validated at 48 px scores the validation
+    images at their own 32 px. Reference: torchvision's efficientnet_b0 with the served backbone (`--freeze
+    head-only` left it unchanged, BN in inference mode) and the checkpoint's classifier, on the same images."""
+    torch = pytest.importorskip("torch")
+    tv = pytest.importorskip("torchvision.models")
+    rc, stdout, stderr = run_main(evaluate_cli.main, ["--workdir", run_d.workdir, "--resolution", "32"])
+    assert rc == 0, stderr
+    out = last_json(stdout)
+    assert (out["resolution"], out["n"], out["epoch"]) == (32, N_VAL, 2)
+    saved = json.loads((run_d.workdir / "config.json").read_text())
+    val = trainer.load_data(trainer.TrainConfig.from_saved(saved)).val
+    model = tv.efficientnet_b0()
+    model.load_state_dict(torch.load(io.BytesIO(run_d.extra["content"])))
+    tree, _ = restore_checkpoint(run_d.workdir / "checkpoints" / "best")
+    head = flat(tree["params"])
+    model.classifier[1] = torch.nn.Linear(1280, len(CLASSES))
+    with torch.no_grad():
+        model.classifier[1].weight.copy_(torch.from_numpy(np.array(head["classifier/kernel"]).T))
+        model.classifier[1].bias.copy_(torch.from_numpy(np.array(head["classifier/bias"])))
+    x = (np.asarray(val.images, np.float32) / 255.0 - np.asarray(saved["mean"], np.float32)) / np.asarray(
+        saved["std"], np.float32)
+    with torch.no_grad():
+        logits = model.eval()(torch.from_numpy(x).permute(0, 3, 1, 2)).double()
+    labels = torch.from_numpy(np.asarray(val.labels, np.int64))
+    assert abs(logits).max() > 0.1  # the head (torchvision's uniform init) makes the loss depend on the input
+    assert out["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-4)
+    assert out["top1"] == pytest.approx(float((logits.argmax(-1) == labels).double().mean()))
+    _, stdout48, _ = run_main(evaluate_cli.main, ["--workdir", run_d.workdir])
+    assert last_json(stdout48)["resolution"] == 48 and last_json(stdout48)["loss"] != pytest.approx(out["loss"])
 
 
 def test_cosine_schedule_lr(run_d):
