@@ -105,13 +105,13 @@ def _shifted_fwd(x, kernel, stride, padding):
     # where the kernel gradient loops over the stored padded input (`_kernel_grad`), the backward pass keeps this
     # one instead of padding x again (B0 224 px train 15.7 -> 16.1 img/s); below that size the unrolled sums fuse
     # the pad, and keeping the larger padded copy measured slower (B0 32 px train 520 -> 452)
-    return out, (xp if out.size >= LOOP_MIN_ELEMENTS else x, kernel)
+    return out, (xp if _dk_loops(out.size) else x, kernel)
 
 
 def _shifted_bwd(stride, padding, residuals, g):
     x_or_xp, kernel = residuals
     (ph, ph_hi), (pw, pw_hi) = padding
-    if g.size >= LOOP_MIN_ELEMENTS:
+    if _dk_loops(g.size):  # the forward kept the padded input (g has the output's size)
         xp = x_or_xp
         h, w = xp.shape[1] - ph - ph_hi, xp.shape[2] - pw - pw_hi
     else:
@@ -127,6 +127,12 @@ def _shifted_bwd(stride, padding, residuals, g):
 LOOP_MIN_ELEMENTS = 1 << 19
 
 
+def _dk_loops(window_size: int) -> bool:
+    """Whether the kernel gradient loops over the taps of the stored padded input (`_kernel_grad`); the forward
+    pass keeps that padded input for the backward exactly then."""
+    return window_size >= LOOP_MIN_ELEMENTS
+
+
 def _kernel_grad(xp: jax.Array, g: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
     """dk[i, j] = the sum over batch and output positions of window(i, j) of padded `xp` times `g`, (kh, kw, 1, C),
     accumulated in float32 whatever the compute dtype (a bf16 sum over batch × positions loses the small terms).
@@ -137,7 +143,7 @@ def _kernel_grad(xp: jax.Array, g: jax.Array, kh: int, kw: int, stride: int) -> 
     Measured: 1.4–3× faster dk from 1M elements per window up (benchmarks/results/speed.md, 2026-12-05); below
     LOOP_MIN_ELEMENTS the loop's per-iteration cost dominates and the unrolled sums stay (4× faster on 2×2 maps)."""
     n, oh, ow, c = g.shape
-    if g.size < LOOP_MIN_ELEMENTS:
+    if not _dk_loops(g.size):
         return jnp.stack([jnp.sum(tap * g, axis=(0, 1, 2), dtype=jnp.float32)
                           for _, _, tap in _taps(xp, kh, kw, stride, oh, ow)]).reshape(kh, kw, 1, c)
 
