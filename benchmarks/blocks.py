@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effnet_jax.host import with_fast_malloc
-from effnet_jax.layers import ACTIVATIONS, BatchNorm, Conv, conv_padding, depthwise_conv, resolve_depthwise_impl
+from effnet_jax.layers import BatchNorm, Conv, activation, conv_padding, depthwise_conv, resolve_depthwise_impl
 from effnet_jax.models import FusedMBConv, MBConv, create_model, random_variables, unit_names
 from throughput import cpu_threads, log, time_steps, torch_model
 
@@ -61,7 +61,7 @@ class ConvBNAct(nn.Module):
     def __call__(self, x, train: bool):
         x = Conv(self.features, self.kernel, self.stride, self.padding, name=self.prefix)(x)
         x = BatchNorm(self.bn_momentum, self.bn_epsilon, name=self.prefix + "_bn")(x, not train)
-        return ACTIVATIONS[self.activation](x)
+        return activation(self.activation, train)(x)
 
 
 def jax_units(model, variables: dict) -> list[tuple[str, nn.Module, dict]]:

@@ -29,18 +29,29 @@ Dtype = Any
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def silu(x: jax.Array) -> jax.Array:
-    """x · sigmoid(x). On XLA's CPU backend as x/2 · (1 + tanh(x/2)), the same function: XLA computes the logistic
-    there with an exponential and a division, tanh with a rational polynomial, and the division was most of SiLU's
-    arithmetic (one core, 16×112×112×96: 29.2 → 21.4 ms forward, of which 17 ms is the memory pass; B0 224 px
-    eval +8 %, train +9 %, benchmarks/results/speed.md). Elsewhere `jax.nn.silu`."""
-    if jax.default_backend() != "cpu":
-        return nn.silu(x)
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"silu": nn.silu, "relu6": nn.relu6}
+
+
+def _silu_tanh(x: jax.Array) -> jax.Array:
+    """x · sigmoid(x) as x/2 · (1 + tanh(x/2)), the same function."""
     half = 0.5 * x
     return half * (1 + jnp.tanh(half))
 
 
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"silu": silu, "relu6": nn.relu6}
+def activation(name: str, train: bool) -> Callable[[jax.Array], jax.Array]:
+    """The activation `name` ('silu', 'relu6') of a unit that trains (`train`: BatchNorm on batch statistics, the
+    backward pass through it) or runs in inference mode (evaluation, the frozen units of a fine-tune).
+
+    In inference mode on XLA's CPU backend SiLU is x/2 · (1 + tanh(x/2)): XLA computes the logistic there with an
+    exponential and a division, tanh with a rational polynomial (one core, 16×112×112×96: 29.2 → 21.4 ms, of which
+    17 ms is the memory pass; B0 224 px eval +5–8 %). Differentiated, that form measured slower than autodiff of
+    `jax.nn.silu` (B0 32 and 64 px train step, one core: −11 %), so training keeps it, as do other backends.
+    Figures: benchmarks/results/speed.md, 2026-12-05 21:00."""
+    if name == "silu" and not train and jax.default_backend() == "cpu":
+        return _silu_tanh
+    return ACTIVATIONS[name]
+
+
 DEPTHWISE_IMPLS = ("auto", "shift", "xla")
 CONV_IMPLS = ("auto", "dot", "xla")
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import variants
-from .layers import ACTIVATIONS, BatchNorm, Conv, DepthwiseConv, DropPath, SqueezeExcite
+from .layers import BatchNorm, Conv, DepthwiseConv, DropPath, SqueezeExcite, activation
 from .variants import BlockConfig, ModelConfig
 
 Dtype = Any
@@ -85,7 +85,7 @@ class MBConv(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        cfg, act = self.cfg, ACTIVATIONS[self.activation]
+        cfg, act = self.cfg, activation(self.activation, train)
         bn = lambda name: BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype, name=name)  # noqa: E731
         shortcut = x
         if cfg.expand_channels != cfg.in_channels:
@@ -116,7 +116,7 @@ class FusedMBConv(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        cfg, act = self.cfg, ACTIVATIONS[self.activation]
+        cfg, act = self.cfg, activation(self.activation, train)
         bn = lambda name: BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype, name=name)  # noqa: E731
         shortcut = x
         if cfg.expand_channels != cfg.in_channels:
@@ -147,12 +147,16 @@ class EfficientNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        cfg, act = self.config, ACTIVATIONS[self.config.activation]
+        cfg = self.config
         bn = lambda name: BatchNorm(cfg.bn_momentum, cfg.bn_epsilon, self.dtype, name=name)  # noqa: E731
         trains = lambda unit: train and unit >= self.frozen_units  # noqa: E731
+
+        def bn_act(name, unit, x):  # BN, then the activation, of a unit that trains or runs in inference mode
+            return activation(cfg.activation, trains(unit))(bn(name)(x, not trains(unit)))
+
         x = x.astype(self.dtype)
         x = Conv(cfg.stem_channels, 3, cfg.stem_stride, cfg.padding, self.dtype, self.conv_impl, name="stem")(x)
-        x = act(bn("stem_bn")(x, not trains(0)))
+        x = bn_act("stem_bn", 0, x)
         self.sow("intermediates", "stem_out", x)
         for i, block in enumerate(cfg.blocks):
             if block.fused:
@@ -164,7 +168,7 @@ class EfficientNet(nn.Module):
             if i + 1 == len(cfg.blocks) or cfg.blocks[i + 1].stage != block.stage:
                 self.sow("intermediates", f"stage{block.stage}", x)
         x = Conv(cfg.head_channels, dtype=self.dtype, impl=self.conv_impl, name="head")(x)
-        x = act(bn("head_bn")(x, not trains(len(cfg.blocks) + 1)))
+        x = bn_act("head_bn", len(cfg.blocks) + 1, x)
         self.sow("intermediates", "head_out", x)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         if self.num_classes == 0:

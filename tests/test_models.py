@@ -258,14 +258,16 @@ def test_gated_pointwise_conv_agrees_with_torch(size, cin):
             np.testing.assert_allclose(g, ref.grad.numpy(), atol=1e-4, rtol=1e-4, err_msg=impl)
 
 
-def test_silu_and_its_gradient_equal_torch():
-    # the CPU form x/2 · (1 + tanh(x/2)) against torch's SiLU, over the range activations take and the saturated tails
+@pytest.mark.parametrize("train", [False, True])
+def test_silu_and_its_gradient_equal_torch(train):
+    # both forms (in inference mode on CPU x/2 · (1 + tanh(x/2))) against torch's SiLU, over the range activations
+    # take and the saturated tails
     x = np.concatenate([np.linspace(-30, 30, 6001), [-1e4, -100.0, -20.0, 20.0, 100.0, 1e4],
                         np.random.RandomState(0).randn(4096) * 4]).astype(np.float32)
     xt = torch.from_numpy(x).requires_grad_()
     yt = torch.nn.functional.silu(xt)
     yt.sum().backward()
-    y, vjp = jax.vjp(layers.ACTIVATIONS["silu"], jnp.asarray(x))
+    y, vjp = jax.vjp(layers.activation("silu", train), jnp.asarray(x))
     np.testing.assert_allclose(y, yt.detach().numpy(), atol=2e-6, rtol=2e-6)
     np.testing.assert_allclose(vjp(jnp.ones_like(y))[0], xt.grad.numpy(), atol=2e-6, rtol=2e-6)
 
