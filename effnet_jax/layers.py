@@ -10,6 +10,7 @@
   exactly as PyTorch does (running_var from the *unbiased* batch variance), so a JAX training step equals a
   PyTorch one.
 * `SqueezeExcite` (its gate), `DropPath` (per-sample stochastic depth).
+* `activation(name, train)`: SiLU or ReLU6; on CPU, SiLU in a faster form where the unit runs in inference mode.
 """
 
 from __future__ import annotations
