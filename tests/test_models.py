@@ -272,6 +272,15 @@ def test_silu_and_its_gradient_equal_torch(train):
     np.testing.assert_allclose(vjp(jnp.ones_like(y))[0], xt.grad.numpy(), atol=2e-6, rtol=2e-6)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+def test_activation_form_by_backend_and_mode(backend, monkeypatch):
+    # the tanh form of SiLU only on CPU and only in inference mode; training and other backends keep jax.nn.silu
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert layers.activation("silu", True) is nn.silu
+    assert layers.activation("silu", False) is (layers._silu_tanh if backend == "cpu" else nn.silu)
+    assert layers.activation("relu6", False) is layers.activation("relu6", True) is nn.relu6
+
+
 def test_same_padding_is_tensorflows():
     # TF SAME: out = ceil(in / s), pad_total = max((out-1)*s + k - in, 0), extra pixel at the end
     assert layers.conv_padding("same", 224, 3, 2) == (0, 1)
