@@ -47,7 +47,7 @@ def activation(name: str, train: bool) -> Callable[[jax.Array], jax.Array]:
     exponential and a division, tanh with a rational polynomial (one core, 16×112×112×96: 29.2 → 21.4 ms, of which
     17 ms is the memory pass; B0 224 px eval +5–8 %). Differentiated, that form measured slower than autodiff of
     `jax.nn.silu` (B0 32 and 64 px train step, one core: −11 %), so training keeps it, as do other backends.
-    Figures: benchmarks/results/speed.md, 2026-12-05 21:00."""
+    Figures: benchmarks/results/speed.md, 2026-12-05 20:20."""
     if name == "silu" and not train and jax.default_backend() == "cpu":
         return _silu_tanh
     return ACTIVATIONS[name]
