@@ -45,7 +45,7 @@ def activation(name: str, train: bool) -> Callable[[jax.Array], jax.Array]:
 
     In inference mode on XLA's CPU backend SiLU is x/2 · (1 + tanh(x/2)): XLA computes the logistic there with an
     exponential and a division, tanh with a rational polynomial (one core, 16×112×112×96: 29.2 → 21.4 ms, of which
-    17 ms is the memory pass; B0 224 px eval +5–8 %). Differentiated, that form measured slower than autodiff of
+    17 ms is the memory pass; B0 224 px eval +5–12 %). Differentiated, that form measured slower than autodiff of
     `jax.nn.silu` (B0 32 and 64 px train step, one core: −11 %), so training keeps it, as do other backends.
     Figures: benchmarks/results/speed.md, 2026-12-05 20:20."""
     if name == "silu" and not train and jax.default_backend() == "cpu":
@@ -136,12 +136,9 @@ def _shifted_fwd(x, kernel, stride, padding):
 def _shifted_bwd(stride, padding, residuals, g):
     x_or_xp, kernel = residuals
     (ph, ph_hi), (pw, pw_hi) = padding
-    if _dk_loops(g.size):  # the forward kept the padded input (g has the output's size)
-        xp = x_or_xp
-        h, w = xp.shape[1] - ph - ph_hi, xp.shape[2] - pw - pw_hi
-    else:
-        h, w = x_or_xp.shape[1:3]
-        xp = _pad_hw(x_or_xp, padding)
+    # the forward kept the padded input where the kernel gradient loops (g has the output's size)
+    xp = x_or_xp if _dk_loops(g.size) else _pad_hw(x_or_xp, padding)
+    h, w = xp.shape[1] - ph - ph_hi, xp.shape[2] - pw - pw_hi
     dk = _kernel_grad(xp, g, kernel.shape[0], kernel.shape[1], stride)
     # only x's unpadded region [pad_low, pad_low + size) of the padded input's cotangent is needed
     dx = _padded_input_grad(g, kernel, stride, *xp.shape[1:3])[:, ph:ph + h, pw:pw + w]

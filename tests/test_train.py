@@ -628,7 +628,6 @@ def run_d(trainer_env, image_folder, tmp_path_factory):
     argv = base_argv(image_folder, workdir, "--init", "imagenet", "--freeze", "head-only", "--epochs", 2,
                      "--warmup-epochs", 1.25, "--max-train-examples", 20,
                      "--head-init", "uniform",  # logits far from 0: the resolution test compares losses
-
                      "--resolution", 48, "--resolution-schedule", "32:1")  # progressive: epoch 1 at 32 px
     with serve_folder(root / "served") as (url, requests):
         with pytest.MonkeyPatch.context() as mp:
