@@ -11,6 +11,7 @@ import gzip
 import importlib.util
 import json
 import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -114,3 +115,32 @@ def test_blocks_per_unit(capsys, monkeypatch):
         assert all(r[k] > 0 for k in ("jax_train_ms", "torch_train_ms", "jax_eval_ms", "torch_eval_ms")), r
         assert ("dw_jax_train_ms" in r) == r["unit"].startswith("blocks_")
     assert res["train_ratio"] == pytest.approx(res["totals"]["torch_train_ms"] / res["totals"]["jax_train_ms"])
+
+
+def run_ab(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / "ab.py"), *argv], capture_output=True, text=True,
+                          timeout=600, cwd=BENCH.parent)
+
+
+def test_ab_against_a_revision_in_turns():
+    """ab.py checks out HEAD into a temporary worktree, runs this tree's and that tree's step in turns, each worker
+    importing effnet_jax from its own tree, and removes the worktree."""
+    before = subprocess.run(["git", "worktree", "list"], cwd=BENCH.parent, capture_output=True, text=True).stdout
+    out = run_ab("--against", "HEAD", "--rounds", "2", "--steps", "1", *TINY, "--mode", "eval")
+    assert out.returncode == 0, out.stderr
+    res = last_json(out.stdout)
+    for side in ("A", "B"):
+        assert len(res[side]["img_s"]) == 2 and all(x > 0 for x in res[side]["img_s"]), res
+        assert res[side]["compile_s"] > 0
+    assert res["B"]["against"] == "HEAD" and res["ratio_min"] <= res["ratio_median"] <= res["ratio_max"]
+    assert res["ratio_median"] > 0 and "A / B per round" in out.stdout
+    assert "worker B" in out.stderr and "effnet-ab-" in out.stderr  # B ran from the temporary worktree
+    after = subprocess.run(["git", "worktree", "list"], cwd=BENCH.parent, capture_output=True, text=True).stdout
+    assert after == before
+
+
+def test_ab_rejects_what_it_cannot_compare():
+    out = run_ab("--against", "no-such-revision-or-dir", *TINY)
+    assert out.returncode != 0 and "neither a directory nor a revision" in out.stderr
+    out = run_ab("--against", "HEAD", "--variant", "b0,b1")
+    assert out.returncode == 2 and "one value" in out.stderr

@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""This tree's JAX step against the same step of another revision, timed in turns on the same machine.
+
+On these shared CPUs the speed of the machine drifts by ±10 % and more from one minute to the next, so two
+`throughput.py` runs one after the other cannot resolve a change of a few percent. Here two worker processes,
+one per tree, each build and compile the step of `benchmarks/throughput.py` (the same arguments: variant,
+resolution, batch size, mode, freeze, dtype, impl choices) with `effnet_jax` imported from its own tree; then
+they time `--steps` steps in turns, `--rounds` times, A B / B A alternating, one worker at a time (the other
+waits on its pipe, so each has all the cores in its turn), each turn after `--settle` untimed steps. A slow minute then falls on both, and the ratio of
+each round's pair says what the change does.
+
+`--against` is a directory holding another checkout (its `effnet_jax/` is imported) or a git revision of this
+repository, checked out for the run into a temporary worktree (removed afterwards). Both workers run this
+tree's `throughput.py` (so a revision must have the `effnet_jax` API it calls: `steps.jit_train_step`,
+`train.TrainConfig`, ...). stdout: a table, then one JSON line.
+
+    python benchmarks/ab.py --against HEAD~1 --variant b0 --resolution 224 --batch-size 16 --mode eval
+    python benchmarks/ab.py --against ../other-checkout --variant lite0 --resolution 128 --batch-size 64 \\
+        --mode train --freeze 6 --rounds 8
+    taskset -c 0 python benchmarks/ab.py --against HEAD~1 ...   # on one core: less noise still
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parent
+PREFIX = "AB "  # the workers' protocol lines on stdout; anything else they print is passed through to stderr
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Any other argument is passed to both workers' throughput.py (one variant, "
+                                       "resolution, batch size and mode; --compare is always none).")
+    p.add_argument("--against", required=True, metavar="DIR_OR_REV",
+                   help="a checkout's directory, or a git revision of this repository (HEAD~1, a branch, a hash)")
+    p.add_argument("--rounds", type=int, default=6, help="timed turns per worker (default 6)")
+    p.add_argument("--steps", type=int, default=3, help="steps per turn (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="steps each worker runs after compiling (default 1)")
+    p.add_argument("--settle", type=int, default=1,
+                   help="untimed steps at the start of every turn (default 1): the first step after the other "
+                        "worker's turn measured ~15 %% slower (two cores: caches, thread wake-up), whichever ran")
+    args, rest = p.parse_known_args(argv)
+    for flag in ("--variant", "--resolution", "--batch-size", "--mode"):
+        if flag in rest and "," in rest[rest.index(flag) + 1]:
+            p.error(f"{flag}: one value (ab.py compares one step; throughput.py sweeps lists)")
+    if "--profile" in rest or "--compare" in rest:
+        p.error("--profile and --compare are throughput.py's alone")
+    if args.rounds < 1 or args.steps < 1 or args.settle < 0:
+        p.error("--rounds and --steps must be at least 1, --settle at least 0")
+    return args, rest
+
+
+# ------------------------------------------------------------------------------------------------------- trees
+
+def git(*argv: str, cwd=REPO) -> str:
+    return subprocess.run(["git", *argv], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def describe(tree: pathlib.Path) -> str:
+    """The tree's commit (with '-dirty' when it has changes), or its path outside git."""
+    try:
+        return git("describe", "--always", "--dirty", "--abbrev=10", cwd=tree)
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return str(tree)
+
+
+class OtherTree:
+    """`--against` as a directory to import `effnet_jax` from: the directory itself, or a temporary git
+    worktree of the revision (context manager: removed on exit)."""
+
+    def __init__(self, against: str):
+        self.against, self.worktree = against, None
+
+    def __enter__(self) -> pathlib.Path:
+        path = pathlib.Path(self.against).expanduser()
+        if path.is_dir():
+            if not (path / "effnet_jax" / "__init__.py").is_file():
+                raise SystemExit(f"--against {self.against}: no effnet_jax/ package in that directory")
+            return path.resolve()
+        try:
+            commit = git("rev-parse", "--verify", "--quiet", f"{self.against}^{{commit}}")
+        except subprocess.CalledProcessError:
+            raise SystemExit(f"--against {self.against!r} is neither a directory nor a revision of {REPO}") from None
+        self.worktree = pathlib.Path(tempfile.mkdtemp(prefix="effnet-ab-"))
+        git("worktree", "add", "--detach", str(self.worktree), commit)
+        return self.worktree
+
+    def __exit__(self, *exc) -> None:
+        if self.worktree is not None:
+            subprocess.run(["git", "worktree", "remove", "--force", str(self.worktree)], cwd=REPO,
+                           capture_output=True)
+            shutil.rmtree(self.worktree, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------------ worker
+
+def send(msg: dict) -> None:
+    sys.__stdout__.write(PREFIX + json.dumps(msg) + "\n")
+    sys.__stdout__.flush()
+
+
+def worker(argv: list[str]) -> None:
+    """Build and compile throughput.py's step for `argv`, report, then time `steps` steps per request on stdin."""
+    sys.stdout = sys.stderr  # only the protocol lines go to the parent's pipe
+    # sys.path[0] is this script's folder (this tree's throughput.py); effnet_jax comes from PYTHONPATH, the tree
+    import effnet_jax
+    import throughput as tp
+    args = tp.parse_args(argv + ["--compare", "none"])
+    mode, variant = args.mode, args.variant
+    resolution = tp.variants.model_config(variant).resolution if args.resolution == "native" else int(args.resolution)
+    s = tp.jax_setup(variant, resolution, int(args.batch_size), args)
+    box = {}
+
+    def capture(run, warmup, steps, repeats):  # throughput's timer, replaced: keep the warm `run` instead
+        run(max(warmup, 1))
+        box["run"] = run
+        return [0.0]
+
+    tp.time_steps = capture
+    out = (tp.jax_eval if mode == "eval" else tp.jax_train)(s, args)
+    send({"ready": True, "compile_s": out["compile_s"], "effnet_jax": os.path.dirname(effnet_jax.__file__)})
+    for line in sys.stdin:
+        request = json.loads(line)
+        steps = request["steps"]
+        if not steps:
+            break
+        if request["settle"]:
+            box["run"](request["settle"])
+        t = time.perf_counter()
+        box["run"](steps)
+        send({"seconds": time.perf_counter() - t})
+
+
+class Worker:
+    def __init__(self, name: str, tree: pathlib.Path, argv: list[str]):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep))
+        self.name, self.tree = name, tree
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "ab.py"), "--worker", *argv], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def receive(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(PREFIX):
+                return json.loads(line[len(PREFIX):])
+            sys.stderr.write(line)
+        raise SystemExit(f"worker {self.name} ({self.tree}) stopped (exit {self.proc.wait()}); its error is above")
+
+    def time(self, steps: int, settle: int) -> float:
+        self.proc.stdin.write(json.dumps({"steps": steps, "settle": settle}) + "\n")
+        self.proc.stdin.flush()
+        return self.receive()["seconds"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"steps": 0}) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+
+
+def batch_size(rest: list[str]) -> int:
+    return int(rest[rest.index("--batch-size") + 1]) if "--batch-size" in rest else 64  # throughput's default
+
+
+def main(argv=None) -> dict:
+    args, rest = parse_args(argv)
+    wargs = rest + ["--warmup", str(args.warmup)]
+    with OtherTree(args.against) as other:
+        trees = {"A": REPO, "B": other}
+        workers = {}
+        try:
+            # one at a time: two XLA compilations side by side would only slow each other
+            for name, tree in trees.items():
+                print(f"worker {name}: {describe(tree)} ({tree}), compiling ...", file=sys.stderr, flush=True)
+                workers[name] = Worker(name, tree, wargs)
+                ready = workers[name].receive()
+                if pathlib.Path(ready["effnet_jax"]).resolve() != (tree / "effnet_jax").resolve():
+                    raise SystemExit(f"worker {name} imported effnet_jax from {ready['effnet_jax']}, not from {tree}")
+                workers[name].compile_s = ready["compile_s"]
+            img_s = {name: [] for name in trees}
+            for r in range(args.rounds):
+                for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
+                    img_s[name].append(batch_size(rest) * args.steps / workers[name].time(args.steps, args.settle))
+                print(f"round {r + 1}/{args.rounds}: A {img_s['A'][-1]:.1f}, B {img_s['B'][-1]:.1f} img/s",
+                      file=sys.stderr, flush=True)
+        finally:
+            for w in workers.values():
+                w.close()
+        ratios = [a / b for a, b in zip(img_s["A"], img_s["B"])]
+        result = {"args": rest, "rounds": args.rounds, "steps": args.steps, "settle": args.settle,
+                  "A": {"tree": describe(REPO), "img_s": img_s["A"], "median_img_s": statistics.median(img_s["A"]),
+                        "compile_s": workers["A"].compile_s},
+                  "B": {"tree": describe(other), "against": args.against, "img_s": img_s["B"],
+                        "median_img_s": statistics.median(img_s["B"]), "compile_s": workers["B"].compile_s},
+                  "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+    print(" ".join(rest))
+    for name in ("A", "B"):
+        row = result[name]
+        print(f"{name}  {row['tree']:<24} img/s " + " ".join(f"{x:7.1f}" for x in row["img_s"])
+              + f"   median {row['median_img_s']:.1f}")
+    print(f"A / B per round: median {result['ratio_median']:.3f} (range {result['ratio_min']:.3f}–"
+          f"{result['ratio_max']:.3f})")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        worker(sys.argv[2:])
+    else:
+        sys.path.insert(0, str(REPO))
+        from effnet_jax.host import with_fast_malloc
+        with_fast_malloc()  # before the workers start: they inherit the allocator setting
+        main()
