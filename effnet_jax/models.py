@@ -155,7 +155,8 @@ class EfficientNet(nn.Module):
             return activation(cfg.activation, trains(unit))(bn(name)(x, not trains(unit)))
 
         x = x.astype(self.dtype)
-        x = Conv(cfg.stem_channels, 3, cfg.stem_stride, cfg.padding, self.dtype, self.conv_impl, name="stem")(x)
+        x = Conv(cfg.stem_channels, 3, cfg.stem_stride, cfg.padding, self.dtype, self.conv_impl, name="stem")(
+            x, inference=not trains(0))
         x = bn_act("stem_bn", 0, x)
         self.sow("intermediates", "stem_out", x)
         for i, block in enumerate(cfg.blocks):

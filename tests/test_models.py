@@ -1,6 +1,7 @@
 """The architecture against independent references: torchvision's and the Lite reference's PyTorch models
 (built here), the published counts, the rounding formulas, and statistics for stochastic depth."""
 
+import itertools
 import math
 
 import flax.linen as nn
@@ -209,7 +210,7 @@ def test_depthwise_impls_agree_with_torch(padding, kernel, stride, size, dk_loop
 
 @pytest.mark.parametrize("kernel,stride,cin,padding,size", [
     (1, 1, 16, "symmetric", 9),   # expand / project / head: x @ kernel[0, 0]
-    (3, 2, 3, "symmetric", 17),   # the stem: patches x matrix
+    (3, 2, 3, "symmetric", 17),   # the stem: patches x matrix; inference: the sum of 27 tap products
     (3, 2, 3, "same", 16),        # the Lite / TF stem
     (3, 1, 32, "symmetric", 8),   # too deep for patches: stays a convolution
 ])
@@ -219,19 +220,22 @@ def test_conv_impls_agree_with_torch(kernel, stride, cin, padding, size):
     w = rng.randn(kernel, kernel, cin, 8).astype(np.float32)
     pads = tuple(layers.conv_padding(padding, s, kernel, stride) for s in x.shape[1:3])
 
-    def loss(impl):
-        return lambda a, b: jnp.sum(jnp.sin(layers.conv(a, b, stride, pads, impl)))
+    def loss(impl, inference):
+        return lambda a, b: jnp.sum(jnp.sin(layers.conv(a, b, stride, pads, impl, inference=inference)))
 
     xg, wg = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
     xt = torch.nn.functional.pad(xg.permute(0, 3, 1, 2), (*pads[1], *pads[0]))
     y = torch.nn.functional.conv2d(xt, wg.permute(3, 2, 0, 1), stride=stride)
     torch.sin(y).sum().backward()
-    for impl in ("dot", "xla"):
-        out = layers.conv(jnp.asarray(x), jnp.asarray(w), stride, pads, impl)
-        np.testing.assert_allclose(out, y.detach().permute(0, 2, 3, 1).numpy(), atol=1e-4, rtol=1e-4, err_msg=impl)
-        gx, gw = jax.grad(loss(impl), argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
-        np.testing.assert_allclose(gx, xg.grad.numpy(), atol=1e-4, rtol=1e-4, err_msg=impl)
-        np.testing.assert_allclose(gw, wg.grad.numpy(), atol=1e-4, rtol=1e-4, err_msg=impl)
+    # `inference` only picks the computation (the stem's tap products): the same values, and its gradients are
+    # still right (autodiff of the sum), only not what a trained unit should run
+    for impl, inference in itertools.product(("dot", "xla"), (False, True)):
+        msg = f"{impl}, inference={inference}"
+        out = layers.conv(jnp.asarray(x), jnp.asarray(w), stride, pads, impl, inference=inference)
+        np.testing.assert_allclose(out, y.detach().permute(0, 2, 3, 1).numpy(), atol=1e-4, rtol=1e-4, err_msg=msg)
+        gx, gw = jax.grad(loss(impl, inference), argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
+        np.testing.assert_allclose(gx, xg.grad.numpy(), atol=1e-4, rtol=1e-4, err_msg=msg)
+        np.testing.assert_allclose(gw, wg.grad.numpy(), atol=1e-4, rtol=1e-4, err_msg=msg)
     assert layers.resolve_conv_impl("auto") == ("dot" if jax.default_backend() == "cpu" else "xla")
 
 
