@@ -218,6 +218,9 @@ def resolve_conv_impl(impl: str) -> str:
 # 'dot' computes a k×k convolution as patches × matrix only while the patches stay small (the stem's 3 input
 # channels: 27 values per pixel); wider k×k convolutions stay convolutions.
 PATCH_DOT_MAX_DEPTH = 64
+# in inference mode a 1×1 convolution of at most this many input channels is a fused sum of products (`conv`); at 24
+# (B0's 56 px expansions) the GEMM measured faster (probe, one core: 10.1 against 15.2 ms)
+POINTWISE_SUM_MAX_DEPTH = 16
 
 
 def _matmul_2d(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -257,8 +260,10 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding, impl: str, in_sc
     with at most PATCH_DOT_MAX_DEPTH values per patch is the (N, OH, OW, kh·kw·Cin) patches times the kernel
     reshaped to (kh·kw·Cin, Cout), or, with `inference` (no gradient will be taken: evaluation, a frozen unit),
     the elementwise sum of `_tap_products`, which skips writing the patches (B0 224 px stem + BatchNorm + SiLU +
-    pad, one core: 27–28 → 17–19 ms). Other shapes fall back to 'xla'. `inference` only picks the computation: the
-    result is the same sums, and differentiable either way.
+    pad, one core: 27–28 → 17–19 ms); likewise, with `inference`, a 1×1 one with at most POINTWISE_SUM_MAX_DEPTH
+    input channels (B0's and Lite0's first expansion, 16 → 96 channels at 112 px: its 77 MB output is written once,
+    by the pass that applies BatchNorm and the activation and pads it). Other shapes fall back to 'xla'. `inference`
+    only picks the computation: the result is the same sums, and differentiable either way.
 
     `in_scale` (N, Cin), optional: per-sample factors of x's channels (squeeze-excitation's gate); the result is the
     convolution of x · in_scale. impl 'dot' folds them into per-sample 1×1 weights (`_scaled_matmul`) where the map
@@ -269,6 +274,8 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding, impl: str, in_sc
         return _scaled_matmul(x, in_scale, kernel[0, 0])
     if in_scale is not None:
         x = x * in_scale[:, None, None, :]
+    if impl == "dot" and pointwise and inference and cin <= POINTWISE_SUM_MAX_DEPTH:
+        return _tap_products(x, kernel, 1, x.shape[1], x.shape[2])
     if impl == "dot" and pointwise:
         return _matmul_2d(x, kernel[0, 0])
     if impl == "dot" and kh * kw * cin <= PATCH_DOT_MAX_DEPTH:

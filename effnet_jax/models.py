@@ -89,7 +89,8 @@ class MBConv(nn.Module):
         bn = lambda name: BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype, name=name)  # noqa: E731
         shortcut = x
         if cfg.expand_channels != cfg.in_channels:
-            x = Conv(cfg.expand_channels, dtype=self.dtype, impl=self.conv_impl, name="expand_conv")(x)
+            x = Conv(cfg.expand_channels, dtype=self.dtype, impl=self.conv_impl, name="expand_conv")(
+                x, inference=not train)
             x = act(bn("expand_bn")(x, not train))
         x = DepthwiseConv(cfg.kernel, cfg.stride, self.padding, self.depthwise_impl, self.dtype, name="dw_conv")(x)
         x = act(bn("dw_bn")(x, not train))

@@ -209,7 +209,7 @@ def test_depthwise_impls_agree_with_torch(padding, kernel, stride, size, dk_loop
 
 
 @pytest.mark.parametrize("kernel,stride,cin,padding,size", [
-    (1, 1, 16, "symmetric", 9),   # expand / project / head: x @ kernel[0, 0]
+    (1, 1, 16, "symmetric", 9),   # expand / project / head: x @ kernel[0, 0]; inference: 16 products summed
     (3, 2, 3, "symmetric", 17),   # the stem: patches x matrix; inference: the sum of 27 tap products
     (3, 2, 3, "same", 16),        # the Lite / TF stem
     (3, 1, 32, "symmetric", 8),   # too deep for patches: stays a convolution
