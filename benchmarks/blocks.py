@@ -59,7 +59,7 @@ class ConvBNAct(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        x = Conv(self.features, self.kernel, self.stride, self.padding, name=self.prefix)(x)
+        x = Conv(self.features, self.kernel, self.stride, self.padding, name=self.prefix)(x, inference=not train)
         x = BatchNorm(self.bn_momentum, self.bn_epsilon, name=self.prefix + "_bn")(x, not train)
         return activation(self.activation, train)(x)
 
