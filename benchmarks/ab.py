@@ -117,9 +117,7 @@ def worker(argv: list[str]) -> None:
     import effnet_jax
     import throughput as tp
     args = tp.parse_args(argv + ["--compare", "none"])
-    mode, variant = args.mode, args.variant
-    resolution = tp.variants.model_config(variant).resolution if args.resolution == "native" else int(args.resolution)
-    s = tp.jax_setup(variant, resolution, int(args.batch_size), args)
+    s = tp.jax_setup(args.variant, tp.side(args.variant, args.resolution), int(args.batch_size), args)
     box = {}
 
     def capture(run, warmup, steps, repeats):  # throughput's timer, replaced: keep the warm `run` instead
@@ -128,8 +126,9 @@ def worker(argv: list[str]) -> None:
         return [0.0]
 
     tp.time_steps = capture
-    out = (tp.jax_eval if mode == "eval" else tp.jax_train)(s, args)
-    send({"ready": True, "compile_s": out["compile_s"], "effnet_jax": os.path.dirname(effnet_jax.__file__)})
+    out = (tp.jax_eval if args.mode == "eval" else tp.jax_train)(s, args)
+    send({"ready": True, "compile_s": out["compile_s"], "batch_size": int(args.batch_size),
+          "effnet_jax": os.path.dirname(effnet_jax.__file__)})
     for line in sys.stdin:
         request = json.loads(line)
         steps = request["steps"]
@@ -172,10 +171,6 @@ class Worker:
                 self.proc.kill()
 
 
-def batch_size(rest: list[str]) -> int:
-    return int(rest[rest.index("--batch-size") + 1]) if "--batch-size" in rest else 64  # throughput's default
-
-
 def main(argv=None) -> dict:
     args, rest = parse_args(argv)
     wargs = rest + ["--warmup", str(args.warmup)]
@@ -190,11 +185,11 @@ def main(argv=None) -> dict:
                 ready = workers[name].receive()
                 if pathlib.Path(ready["effnet_jax"]).resolve() != (tree / "effnet_jax").resolve():
                     raise SystemExit(f"worker {name} imported effnet_jax from {ready['effnet_jax']}, not from {tree}")
-                workers[name].compile_s = ready["compile_s"]
+                workers[name].compile_s, batch = ready["compile_s"], ready["batch_size"]
             img_s = {name: [] for name in trees}
             for r in range(args.rounds):
                 for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
-                    img_s[name].append(batch_size(rest) * args.steps / workers[name].time(args.steps, args.settle))
+                    img_s[name].append(batch * args.steps / workers[name].time(args.steps, args.settle))
                 print(f"round {r + 1}/{args.rounds}: A {img_s['A'][-1]:.1f}, B {img_s['B'][-1]:.1f} img/s",
                       file=sys.stderr, flush=True)
         finally:

@@ -443,6 +443,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def side(variant: str, resolution: str) -> int:
+    """A `--resolution` value in px: 'native' is the variant's own."""
+    return variants.model_config(variant).resolution if resolution == "native" else int(resolution)
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.compare == "torch":
@@ -454,7 +459,7 @@ def main(argv=None) -> list[dict]:
     rows = []
     for variant in args.variant.split(","):
         for res, bs in itertools.product(args.resolution.split(","), args.batch_size.split(",")):
-            resolution = variants.model_config(variant).resolution if res == "native" else int(res)
+            resolution = side(variant, res)
             s = jax_setup(variant, resolution, int(bs), args)
             for mode in modes:
                 rows.append(bench_row(variant, resolution, int(bs), mode, s, args))

@@ -227,8 +227,8 @@ def test_conv_impls_agree_with_torch(kernel, stride, cin, padding, size):
     xt = torch.nn.functional.pad(xg.permute(0, 3, 1, 2), (*pads[1], *pads[0]))
     y = torch.nn.functional.conv2d(xt, wg.permute(3, 2, 0, 1), stride=stride)
     torch.sin(y).sum().backward()
-    # `inference` only picks the computation (the stem's tap products): the same values, and its gradients are
-    # still right (autodiff of the sum), only not what a trained unit should run
+    # `inference` only picks the computation (the stem's 27 tap products, the 16-channel 1×1's 16 products summed):
+    # the same values, and its gradients are still right (autodiff of the sum), only not what a trained unit should run
     for impl, inference in itertools.product(("dot", "xla"), (False, True)):
         msg = f"{impl}, inference={inference}"
         out = layers.conv(jnp.asarray(x), jnp.asarray(w), stride, pads, impl, inference=inference)
