@@ -20,7 +20,7 @@ HELP = {
     "data_dir": "tfds data dir, or the CIFAR python tarball / an image folder or .tar.gz",
     "init": "imagenet | scratch | PATH.pth | RUN_DIR (a previous run or a converted model directory)",
     "workdir": "where config, metrics.jsonl, curves.png and checkpoints go", "batch_size": "global batch size",
-    "freeze": "none | head-only | N (train only the top N blocks + head); default: 6 with pretrained weights, "
+    "freeze": "none | head-only | N (train only the top N blocks + head); default: 8 with pretrained weights, "
     "none from scratch",
     "two_phase": "first --phase1-epochs head-only, then --freeze at lr * --phase2-lr-scale",
     "resolution": "input side after augmentation (32 px CIFAR images are resized to it)",

@@ -38,7 +38,7 @@ sides use the same device (`--device-kind`, one device). The last stdout line is
 
     python benchmarks/epoch.py --data-dir ../shared/data/cifar10-jpeg-train.tar.gz            # a full epoch, 32 px
     python benchmarks/epoch.py --data-dir ../shared/data/cifar10-jpeg-train.tar.gz --max-examples 3200 --workers 0,2
-    python benchmarks/epoch.py --variant b0 --resolution 96 --freeze 6 --max-examples 3200  # our recipe's shape
+    python benchmarks/epoch.py --variant b0 --resolution 128 --freeze 8 --max-examples 3200  # our recipe's shape
 """
 
 from __future__ import annotations

@@ -42,6 +42,9 @@ from .stopping import Interrupted, StopRequest
 
 log = logging.getLogger(__name__)
 PyTree = Any
+# with pretrained weights and no --freeze: the top 8 blocks (+ head) train, at 128 px: Lite0 90.3 / 90.9 % (two seeds)
+# in 27-28 min on 2 CPU cores, where the top 6 at 96 px gave 88.4 / 89.5 % (benchmarks/results/fine-tuning.md)
+DEFAULT_TRAINED_BLOCKS = 8
 
 
 class Diverged(UserError, FloatingPointError):
@@ -67,15 +70,15 @@ class TrainConfig:
     warmup_epochs: float | None = None  # None: min(1, epochs / 5)
     label_smoothing: float = 0.1
     grad_clip: float = 0.0
-    freeze: str | None = None           # None: '6' (top 6 blocks + head: docs/training.md) for pretrained
-                                        # weights, 'none' from scratch
+    freeze: str | None = None           # None: the top DEFAULT_TRAINED_BLOCKS blocks + head (docs/training.md;
+                                        # all of a network with fewer) for pretrained weights, 'none' from scratch
     head_init: str = "zero"             # a new classifier: 'zero' (big_vision's; docs/training.md) or 'uniform'
                                         # (torchvision's)
     two_phase: bool = False
     phase1_epochs: int = 0
     phase2_lr_scale: float = 0.1
     ema_decay: float = 0.0
-    resolution: int = 96                # training/eval input side; CIFAR's 32 px images are resized to it
+    resolution: int = 128               # training/eval input side; CIFAR's 32 px images are resized to it
     resolution_schedule: str = ""       # progressive resizing: 'SIDE:EPOCHS,...' trains the first epochs at
                                         # these sides, the rest (at least the last epoch) at `resolution`
     input_mean: str | None = None       # input normalization 'R,G,B' (of pixels in [0, 1]); None: the init
@@ -116,7 +119,7 @@ class TrainConfig:
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         model_config = variants.model_config(self.variant, width=self.width, depth=self.depth)  # a known variant
-        optim_cfg = self.optim_config()  # OptimConfig's own checks
+        optim_cfg = self.optim_config(len(model_config.blocks))  # OptimConfig's own checks
         if not os.path.isdir(self.init):  # (a run's or model directory's network may be scaled otherwise)
             for phase in optim.phases(optim_cfg):  # N of --freeze N within the model's blocks
                 optim.frozen_units(model_config, phase.freeze)
@@ -129,12 +132,20 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in saved.items() if k in names})
 
-    def optim_config(self) -> optim.OptimConfig:
+    def default_freeze(self, num_blocks: int | None = None) -> str:
+        """`--freeze` when not given: 'none' from scratch; else the top DEFAULT_TRAINED_BLOCKS blocks, or all
+        `num_blocks` blocks of a smaller network (a scaled one fine-tuned from its run directory)."""
+        if self.init == "scratch":
+            return "none"
+        return str(DEFAULT_TRAINED_BLOCKS if num_blocks is None else min(DEFAULT_TRAINED_BLOCKS, num_blocks))
+
+    def optim_config(self, num_blocks: int | None = None) -> optim.OptimConfig:
+        """The optimizer settings; `num_blocks`: the trained network's block count, for the default `--freeze`."""
         return optim.OptimConfig(
             optimizer=self.optimizer, lr=self.lr, weight_decay=self.weight_decay,
             warmup_epochs=min(1.0, self.epochs / 5) if self.warmup_epochs is None else self.warmup_epochs,
             epochs=self.epochs, grad_clip=self.grad_clip, label_smoothing=self.label_smoothing,
-            freeze=self.freeze if self.freeze is not None else ("none" if self.init == "scratch" else "6"),
+            freeze=self.freeze if self.freeze is not None else self.default_freeze(num_blocks),
             two_phase=self.two_phase, phase1_epochs=self.phase1_epochs, phase2_lr_scale=self.phase2_lr_scale,
             ema_decay=self.ema_decay, schedule=self.schedule)
 
@@ -297,8 +308,8 @@ def setup(cfg: TrainConfig) -> Run:
     variables, overrides = initial_variables(cfg, ds.num_classes, jax.random.fold_in(jax.random.key(cfg.seed), 1))
     sides = cfg.resolution_plan()
     augs = {r: augment_config(cfg, mean, std, r) for r in sorted(set(sides))}
-    ocfg = cfg.optim_config()
     model_config = build_model(cfg, ds.num_classes, overrides=overrides).config
+    ocfg = cfg.optim_config(len(model_config.blocks))
     tx = optim.make_optimizer(ocfg, variables["params"], model_config, steps_per_epoch)
 
     config = dataclasses.asdict(cfg) | {"model_overrides": overrides, "num_classes": ds.num_classes,
@@ -382,7 +393,7 @@ def train_epoch(run: Run, state: TrainState, epoch: int, first: int, sums: dict,
     """The steps of `epoch` from batch `first` on: (state, the epoch's sums, the last step, img/s). Every 10th
     step checks the loss; a stop request (or `--checkpoint-every`) saves checkpoints/latest between two steps."""
     cfg = run.cfg
-    phase = [p for p in optim.phases(cfg.optim_config()) if p.start_epoch < epoch][-1]
+    phase = [p for p in optim.phases(cfg.optim_config(len(run.model_config.blocks))) if p.start_epoch < epoch][-1]
     fu, side = optim.frozen_units(run.model_config, phase.freeze), run.sides[epoch - 1]
     if (fu, side) not in run.step_fns:  # one compiled step per freezing phase and input side
         run.step_fns[fu, side] = jit_train_step(build_model(cfg, run.ds.num_classes, fu, run.overrides), run.tx,

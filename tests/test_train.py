@@ -39,7 +39,8 @@ import pytest
 from PIL import Image
 
 from effnet_jax import evaluate as evaluate_cli
-from effnet_jax import host
+from effnet_jax import host, optim, variants
+from effnet_jax.errors import ConfigError
 from effnet_jax import train as trainer
 from effnet_jax import weights
 from effnet_jax.rundir import restore_checkpoint
@@ -91,6 +92,20 @@ def warmup_cosine(step: int, peak: float, warmup: int, total: int) -> float:
 
 def test_defaults_are_the_train_config():
     assert cli.parse_args([]) == trainer.TrainConfig()
+
+
+def test_default_freeze_is_the_top_8_blocks_or_all_of_a_smaller_network():
+    """Without --freeze: the top 8 blocks with pretrained weights (Lite0 and B0 have 16), every block of a network
+    with fewer (a scaled network fine-tuned from its run directory: an explicit N > its blocks is an error), and
+    everything from scratch."""
+    cfg = cli.parse_args(["--variant", "lite0"])
+    assert cfg.resolution == 128 and cfg.optim_config().freeze == 8 and cfg.optim_config(16).freeze == 8
+    assert optim.frozen_units(variants.model_config("lite0"), cfg.optim_config(16).freeze) == 1 + 16 - 8
+    assert cfg.optim_config(7).freeze == 7
+    assert cli.parse_args(["--init", "scratch"]).optim_config(16).freeze == "none"
+    assert cli.parse_args(["--freeze", "6"]).optim_config(7).freeze == 6
+    with pytest.raises(ConfigError, match="has 7 blocks"):
+        optim.frozen_units(variants.model_config("b0", width=0.25, depth=0.25), 8)
 
 
 def test_notebook_preset():
@@ -217,7 +232,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
         return (rng.normal(0, 1, s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32)
 
     variables = jax.tree_util.tree_map_with_path(init, param_shapes(model, 32))
-    tx = optim.make_optimizer(cfg.optim_config(), variables["params"], model.config, 1)
+    tx = optim.make_optimizer(cfg.optim_config(len(model.config.blocks)), variables["params"], model.config, 1)
     aug = data_lib.AugmentConfig(crop_padding=4, flip=True, resolution=32)
     out = {}
     for n in (1, 2):
