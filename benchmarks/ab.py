@@ -10,7 +10,9 @@ waits on its pipe, so each has all the cores in its turn), each turn after `--se
 each round's pair says what the change does.
 
 `--against` is a directory holding another checkout (its `effnet_jax/` is imported) or a git revision of this
-repository, checked out for the run into a temporary worktree (removed afterwards). Both workers run this
+repository, checked out for the run into a temporary worktree (removed afterwards). `--xla-flags-a` /
+`--xla-flags-b` set one worker's `XLA_FLAGS` (XLA reads them once per process): with `--against HEAD` and a
+clean tree, the same code with and without a flag. Both workers run this
 tree's `throughput.py` (so a revision must have the `effnet_jax` API it calls: `steps.jit_train_step`,
 `train.TrainConfig`, ...). stdout: a table, then one JSON line.
 
@@ -18,6 +20,8 @@ tree's `throughput.py` (so a revision must have the `effnet_jax` API it calls: `
     python benchmarks/ab.py --against ../other-checkout --variant lite0 --resolution 128 --batch-size 64 \\
         --mode train --freeze 6 --rounds 8
     taskset -c 0 python benchmarks/ab.py --against HEAD~1 ...   # on one core: less noise still
+    python benchmarks/ab.py --against HEAD --xla-flags-a=--xla_cpu_experimental_ynn_fusion_type=+individual_dot \
+        --variant b0 --resolution 224 --batch-size 16 --mode train      # an XLA flag against none
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--settle", type=int, default=1,
                    help="untimed steps at the start of every turn (default 1): the first step after the other "
                         "worker's turn measured ~15 %% slower (two cores: caches, thread wake-up), whichever ran")
+    for side in ("a", "b"):
+        p.add_argument(f"--xla-flags-{side}", default=None, metavar="FLAGS",
+                       help=f"worker {side.upper()}'s XLA_FLAGS (default: this process's)")
     args, rest = p.parse_known_args(argv)
     for flag in ("--variant", "--resolution", "--batch-size", "--mode"):
         if flag in rest and "," in rest[rest.index(flag) + 1]:
@@ -128,7 +135,7 @@ def worker(argv: list[str]) -> None:
     tp.time_steps = capture
     out = (tp.jax_eval if args.mode == "eval" else tp.jax_train)(s, args)
     send({"ready": True, "compile_s": out["compile_s"], "batch_size": int(args.batch_size),
-          "effnet_jax": os.path.dirname(effnet_jax.__file__)})
+          "effnet_jax": os.path.dirname(effnet_jax.__file__), "xla_flags": os.environ.get("XLA_FLAGS", "")})
     for line in sys.stdin:
         request = json.loads(line)
         steps = request["steps"]
@@ -142,9 +149,11 @@ def worker(argv: list[str]) -> None:
 
 
 class Worker:
-    def __init__(self, name: str, tree: pathlib.Path, argv: list[str]):
+    def __init__(self, name: str, tree: pathlib.Path, argv: list[str], xla_flags: str | None = None):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(
             os.pathsep))
+        if xla_flags is not None:
+            env["XLA_FLAGS"] = xla_flags
         self.name, self.tree = name, tree
         self.proc = subprocess.Popen([sys.executable, str(HERE / "ab.py"), "--worker", *argv], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
@@ -181,11 +190,12 @@ def main(argv=None) -> dict:
             # one at a time: two XLA compilations side by side would only slow each other
             for name, tree in trees.items():
                 print(f"worker {name}: {describe(tree)} ({tree}), compiling ...", file=sys.stderr, flush=True)
-                workers[name] = Worker(name, tree, wargs)
+                workers[name] = Worker(name, tree, wargs, getattr(args, f"xla_flags_{name.lower()}"))
                 ready = workers[name].receive()
                 if pathlib.Path(ready["effnet_jax"]).resolve() != (tree / "effnet_jax").resolve():
                     raise SystemExit(f"worker {name} imported effnet_jax from {ready['effnet_jax']}, not from {tree}")
                 workers[name].compile_s, batch = ready["compile_s"], ready["batch_size"]
+                workers[name].xla_flags = ready["xla_flags"]
             img_s = {name: [] for name in trees}
             for r in range(args.rounds):
                 for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
@@ -198,15 +208,16 @@ def main(argv=None) -> dict:
         ratios = [a / b for a, b in zip(img_s["A"], img_s["B"])]
         result = {"args": rest, "rounds": args.rounds, "steps": args.steps, "settle": args.settle,
                   "A": {"tree": describe(REPO), "img_s": img_s["A"], "median_img_s": statistics.median(img_s["A"]),
-                        "compile_s": workers["A"].compile_s},
+                        "compile_s": workers["A"].compile_s, "xla_flags": workers["A"].xla_flags},
                   "B": {"tree": describe(other), "against": args.against, "img_s": img_s["B"],
-                        "median_img_s": statistics.median(img_s["B"]), "compile_s": workers["B"].compile_s},
+                        "median_img_s": statistics.median(img_s["B"]), "compile_s": workers["B"].compile_s,
+                        "xla_flags": workers["B"].xla_flags},
                   "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
     print(" ".join(rest))
     for name in ("A", "B"):
         row = result[name]
         print(f"{name}  {row['tree']:<24} img/s " + " ".join(f"{x:7.1f}" for x in row["img_s"])
-              + f"   median {row['median_img_s']:.1f}")
+              + f"   median {row['median_img_s']:.1f}" + (f"   XLA_FLAGS={row['xla_flags']}" if row["xla_flags"] else ""))
     print(f"A / B per round: median {result['ratio_median']:.3f} (range {result['ratio_min']:.3f}–"
           f"{result['ratio_max']:.3f})")
     print(json.dumps(result))

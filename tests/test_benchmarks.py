@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -137,6 +138,17 @@ def test_ab_against_a_revision_in_turns():
     assert "worker B" in out.stderr and "effnet-ab-" in out.stderr  # B ran from the temporary worktree
     after = subprocess.run(["git", "worktree", "list"], cwd=BENCH.parent, capture_output=True, text=True).stdout
     assert after == before
+
+
+def test_ab_gives_each_worker_its_xla_flags():
+    """`--xla-flags-b`: worker B's process has that XLA_FLAGS (it reports what it saw), A this process's."""
+    flags = "--xla_cpu_enable_fast_math=false"
+    out = run_ab("--against", "HEAD", "--rounds", "1", "--steps", "1", "--settle", "0", f"--xla-flags-b={flags}",
+                 *TINY, "--mode", "eval")
+    assert out.returncode == 0, out.stderr
+    res = last_json(out.stdout)
+    assert res["B"]["xla_flags"] == flags and res["A"]["xla_flags"] == os.environ.get("XLA_FLAGS", "")
+    assert f"XLA_FLAGS={flags}" in out.stdout
 
 
 def test_ab_rejects_what_it_cannot_compare():
