@@ -4,8 +4,9 @@
 JAX side: the trainer's own step, `effnet_jax.steps.jit_train_step` (state donated) exactly as
 `train_and_evaluate` builds it (model from `build_model`, optimizer from `optim.make_optimizer` with the
 project's default AdamW recipe and `--freeze`, the model's `frozen_units` for it, `augment_config`), fed an
-on-device uint8 dataset (random CIFAR-sized images, `--source-size`) and host index batches put on a
-one-device mesh each step, as training does: so a step includes the gather, the on-device augmentation
+on-device uint8 dataset (random CIFAR-sized images, `--source-size`) and host index batches put on the mesh each
+step, as training does (one device; `--devices all`: every device of the kind, the batch sharded over them, as
+`train.py` and `effnet_jax.evaluate` use them): so a step includes the gather, the on-device augmentation
 (crop + flip + resize to `--resolution`), forward, backward, BN update and the optimizer. Eval:
 `effnet_jax.steps.jit_eval_step` (resize + normalize + forward + metrics) on an index batch.
 
@@ -36,6 +37,13 @@ frameworks, all rows before); on a GPU, `jax_peak_mb` / `torch_peak_mb` are the 
     python benchmarks/throughput.py --variant lite0 --resolution 96 --freeze 6 --compare none
     taskset -c 0 python benchmarks/throughput.py --variant b0 --resolution 224 --batch-size 16 --mode train \
         --compare none --repeats 1 --steps 3 --profile /tmp/prof   # where the JAX step's time goes
+
+On a CPU, `--devices all` with `XLA_FLAGS=--xla_force_host_platform_device_count=N` runs the JAX step as N XLA
+devices in one process, one per core, each on its share of the batch (docs/performance.md: faster for inference,
+slower for training on a 2-core CPU):
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/throughput.py --variant b0 \
+        --resolution 224 --batch-size 16 --mode eval --devices all
 
 `--profile DIR`: after the timing, `--steps` more JAX steps run under `jax.profiler` (a perfetto trace per row in
 DIR/<variant>_<px>_<batch>_<mode>/); the XLA operations' times in it, summed by kind (the HLO instruction's name
@@ -119,7 +127,7 @@ def jax_setup(variant: str, resolution: int, batch_size: int, args) -> dict:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n_data, args.source_size, args.source_size, 3), dtype=np.uint8)
     labels = rng.integers(0, NUM_CLASSES, n_data).astype(np.int32)
-    mesh = Mesh([args.jax_device])
+    mesh = Mesh(args.jax_devices)
     return dict(cfg=cfg, overrides=overrides, base=base, fu=fu, mesh=mesh, n_data=n_data,
                 name=f"{variant}_{resolution}_{batch_size}",
                 arrays=mesh.replicate((jnp.asarray(images), jnp.asarray(labels))),
@@ -350,7 +358,7 @@ def bench_row(variant: str, resolution: int, batch_size: int, mode: str, s: dict
     j = (jax_train if mode == "train" else jax_eval)(s, args)
     row: dict[str, Any] = {
         "variant": variant, "resolution": resolution, "batch_size": batch_size, "mode": mode, "dtype": args.dtype,
-        "freeze": args.freeze, "device": args.device_kind,
+        "freeze": args.freeze, "device": args.device_kind, "devices": len(args.jax_devices),
         "gflops": count_flops(s["base"].config, NUM_CLASSES, resolution) / 1e9,
         "jax_img_s": img_s(batch_size, args.steps, j["times"]), "compile_s": j["compile_s"],
         "jax_step_ms": 1e3 * float(np.median(j["times"])) / args.steps,
@@ -430,6 +438,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--conv-impl", default=None, choices=("auto", "dot", "xla"),
                    help="JAX: 1x1 convolutions and the stem as matrix products or XLA convolutions (create_model)")
     p.add_argument("--depthwise-impl", default=None, choices=("auto", "shift", "xla"), help="JAX (create_model)")
+    p.add_argument("--devices", default="1", choices=("1", "all"),
+                   help="JAX: the step's mesh over one device, or over all of --device-kind's, the batch sharded "
+                        "(on a CPU, one device per core: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     p.add_argument("--profile", default=None, metavar="DIR", help="also trace --steps JAX steps into DIR and print "
                    "where their time goes, by XLA operation kind (run under `taskset -c 0` for times that add up)")
     args = p.parse_args(argv)
@@ -437,7 +448,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         p.error(f"--variant {unknown[0]!r} is not one of {', '.join(variants.VARIANTS)}")
     args.device_kind = device_kind(args.device_kind, args.compare)
-    args.jax_device = jax.devices(args.device_kind)[0]
+    args.jax_devices = jax.devices(args.device_kind)[:1 if args.devices == "1" else None]
+    args.jax_device = args.jax_devices[0]
+    odd = [b for b in args.batch_size.split(",") if int(b) % len(args.jax_devices)]
+    if odd:
+        p.error(f"--batch-size {odd[0]} is not divisible by the {len(args.jax_devices)} devices of --devices all")
     args.torch_device = "cuda" if args.device_kind == "gpu" else "cpu"
     args.threads = args.threads or cpu_threads()
     return args
@@ -465,7 +480,7 @@ def main(argv=None) -> list[dict]:
                 rows.append(bench_row(variant, resolution, int(bs), mode, s, args))
                 log(json.dumps(rows[-1]))
             del s
-    log(f"jax {jax.__version__} ({args.jax_device.platform}: {args.jax_device.device_kind}), "
+    log(f"jax {jax.__version__} ({len(args.jax_devices)} × {args.jax_device.platform}: {args.jax_device.device_kind}), "
         f"{platform.processor() or platform.machine()}, {cpu_threads()} usable cores")
     print_table(rows)
     for r in rows:

@@ -50,6 +50,22 @@ def test_throughput_train_and_eval(capsys):
     assert "JAX img/s" in out  # the table
 
 
+def test_throughput_over_all_devices_shards_the_batch():
+    """`--devices all`: the JAX step's mesh spans every device (here 2 XLA CPU devices in one process), the row
+    says so; a batch the devices do not divide is refused with a message."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", EFFNET_JAX_NO_REEXEC="1")
+    cmd = [sys.executable, str(BENCH / "throughput.py"), *TINY, "--devices", "all", "--compare", "none",
+           "--repeats", "1", "--steps", "1", "--warmup", "1"]
+    out = subprocess.run(cmd + ["--mode", "train,eval"], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.strip().splitlines()[-2:]]
+    assert [(r["mode"], r["devices"]) for r in rows] == [("train", 2), ("eval", 2)]
+    assert all(r["jax_img_s"] > 0 for r in rows)
+    bad = subprocess.run(cmd + ["--batch-size", "3", "--mode", "eval"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode == 2 and "not divisible by the 2 devices" in bad.stderr
+
+
 def test_thunk_profile_sums_operations_by_kind(tmp_path):
     # a hand-made perfetto trace of 2 steps: XLA operations are summed by name without their number; Python and
     # runtime events, a `while` (its body's operations are events of their own) and instant events are not counted
