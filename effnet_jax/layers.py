@@ -177,7 +177,11 @@ def _kernel_grad(xp: jax.Array, g: jax.Array, kh: int, kw: int, stride: int) -> 
         products = [(tap * g).astype(jnp.float32) for _, _, tap in _taps(xp, kh, kw, stride, oh, ow)]
         if _dk_one_pass(kh * kw, stride, oh * ow * c):
             zero = jnp.zeros((), jnp.float32)
-            sums = lax.reduce(products, [zero] * len(products), lambda a, b: [u + v for u, v in zip(a, b)], (0, 1, 2))
+            # over positions per sample, then over the batch: a batch-sharded step then reduces one (k·k, N, C) stack
+            # across devices, where the variadic reduction over the batch made XLA all-gather each of its k·k sums
+            per_sample = lax.reduce(products, [zero] * len(products), lambda a, b: [u + v for u, v in zip(a, b)],
+                                    (1, 2))
+            sums = jnp.sum(jnp.stack(per_sample), axis=1)
         else:
             sums = [jnp.sum(p, axis=(0, 1, 2)) for p in products]
         return jnp.stack(sums).reshape(kh, kw, 1, c)
