@@ -128,11 +128,19 @@ class RunDir:
     # ---------------------------------------------------------------------------------------------- checkpoints
 
     def managers(self) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
-        """The (latest, best) orbax managers for saving: one checkpoint each; best by meta 'val_top1'."""
-        latest = ocp.CheckpointManager(self.checkpoints("latest").absolute(),
-                                       options=ocp.CheckpointManagerOptions(max_to_keep=1))
-        best = ocp.CheckpointManager(self.checkpoints("best").absolute(), options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, best_fn=lambda m: m["val_top1"], best_mode="max"))
+        """The (latest, best) orbax managers for saving: one checkpoint each; best by meta 'val_top1'.
+
+        Each has barrier names of its own (`barrier_sync_key_prefix`): with several processes orbax synchronizes
+        every save with fixed barrier names, and a save of one manager overlapping the background end of the
+        other's (both save at an epoch's end) then waited on the same barrier twice ("Barrier
+        ThreadSaveMultiHostValueHolder:set_value_start is already ongoing"), which ended a two-process run."""
+        def options(name: str, **kwargs) -> ocp.CheckpointManagerOptions:
+            return ocp.CheckpointManagerOptions(
+                max_to_keep=1, multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name),
+                **kwargs)
+        latest = ocp.CheckpointManager(self.checkpoints("latest").absolute(), options=options("latest"))
+        best = ocp.CheckpointManager(self.checkpoints("best").absolute(),
+                                     options=options("best", best_fn=lambda m: m["val_top1"], best_mode="max"))
         return latest, best
 
     @staticmethod

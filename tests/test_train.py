@@ -793,3 +793,17 @@ def test_entry_points_restart_with_huge_page_malloc(script, tmp_path):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "TUNABLES=glibc.malloc.hugetlb=1" in out.stdout.splitlines()
+
+
+def test_checkpoint_managers_synchronize_under_names_of_their_own(tmp_path):
+    """With several processes orbax synchronizes each save with fixed barrier names; the 'latest' and 'best'
+    managers both save at an epoch's end, and with shared names one's save met the other's background end on the
+    same barrier ("... set_value_start is already ongoing"): two-process runs failed or hung at an epoch's end in 2
+    of 4 runs of 8 epochs, 0 of 6 with names of their own (benchmarks/results/devices.md, 2026-12-06)."""
+    from effnet_jax.rundir import RunDir
+
+    latest, best = RunDir(tmp_path).managers()
+    prefixes = [m._options.multiprocessing_options.barrier_sync_key_prefix for m in (latest, best)]
+    assert all(prefixes) and len(set(prefixes)) == 2
+    latest.close()
+    best.close()
