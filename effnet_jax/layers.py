@@ -181,10 +181,8 @@ def _kernel_grad(xp: jax.Array, g: jax.Array, kh: int, kw: int, stride: int) -> 
             # across devices, where the variadic reduction over the batch made XLA all-gather each of its k·k sums
             per_sample = lax.reduce(products, [zero] * len(products), lambda a, b: [u + v for u, v in zip(a, b)],
                                     (1, 2))
-            sums = jnp.sum(jnp.stack(per_sample), axis=1)
-        else:
-            sums = [jnp.sum(p, axis=(0, 1, 2)) for p in products]
-        return jnp.stack(sums).reshape(kh, kw, 1, c)
+            return jnp.sum(jnp.stack(per_sample), axis=1).reshape(kh, kw, 1, c)
+        return jnp.stack([jnp.sum(p, axis=(0, 1, 2)) for p in products]).reshape(kh, kw, 1, c)
 
     def tap(t):
         window = lax.dynamic_slice(xp, (0, t // kw, t % kw, 0), (n, (oh - 1) * stride + 1, (ow - 1) * stride + 1, c))
