@@ -77,6 +77,7 @@ import numpy as np
 
 from effnet_jax import data as data_lib
 from effnet_jax import optim, variants
+from effnet_jax.errors import ConfigError
 from effnet_jax.host import with_fast_malloc
 from effnet_jax.models import count_flops, random_variables
 from effnet_jax.mesh import Mesh
@@ -450,9 +451,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.device_kind = device_kind(args.device_kind, args.compare)
     args.jax_devices = jax.devices(args.device_kind)[:1 if args.devices == "1" else None]
     args.jax_device = args.jax_devices[0]
-    odd = [b for b in args.batch_size.split(",") if int(b) % len(args.jax_devices)]
-    if odd:
-        p.error(f"--batch-size {odd[0]} is not divisible by the {len(args.jax_devices)} devices of --devices all")
+    try:  # the trainer's own check, before any compilation
+        for b in args.batch_size.split(","):
+            Mesh(args.jax_devices).check_batch(int(b))
+    except ConfigError as e:
+        p.error(str(e))
     args.torch_device = "cuda" if args.device_kind == "gpu" else "cpu"
     args.threads = args.threads or cpu_threads()
     return args
