@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from effnet_jax.host import with_fast_malloc
-from effnet_jax.layers import BatchNorm, Conv, activation, conv_padding, depthwise_conv, resolve_depthwise_impl
+from effnet_jax.layers import (DEPTHWISE_IMPLS, BatchNorm, Conv, activation, conv_padding, depthwise_conv,
+                               resolve_depthwise_impl)
 from effnet_jax.models import FusedMBConv, MBConv, create_model, random_variables, unit_names
 from throughput import cpu_threads, log, time_steps, torch_model
 
@@ -187,7 +188,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variant", default="b0", help="b0..b7, v2_s, v2_m, v2_l (torchvision's models)")
     p.add_argument("--resolution", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--depthwise-impl", default="auto", choices=("auto", "shift", "xla"))
+    p.add_argument("--depthwise-impl", default="auto", choices=DEPTHWISE_IMPLS)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)

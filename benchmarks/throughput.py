@@ -80,6 +80,7 @@ from effnet_jax import optim, variants
 from effnet_jax.errors import ConfigError
 from effnet_jax.host import with_fast_malloc
 from effnet_jax.models import count_flops, random_variables
+from effnet_jax.layers import CONV_IMPLS, DEPTHWISE_IMPLS
 from effnet_jax.mesh import Mesh
 from effnet_jax.steps import create_train_state, jit_eval_step, jit_train_step
 from effnet_jax.train import TrainConfig, augment_config, build_model
@@ -436,9 +437,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="side of the on-device uint8 images the JAX step augments and resizes (CIFAR: 32)")
     p.add_argument("--width", type=float, default=None, help="custom width coefficient (both sides; for tests)")
     p.add_argument("--depth", type=float, default=None, help="custom depth coefficient (both sides; for tests)")
-    p.add_argument("--conv-impl", default=None, choices=("auto", "dot", "xla"),
+    p.add_argument("--conv-impl", default=None, choices=CONV_IMPLS,
                    help="JAX: 1x1 convolutions and the stem as matrix products or XLA convolutions (create_model)")
-    p.add_argument("--depthwise-impl", default=None, choices=("auto", "shift", "xla"), help="JAX (create_model)")
+    p.add_argument("--depthwise-impl", default=None, choices=DEPTHWISE_IMPLS, help="JAX (create_model)")
     p.add_argument("--devices", default="1", choices=("1", "all"),
                    help="JAX: the step's mesh over one device, or over all of --device-kind's, the batch sharded "
                         "(on a CPU, one device per core: XLA_FLAGS=--xla_force_host_platform_device_count=N)")

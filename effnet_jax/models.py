@@ -92,7 +92,8 @@ class MBConv(nn.Module):
             x = Conv(cfg.expand_channels, dtype=self.dtype, impl=self.conv_impl, name="expand_conv")(
                 x, inference=not train)
             x = act(bn("expand_bn")(x, not train))
-        x = DepthwiseConv(cfg.kernel, cfg.stride, self.padding, self.depthwise_impl, self.dtype, name="dw_conv")(x)
+        x = DepthwiseConv(cfg.kernel, cfg.stride, self.padding, self.depthwise_impl, self.dtype, name="dw_conv")(
+            x, inference=not train)
         x = act(bn("dw_bn")(x, not train))
         gate = SqueezeExcite(cfg.se_channels, "silu", self.dtype, name="se")(x) \
             if cfg.se_channels else None
