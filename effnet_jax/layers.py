@@ -344,25 +344,6 @@ class Conv(nn.Module):
                     in_scale, inference)
 
 
-class DepthwiseConv(nn.Module):
-    """Depthwise k×k convolution; `impl` chooses the computation, not the parameters."""
-    kernel: int
-    stride: int = 1
-    padding: str = "symmetric"
-    impl: str = "auto"
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, inference: bool = False):
-        """`inference`: no gradient will be taken through this call (as `Conv`'s): 'auto' picks by it."""
-        c = x.shape[-1]
-        k = self.param("kernel", nn.initializers.normal(math.sqrt(2.0 / (self.kernel * self.kernel))),
-                       (self.kernel, self.kernel, 1, c), jnp.float32)
-        pads = tuple(conv_padding(self.padding, s, self.kernel, self.stride) for s in x.shape[1:3])
-        return depthwise_conv(x.astype(self.dtype), k.astype(self.dtype), self.stride, pads,
-                              resolve_depthwise_impl(self.impl, self.dtype, inference))
-
-
 class BatchNorm(nn.Module):
     """BatchNorm over N, H, W with PyTorch's running-statistics update.
 
@@ -375,7 +356,9 @@ class BatchNorm(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, use_running_average: bool):
+    def __call__(self, x, use_running_average: bool, fuse: Callable | None = None):
+        """`fuse(x, scale, bias, epsilon) -> (out, batch mean, biased batch variance)`, in training only: a consumer
+        that applies this normalization itself (`native.bn_act_depthwise_conv`); its `out` is returned."""
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -385,13 +368,41 @@ class BatchNorm(nn.Module):
         if use_running_average:
             mul = lax.rsqrt(ra_var.value + self.epsilon) * scale
             return ((xf - ra_mean.value) * mul + bias).astype(self.dtype)
-        y, mean, var = batch_norm_train(xf, scale, bias, self.epsilon)
+        y, mean, var = (fuse or batch_norm_train)(xf, scale, bias, self.epsilon)
         if not self.is_initializing():
             n = x.size // c
             m = self.momentum
             ra_mean.value = (1 - m) * ra_mean.value + m * mean
             ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
         return y.astype(self.dtype)
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise k×k convolution; `impl` chooses the computation, not the parameters."""
+    kernel: int
+    stride: int = 1
+    padding: str = "symmetric"
+    impl: str = "auto"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, inference: bool = False, bn_act: tuple[BatchNorm, str] | None = None):
+        """`inference`: no gradient will be taken through this call (as `Conv`'s): 'auto' picks by it.
+        `bn_act` (a BatchNorm module, an activation name): x is that BatchNorm's input, and the convolution's input
+        is activation(BatchNorm(x)), with batch statistics unless `inference`. With the 'native' form in training
+        the three run as one operation (`native.bn_act_depthwise_conv`), which never writes the activation out."""
+        c = x.shape[-1]
+        k = self.param("kernel", nn.initializers.normal(math.sqrt(2.0 / (self.kernel * self.kernel))),
+                       (self.kernel, self.kernel, 1, c), jnp.float32)
+        pads = tuple(conv_padding(self.padding, s, self.kernel, self.stride) for s in x.shape[1:3])
+        impl = resolve_depthwise_impl(self.impl, self.dtype, inference)
+        if bn_act is not None:
+            bn, act = bn_act
+            if impl == "native" and not inference:
+                return bn(x, False, fuse=lambda z, scale, bias, epsilon: bn_act_depthwise_conv(
+                    z, scale, bias, k, epsilon, act, self.stride, pads))
+            x = activation(act, not inference)(bn(x, inference))
+        return depthwise_conv(x.astype(self.dtype), k.astype(self.dtype), self.stride, pads, impl)
 
 
 def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
@@ -425,15 +436,50 @@ def _bn_train_bwd(epsilon, residuals, cotangents):
     The statistics' cotangents are zero (`batch_norm_train` stops their gradient)."""
     x, mean, rstd, scale = residuals
     g = cotangents[0]
-    n = x.shape[0] * x.shape[1] * x.shape[2]
     xhat = (x - mean) * rstd
     dbias = jnp.sum(g, axis=(0, 1, 2))
     dscale = jnp.sum(g * xhat, axis=(0, 1, 2))
-    dx = (scale * rstd / n) * (n * g - dbias - xhat * dscale)
-    return dx, dscale, dbias
+    return _bn_input_grad(g, xhat, rstd, scale, dbias, dscale), dscale, dbias
+
+
+def _bn_input_grad(g, xhat, rstd, scale, dbias, dscale):
+    """BatchNorm's input gradient from the output's (g), given g's sums over the batch: dbias = sum(g), dscale =
+    sum(g * xhat)."""
+    n = g.shape[0] * g.shape[1] * g.shape[2]
+    return (scale * rstd / n) * (n * g - dbias - xhat * dscale)
 
 
 _bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def bn_act_depthwise_conv(z: jax.Array, scale: jax.Array, bias: jax.Array, kernel: jax.Array, epsilon: float,
+                          act: str, stride: int, padding) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The depthwise convolution of act(BatchNorm(z)), z's own batch statistics (training), by the C++ kernels of
+    `effnet_jax.native`, which never write act(BatchNorm(z)) out: (y, the batch mean, the biased batch variance),
+    as `batch_norm_train`. z float32 NHWC; `act` 'silu' or 'relu6'. The gradients of z, scale, bias and kernel
+    are those of `batch_norm_train`, the activation and the convolution composed. Reverse-mode only."""
+    return _bn_act_dw_fwd(z, scale, bias, kernel, epsilon, act, stride, padding)[0]
+
+
+def _bn_act_dw_fwd(z, scale, bias, kernel, epsilon, act, stride, padding):
+    mean, var, rstd = _bn_stats(z, scale, epsilon)
+    y = native.forward(z, mean, rstd * scale, bias, kernel, stride, padding, act)
+    return (y, lax.stop_gradient(mean), lax.stop_gradient(var)), (z, scale, bias, kernel, mean, rstd)
+
+
+def _bn_act_dw_bwd(epsilon, act, stride, padding, residuals, cotangents):
+    z, scale, bias, kernel, mean, rstd = residuals
+    # g: the gradient of the BatchNorm output (through the activation), with its two sums per sample
+    g, dk, g_sums, g_zc_sums = native.backward(z, mean, rstd * scale, bias, kernel, cotangents[0], stride, padding,
+                                               act)
+    dbias = jnp.sum(g_sums, axis=0)
+    dscale = jnp.sum(g_zc_sums, axis=0) * rstd
+    dz = _bn_input_grad(g, (z - mean) * rstd, rstd, scale, dbias, dscale)
+    return dz, dscale, dbias, jnp.sum(dk, axis=0)[:, :, None, :].astype(kernel.dtype)
+
+
+bn_act_depthwise_conv.defvjp(_bn_act_dw_fwd, _bn_act_dw_bwd)
 
 
 class SqueezeExcite(nn.Module):

@@ -88,12 +88,14 @@ class MBConv(nn.Module):
         cfg, act = self.cfg, activation(self.activation, train)
         bn = lambda name: BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype, name=name)  # noqa: E731
         shortcut = x
+        dw = DepthwiseConv(cfg.kernel, cfg.stride, self.padding, self.depthwise_impl, self.dtype, name="dw_conv")
         if cfg.expand_channels != cfg.in_channels:
             x = Conv(cfg.expand_channels, dtype=self.dtype, impl=self.conv_impl, name="expand_conv")(
                 x, inference=not train)
-            x = act(bn("expand_bn")(x, not train))
-        x = DepthwiseConv(cfg.kernel, cfg.stride, self.padding, self.depthwise_impl, self.dtype, name="dw_conv")(
-            x, inference=not train)
+            # the expansion's BatchNorm and activation, which the depthwise convolution may run itself
+            x = dw(x, inference=not train, bn_act=(bn("expand_bn"), self.activation))
+        else:
+            x = dw(x, inference=not train)
         x = act(bn("dw_bn")(x, not train))
         gate = SqueezeExcite(cfg.se_channels, "silu", self.dtype, name="se")(x) \
             if cfg.se_channels else None

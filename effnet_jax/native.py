@@ -147,76 +147,93 @@ def require() -> None:
     _load()
 
 
-def _attrs(stride: int, padding) -> dict:
-    return dict(stride=np.int64(stride), pad_h=np.int64(padding[0][0]), pad_w=np.int64(padding[1][0]))
+ACTIVATIONS = {None: 0, "silu": 1, "relu6": 2}  # native/depthwise.cc's Act
+
+
+def _attrs(stride: int, padding, act: str | None) -> dict:
+    return dict(stride=np.int64(stride), pad_h=np.int64(padding[0][0]), pad_w=np.int64(padding[1][0]),
+                act=np.int64(ACTIVATIONS[act]))
 
 
 def _out_hw(x_shape, k_shape, stride: int, padding) -> tuple[int, int]:
     return tuple((x_shape[1 + a] + sum(padding[a]) - k_shape[a]) // stride + 1 for a in (0, 1))
 
 
-def _forward_call(x, kernel, stride, padding):
-    oh, ow = _out_hw(x.shape, kernel.shape, stride, padding)
-    out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, x.shape[3]), x.dtype)
-    return jax.ffi.ffi_call(FORWARD, out, vmap_method="sequential")(x, kernel, **_attrs(stride, padding))
+def _forward_call(z, mean, scale, bias, kernel, stride, padding, act):
+    """The depthwise convolution of act((z - mean) * scale + bias), or of z itself (`act` None; mean, scale, bias
+    then unused, any (C,) arrays)."""
+    oh, ow = _out_hw(z.shape, kernel.shape, stride, padding)
+    out = jax.ShapeDtypeStruct((z.shape[0], oh, ow, z.shape[3]), z.dtype)
+    return jax.ffi.ffi_call(FORWARD, out, vmap_method="sequential")(z, mean, scale, bias, kernel,
+                                                                      **_attrs(stride, padding, act))
 
 
-def _backward_call(x, kernel, g, stride, padding):
-    """(dx, the kernel gradient of each sample (N, kh, kw, C))."""
-    kh, kw, _, c = kernel.shape
-    outs = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((x.shape[0], kh, kw, c), x.dtype))
-    return jax.ffi.ffi_call(BACKWARD, outs, vmap_method="sequential")(x, kernel, g, **_attrs(stride, padding))
+def _backward_call(z, mean, scale, bias, kernel, g, stride, padding, act):
+    """(the gradient of x, or with `act` of the BatchNorm output; each sample's kernel gradient (N, kh, kw, C);
+    with `act`, each sample's sums of that gradient and of it times (z - mean), (N, C) each)."""
+    n, kh, kw, c = z.shape[0], *kernel.shape[:2], kernel.shape[3]
+    outs = (jax.ShapeDtypeStruct(z.shape, z.dtype), jax.ShapeDtypeStruct((n, kh, kw, c), z.dtype),
+            jax.ShapeDtypeStruct((n, c), z.dtype), jax.ShapeDtypeStruct((n, c), z.dtype))
+    return jax.ffi.ffi_call(BACKWARD, outs, vmap_method="sequential")(z, mean, scale, bias, kernel, g,
+                                                                       **_attrs(stride, padding, act))
 
 
-def _batch_sharded(call, n_out: int, n_in: int):
-    """`call(*arrays, stride, padding)` partitioned over the batch: inputs and outputs with a batch dimension keep
-    its sharding (the kernel, `n_in`'s second argument, is replicated), every other dimension is whole."""
-    op = custom_partitioning(call, static_argnums=(n_in, n_in + 1))
+def _batch_sharded(call, operands: list[str], results: list[str]):
+    """`call(*arrays, stride, padding, act)` partitioned over the batch: arrays with a batch dimension (factor 'n' in
+    `operands`, `results`: their dimensions as Shardy factors) keep its sharding, every other one is replicated."""
+    op = custom_partitioning(call, static_argnums=tuple(range(len(operands), len(operands) + 3)))
 
     def batch_axis(arg_shapes):
         spec = getattr(arg_shapes[0].sharding, "spec", None)
         return spec[0] if spec else None
 
-    def out_shardings(mesh, axis):
-        s = NamedSharding(mesh, PartitionSpec(axis))
-        return s if n_out == 1 else (s,) * n_out
+    def shardings(mesh, axis, dims):
+        return tuple(NamedSharding(mesh, PartitionSpec(axis) if d.startswith("n ") else PartitionSpec())
+                     for d in dims)
 
-    def infer(stride, padding, mesh, arg_shapes, result_shape):
-        return out_shardings(mesh, batch_axis(arg_shapes))
+    def infer(stride, padding, act, mesh, arg_shapes, result_shape):
+        out = shardings(mesh, batch_axis(arg_shapes), results)
+        return out[0] if len(results) == 1 else out
 
-    def partition(stride, padding, mesh, arg_shapes, result_shape):
+    def partition(stride, padding, act, mesh, arg_shapes, result_shape):
         axis = batch_axis(arg_shapes)
-        ins = tuple(NamedSharding(mesh, PartitionSpec() if i == 1 else PartitionSpec(axis)) for i in range(n_in))
-        return mesh, lambda *arrays: call(*arrays, stride, padding), out_shardings(mesh, axis), ins
+        out = shardings(mesh, axis, results)
+        return (mesh, lambda *arrays: call(*arrays, stride, padding, act), out[0] if len(results) == 1 else out,
+                shardings(mesh, axis, operands))
 
-    # x: n h w c, kernel: i j o c, cotangent: n p q c; only the batch n may stay sharded
-    operands = ["n h w c", "i j o c", "n p q c"][:n_in]
-    results = "n p q c" if n_out == 1 else "n h w c, n i j c"
+    # only the batch 'n' may stay sharded: a spatial shard would need its neighbours' rows, a channel shard the rest
+    # of the kernel gradient's sums
     op.def_partition(infer_sharding_from_operands=infer, partition=partition,
-                     sharding_rule=f"{', '.join(operands)} -> {results}",
+                     sharding_rule=f"{', '.join(operands)} -> {', '.join(results)}",
                      need_replication_factors=("h", "w", "i", "j", "o", "p", "q", "c"))
     return op
 
 
-_forward = _batch_sharded(_forward_call, 1, 2)
-_backward = _batch_sharded(_backward_call, 2, 3)
+_X, _C, _K, _Y = "n h w c", "c", "i j o c", "n p q c"
+forward = _batch_sharded(_forward_call, [_X, _C, _C, _C, _K], [_Y])
+backward = _batch_sharded(_backward_call, [_X, _C, _C, _C, _K, _Y], [_X, "n i j c", "n c", "n c"])
+
+
+def _identity_affine(x):
+    c = x.shape[-1]
+    return jnp.zeros((c,), x.dtype), jnp.ones((c,), x.dtype), jnp.zeros((c,), x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
     """Depthwise convolution of NHWC float32 `x` with a (kh, kw, 1, C) kernel, `padding` ((top, bottom), (left,
     right)) explicit: the numbers of `layers.shifted_depthwise_conv`, by the C++ kernels. Reverse-mode only."""
-    return _forward(x, kernel, stride, padding)
+    return forward(x, *_identity_affine(x), kernel, stride, padding, None)
 
 
 def _fwd(x, kernel, stride, padding):
-    return _forward(x, kernel, stride, padding), (x, kernel)
+    return depthwise_conv(x, kernel, stride, padding), (x, kernel)
 
 
 def _bwd(stride, padding, residuals, g):
     x, kernel = residuals
-    dx, dk_per_sample = _backward(x, kernel, g, stride, padding)
-    return dx, jnp.sum(dk_per_sample, axis=0)[:, :, None, :].astype(kernel.dtype)
+    dx, dk, _, _ = backward(x, *_identity_affine(x), kernel, g, stride, padding, None)
+    return dx, jnp.sum(dk, axis=0)[:, :, None, :].astype(kernel.dtype)
 
 
 depthwise_conv.defvjp(_fwd, _bwd)

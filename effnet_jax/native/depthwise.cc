@@ -1,19 +1,26 @@
-// Depthwise convolution (NHWC, float32) for XLA's CPU backend, as XLA FFI handlers.
+// Depthwise convolution (NHWC, float32) for XLA's CPU backend, as XLA FFI handlers, optionally with the
+// BatchNorm and activation that produce its input fused in front.
 //
-// Built and loaded at run time by effnet_jax/native.py (g++ or clang++ with jaxlib's FFI headers); layers.py
-// uses it through `depthwise_impl='native'` ('auto' on CPU when it builds). Same numbers as the shifted sum in
-// layers.py: y[n, oy, ox, c] = sum_{i, j} x[n, s*oy + i - pad_h, s*ox + j - pad_w, c] * k[i, j, c], zero outside x.
+// Built and loaded at run time by effnet_jax/native.py (the system's C++ compiler, jaxlib's FFI headers); layers.py
+// uses it through `depthwise_impl='native'`. The numbers are those of the shifted sum in layers.py:
 //
-// Why: XLA writes the k*k shifted multiply-adds as fusions that re-read the padded input once per tap and, in the
-// backward pass, once per tap again for the kernel gradient. Here each pass walks the image row by row: an
-// output row reads its k input rows while they sit in cache, and the backward pass computes dx and the kernel
-// gradient from one read of g and x.
+//   y[n, oy, ox, c] = sum_{i, j} x[n, s*oy + i - pad_h, s*ox + j - pad_w, c] * k[i, j, c]   (zero outside x)
 //
-// Work is split over XLA's intra-op thread pool (the FFI ThreadPool); the calling thread works too, so the
-// handler finishes even when no pool thread is free.
+// where x is the input itself (act = kNone), or x = act((z - mean) * scale + bias) of the pre-BatchNorm input z
+// (act = kSilu, kRelu6), computed here row by row and never written out.
+//
+// Why: XLA writes the k*k shifted multiply-adds as fusions that re-read the padded input once per tap, and has to
+// write out the activation the convolution reads (and, for its backward pass, the activation's derivative). Here
+// each output row reads its k input rows while they sit in cache, each output summed over its taps in a register;
+// the backward pass computes, per sample, the gradient of the BatchNorm output (through the activation) and the
+// kernel gradient from one read of z and of the output gradient, with the sums the BatchNorm backward needs.
+//
+// Work is split over XLA's intra-op thread pool (the FFI ThreadPool); the calling thread works too, so a handler
+// finishes even when no pool thread is free.
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -31,7 +38,7 @@ namespace {
 template <typename Body>
 void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, const Body& body) {
   if (tasks <= 0) return;
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks - 1);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks - 1);
   if (helpers <= 0) {
     for (int64_t t = 0; t < tasks; ++t) body(t);
     return;
@@ -44,7 +51,7 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, const Body& body) {
   };
   auto state = std::make_shared<State>();
   // body is only touched while a task is claimed; the caller returns after every task is done, so a helper that
-  // starts late sees no work and touches only `state`, which it co-owns
+  // starts late finds no work and touches only `state`, which it co-owns
   auto work = [state, tasks, body_ptr = &body]() {
     int64_t finished = 0;
     for (int64_t t; (t = state->next.fetch_add(1)) < tasks;) {
@@ -62,27 +69,51 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, const Body& body) {
   state->cv.wait(lock, [&] { return state->done.load() == tasks; });
 }
 
-struct Geometry {
-  int64_t n, h, w, c, kh, kw, oh, ow, stride, pad_h, pad_w;
-};
-
 // W channels of float32 in one register (GCC/Clang vector extension): 16 is one AVX-512 vector, 8 one AVX
 // vector; W = 1 is a plain float, for channel counts that are not multiples of 8.
 template <int W>
 struct Lanes {
   typedef float V __attribute__((vector_size(W * sizeof(float))));
+  typedef int32_t I __attribute__((vector_size(W * sizeof(int32_t))));
   static V Load(const float* p) {
     V v;
     std::memcpy(&v, p, sizeof(V));
     return v;
   }
   static void Store(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+  static V Splat(float f) { return V{} + f; }
+  static V Select(I mask, V a, V b) { return mask ? a : b; }
+  // exp(x) to ~1 ulp for x in [-87, 88] (Cephes' expf: x = n ln2 + r, 2^n times a degree-6 polynomial in r; n
+  // rounded to nearest by adding 1.5 * 2^23, whose float bits then hold it)
+  static V Exp(V x) {
+    x = Select(x > 88.3762626647949f, Splat(88.3762626647949f), x);
+    x = Select(x < -87.3365447504019f, Splat(-87.3365447504019f), x);
+    const V t = x * 1.44269504088896341f + 12582912.0f;
+    const V n = t - 12582912.0f;
+    const V r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    V p = 1.9875691500E-4f * r + 1.3981999507E-3f;
+    p = p * r + 8.3334519073E-3f;
+    p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f;
+    p = p * r + 5.0000001201E-1f;
+    p = p * (r * r) + r + 1.0f;
+    I bits;
+    std::memcpy(&bits, &t, sizeof(V));
+    bits = (bits - 0x4B400000 + 127) << 23;
+    V scale;
+    std::memcpy(&scale, &bits, sizeof(V));
+    return p * scale;
+  }
 };
 template <>
 struct Lanes<1> {
   using V = float;
+  using I = bool;
   static V Load(const float* p) { return *p; }
   static void Store(float* p, V v) { *p = v; }
+  static V Splat(float f) { return f; }
+  static V Select(I mask, V a, V b) { return mask ? a : b; }
+  static V Exp(V x) { return std::exp(x); }
 };
 
 // block(Lanes<W>, c0) for consecutive channel blocks covering [0, c): 16 wide, then 8, then one at a time.
@@ -94,6 +125,30 @@ inline void ForEachChannelBlock(int64_t c, const Block& block) {
   for (; c0 < c; ++c0) block(Lanes<1>(), c0);
 }
 
+enum Act : int64_t { kNone = 0, kSilu = 1, kRelu6 = 2 };
+
+// act(a) and act'(a), as torch computes them (relu6's derivative: 1 on (0, 6), else 0)
+template <typename L>
+inline typename L::V Activate(Act act, typename L::V a) {
+  if (act == kSilu) return a / (1.0f + L::Exp(-a));
+  if (act == kRelu6) return L::Select(a < 0.0f, L::Splat(0.0f), L::Select(a > 6.0f, L::Splat(6.0f), a));
+  return a;
+}
+template <typename L>
+inline typename L::V ActivationGrad(Act act, typename L::V a) {
+  if (act == kSilu) {
+    const typename L::V s = 1.0f / (1.0f + L::Exp(-a));
+    return s * (1.0f + a * (1.0f - s));
+  }
+  return L::Select((a > 0.0f) & (a < 6.0f), L::Splat(1.0f), L::Splat(0.0f));
+}
+
+struct Problem {
+  int64_t n, h, w, c, kh, kw, oh, ow, stride, pad_h, pad_w;
+  Act act;
+  const float *z, *mean, *scale, *bias, *k;  // z: the convolution's input x itself when act == kNone
+};
+
 // The taps [lo, hi) (of `taps` along one axis) whose input index s*o + tap - pad lies in [0, size), for output
 // index o.
 inline void TapRange(int64_t o, int64_t stride, int64_t pad, int64_t taps, int64_t size, int64_t* lo, int64_t* hi) {
@@ -101,52 +156,83 @@ inline void TapRange(int64_t o, int64_t stride, int64_t pad, int64_t taps, int64
   *hi = std::min<int64_t>(taps, size + pad - o * stride);
 }
 
+// Rows of the convolution's input x of one sample, computed from z when an activation is fused, kept for the
+// last kh rows asked for (a ring: consecutive output rows share kh - stride input rows).
+class InputRows {
+ public:
+  InputRows(const Problem& p) : p_(p) {
+    if (p.act != kNone) ring_.resize(p.kh * p.w * p.c), tags_.assign(p.kh, -1);
+  }
+  const float* Row(int64_t n, int64_t iy) {
+    const float* z = p_.z + ((n * p_.h + iy) * p_.w) * p_.c;
+    if (p_.act == kNone) return z;
+    const int64_t slot = iy % p_.kh, tag = n * p_.h + iy;
+    float* row = ring_.data() + slot * p_.w * p_.c;
+    if (tags_[slot] != tag) {
+      for (int64_t ix = 0; ix < p_.w; ++ix)
+        ForEachChannelBlock(p_.c, [&](auto lanes, int64_t c0) {
+          using L = decltype(lanes);
+          const int64_t o = ix * p_.c + c0;
+          const auto a = (L::Load(z + o) - L::Load(p_.mean + c0)) * L::Load(p_.scale + c0) + L::Load(p_.bias + c0);
+          L::Store(row + o, Activate<L>(p_.act, a));
+        });
+      tags_[slot] = tag;
+    }
+    return row;
+  }
+
+ private:
+  const Problem& p_;
+  std::vector<float> ring_;
+  std::vector<int64_t> tags_;
+};
+
 // One output row y[n, oy, :, :]: each output position and block of channels summed over its taps in a register.
-void ForwardRow(const Geometry& g, const float* x, const float* k, float* y, int64_t n, int64_t oy) {
-  const int64_t c = g.c;
+void ForwardRow(const Problem& p, InputRows& rows, float* y, int64_t n, int64_t oy) {
+  const int64_t c = p.c;
   int64_t ilo, ihi;
-  TapRange(oy, g.stride, g.pad_h, g.kh, g.h, &ilo, &ihi);
-  const float* xn = x + n * g.h * g.w * c;
-  float* out = y + ((n * g.oh + oy) * g.ow) * c;
-  for (int64_t ox = 0; ox < g.ow; ++ox) {
+  TapRange(oy, p.stride, p.pad_h, p.kh, p.h, &ilo, &ihi);
+  const float* in[64];
+  for (int64_t i = ilo; i < ihi; ++i) in[i] = rows.Row(n, oy * p.stride + i - p.pad_h);
+  float* out = y + ((n * p.oh + oy) * p.ow) * c;
+  for (int64_t ox = 0; ox < p.ow; ++ox) {
     int64_t jlo, jhi;
-    TapRange(ox, g.stride, g.pad_w, g.kw, g.w, &jlo, &jhi);
-    const float* corner = xn + ((oy * g.stride - g.pad_h) * g.w + ox * g.stride - g.pad_w) * c;
+    TapRange(ox, p.stride, p.pad_w, p.kw, p.w, &jlo, &jhi);
+    const int64_t x0 = ox * p.stride - p.pad_w;
     ForEachChannelBlock(c, [&](auto lanes, int64_t c0) {
       using L = decltype(lanes);
       typename L::V acc = {};
       for (int64_t i = ilo; i < ihi; ++i)
         for (int64_t j = jlo; j < jhi; ++j)
-          acc += L::Load(corner + (i * g.w + j) * c + c0) * L::Load(k + (i * g.kw + j) * c + c0);
+          acc += L::Load(in[i] + (x0 + j) * c + c0) * L::Load(p.k + (i * p.kw + j) * c + c0);
       L::Store(out + ox * c + c0, acc);
     });
   }
 }
 
-// dx[n, iy, :, :]: the sum over the taps (i, j) and output positions with s*oy + i - pad_h = iy,
-// s*ox + j - pad_w = ix of dy[n, oy, ox] * k[i, j], gathered per input position in a register.
-void InputGradRow(const Geometry& g, const float* k, const float* dy, float* dx, int64_t n, int64_t iy) {
-  const int64_t c = g.c;
-  const float* gn = dy + n * g.oh * g.ow * c;
-  float* out = dx + ((n * g.h + iy) * g.w) * c;
-  std::vector<int64_t> rows_i, rows_o, cols_j, cols_o;
-  for (int64_t i = 0; i < g.kh; ++i) {
-    const int64_t t = iy + g.pad_h - i;
-    if (t >= 0 && t % g.stride == 0 && t / g.stride < g.oh) rows_i.push_back(i), rows_o.push_back(t / g.stride);
+// The gradient of row iy of x (sample n): the sum over the taps (i, j) and output positions with
+// s*oy + i - pad_h = iy, s*ox + j - pad_w = ix of dy[n, oy, ox] * k[i, j], gathered per position in a register.
+void InputGradRow(const Problem& p, const float* dy, float* out, int64_t n, int64_t iy) {
+  const int64_t c = p.c;
+  const float* gn = dy + n * p.oh * p.ow * c;
+  int64_t rows_i[64], rows_o[64], nr = 0;
+  for (int64_t i = 0; i < p.kh; ++i) {
+    const int64_t t = iy + p.pad_h - i;
+    if (t >= 0 && t % p.stride == 0 && t / p.stride < p.oh) rows_i[nr] = i, rows_o[nr++] = t / p.stride;
   }
-  for (int64_t ix = 0; ix < g.w; ++ix) {
-    cols_j.clear(), cols_o.clear();
-    for (int64_t j = 0; j < g.kw; ++j) {
-      const int64_t t = ix + g.pad_w - j;
-      if (t >= 0 && t % g.stride == 0 && t / g.stride < g.ow) cols_j.push_back(j), cols_o.push_back(t / g.stride);
+  for (int64_t ix = 0; ix < p.w; ++ix) {
+    int64_t cols_j[64], cols_o[64], nc = 0;
+    for (int64_t j = 0; j < p.kw; ++j) {
+      const int64_t t = ix + p.pad_w - j;
+      if (t >= 0 && t % p.stride == 0 && t / p.stride < p.ow) cols_j[nc] = j, cols_o[nc++] = t / p.stride;
     }
     ForEachChannelBlock(c, [&](auto lanes, int64_t c0) {
       using L = decltype(lanes);
       typename L::V acc = {};
-      for (size_t r = 0; r < rows_i.size(); ++r)
-        for (size_t q = 0; q < cols_j.size(); ++q)
-          acc += L::Load(gn + (rows_o[r] * g.ow + cols_o[q]) * c + c0) *
-                 L::Load(k + (rows_i[r] * g.kw + cols_j[q]) * c + c0);
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t q = 0; q < nc; ++q)
+          acc += L::Load(gn + (rows_o[r] * p.ow + cols_o[q]) * c + c0) *
+                 L::Load(p.k + (rows_i[r] * p.kw + cols_j[q]) * c + c0);
       L::Store(out + ix * c + c0, acc);
     });
   }
@@ -154,89 +240,129 @@ void InputGradRow(const Geometry& g, const float* k, const float* dy, float* dx,
 
 // The kernel gradient's terms of output row oy of sample n, added to row_sum (kh, kw, C): for each tap and block
 // of channels, the sum over output columns in a register.
-void KernelGradRow(const Geometry& g, const float* x, const float* dy, float* row_sum, int64_t n, int64_t oy) {
-  const int64_t c = g.c;
+void KernelGradRow(const Problem& p, InputRows& rows, const float* dy, float* row_sum, int64_t n, int64_t oy) {
+  const int64_t c = p.c;
   int64_t ilo, ihi;
-  TapRange(oy, g.stride, g.pad_h, g.kh, g.h, &ilo, &ihi);
-  const float* grow = dy + ((n * g.oh + oy) * g.ow) * c;
+  TapRange(oy, p.stride, p.pad_h, p.kh, p.h, &ilo, &ihi);
+  const float* grow = dy + ((n * p.oh + oy) * p.ow) * c;
   for (int64_t i = ilo; i < ihi; ++i) {
-    const float* xrow = x + ((n * g.h + oy * g.stride + i - g.pad_h) * g.w) * c;
-    for (int64_t j = 0; j < g.kw; ++j) {
+    const float* xrow = rows.Row(n, oy * p.stride + i - p.pad_h);
+    for (int64_t j = 0; j < p.kw; ++j) {
       // output columns whose input column s*ox + j - pad_w lies inside the image
-      const int64_t lo = std::max<int64_t>(0, (g.pad_w - j + g.stride - 1) / g.stride);
-      const int64_t hi = std::min<int64_t>(g.ow, (g.w - 1 + g.pad_w - j) / g.stride + 1);
-      float* sum = row_sum + (i * g.kw + j) * c;
+      const int64_t lo = std::max<int64_t>(0, (p.pad_w - j + p.stride - 1) / p.stride);
+      const int64_t hi = std::min<int64_t>(p.ow, (p.w - 1 + p.pad_w - j) / p.stride + 1);
+      float* sum = row_sum + (i * p.kw + j) * c;
       ForEachChannelBlock(c, [&](auto lanes, int64_t c0) {
         using L = decltype(lanes);
         typename L::V acc = {};
         for (int64_t ox = lo; ox < hi; ++ox)
-          acc += L::Load(grow + ox * c + c0) * L::Load(xrow + (ox * g.stride + j - g.pad_w) * c + c0);
+          acc += L::Load(grow + ox * c + c0) * L::Load(xrow + (ox * p.stride + j - p.pad_w) * c + c0);
         L::Store(sum + c0, L::Load(sum + c0) + acc);
       });
     }
   }
 }
 
-// dx[n] and the kernel gradient of sample n (dk[n], summed over the batch by the caller).
-void BackwardSample(const Geometry& g, const float* x, const float* k, const float* dy, float* dx, float* dk,
-                    int64_t n) {
-  const int64_t c = g.c, taps = g.kh * g.kw;
-  for (int64_t iy = 0; iy < g.h; ++iy) InputGradRow(g, k, dy, dx, n, iy);
-  // row sums in float32 (ow terms each), their total over rows in float64
-  std::vector<double> total(taps * c, 0.0);
-  std::vector<float> row_sum(taps * c);
-  for (int64_t oy = 0; oy < g.oh; ++oy) {
-    std::fill(row_sum.begin(), row_sum.end(), 0.0f);
-    KernelGradRow(g, x, dy, row_sum.data(), n, oy);
-    for (int64_t t = 0; t < taps * c; ++t) total[t] += row_sum[t];
+// Row sums in float32 (one row's terms each), added into per-sample totals in float64.
+struct Totals {
+  std::vector<double> total;
+  std::vector<float> row;
+  explicit Totals(int64_t size) : total(size, 0.0), row(size, 0.0f) {}
+  void EndRow() {
+    for (size_t t = 0; t < row.size(); ++t) total[t] += row[t], row[t] = 0.0f;
   }
-  float* dkn = dk + n * taps * c;
-  for (int64_t t = 0; t < taps * c; ++t) dkn[t] = static_cast<float>(total[t]);
+  void Write(float* out) const {
+    for (size_t t = 0; t < total.size(); ++t) out[t] = static_cast<float>(total[t]);
+  }
+};
+
+// Sample n of the backward pass. dx: the gradient of the convolution's input x (act == kNone), or of the BatchNorm
+// output a = (z - mean) * scale + bias (x = act(a)); dk: this sample's kernel gradient; with an activation,
+// sum_da[n] and sum_da_zc[n]: this sample's sums over positions of that gradient and of it times (z - mean).
+void BackwardSample(const Problem& p, const float* dy, float* dx, float* dk, float* sum_da, float* sum_da_zc,
+                    int64_t n) {
+  const int64_t c = p.c, taps = p.kh * p.kw;
+  Totals da_sum(c), da_zc_sum(c);
+  for (int64_t iy = 0; iy < p.h; ++iy) {
+    float* row = dx + ((n * p.h + iy) * p.w) * c;
+    InputGradRow(p, dy, row, n, iy);
+    if (p.act == kNone) continue;
+    const float* z = p.z + ((n * p.h + iy) * p.w) * c;
+    for (int64_t ix = 0; ix < p.w; ++ix)
+      ForEachChannelBlock(c, [&](auto lanes, int64_t c0) {
+        using L = decltype(lanes);
+        const int64_t o = ix * c + c0;
+        const auto zc = L::Load(z + o) - L::Load(p.mean + c0);
+        const auto da = L::Load(row + o) * ActivationGrad<L>(p.act, zc * L::Load(p.scale + c0) + L::Load(p.bias + c0));
+        L::Store(row + o, da);
+        L::Store(da_sum.row.data() + c0, L::Load(da_sum.row.data() + c0) + da);
+        L::Store(da_zc_sum.row.data() + c0, L::Load(da_zc_sum.row.data() + c0) + da * zc);
+      });
+    da_sum.EndRow();
+    da_zc_sum.EndRow();
+  }
+  if (p.act != kNone) {
+    da_sum.Write(sum_da + n * c);
+    da_zc_sum.Write(sum_da_zc + n * c);
+  }
+  InputRows rows(p);
+  Totals dk_sum(taps * c);
+  for (int64_t oy = 0; oy < p.oh; ++oy) {
+    KernelGradRow(p, rows, dy, dk_sum.row.data(), n, oy);
+    dk_sum.EndRow();
+  }
+  dk_sum.Write(dk + n * taps * c);
 }
 
-Geometry MakeGeometry(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& k, int64_t oh, int64_t ow, int64_t stride,
-                      int64_t pad_h, int64_t pad_w) {
-  auto xd = x.dimensions();
-  auto kd = k.dimensions();
-  return Geometry{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], oh, ow, stride, pad_h, pad_w};
-}
+using F32 = ffi::Buffer<ffi::F32>;
 
-ffi::Error CheckShapes(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& k) {
-  if (x.dimensions().size() != 4) return ffi::Error::InvalidArgument("depthwise: x must be NHWC");
-  if (k.dimensions().size() != 4 || k.dimensions()[2] != 1 || k.dimensions()[3] != x.dimensions()[3])
-    return ffi::Error::InvalidArgument("depthwise: kernel must be (kh, kw, 1, C)");
+ffi::Error MakeProblem(F32& z, F32& mean, F32& scale, F32& bias, F32& k, int64_t oh, int64_t ow, int64_t stride,
+                       int64_t pad_h, int64_t pad_w, int64_t act, Problem* p) {
+  auto zd = z.dimensions(), kd = k.dimensions();
+  if (zd.size() != 4) return ffi::Error::InvalidArgument("depthwise: the input must be NHWC");
+  if (kd.size() != 4 || kd[2] != 1 || kd[3] != zd[3])
+    return ffi::Error::InvalidArgument("depthwise: the kernel must be (kh, kw, 1, C)");
+  if (kd[0] > 64 || kd[1] > 64) return ffi::Error::InvalidArgument("depthwise: kernels up to 64 x 64");
+  if (act < kNone || act > kRelu6) return ffi::Error::InvalidArgument("depthwise: unknown activation");
+  for (F32* v : {&mean, &scale, &bias})
+    if (v->element_count() != zd[3]) return ffi::Error::InvalidArgument("depthwise: mean, scale, bias must be (C,)");
+  *p = Problem{zd[0], zd[1], zd[2], zd[3], kd[0], kd[1], oh, ow, stride, pad_h, pad_w, static_cast<Act>(act),
+               z.typed_data(), mean.typed_data(), scale.typed_data(), bias.typed_data(), k.typed_data()};
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t pad_h, int64_t pad_w) {
-  if (auto e = CheckShapes(x, k); e.failure()) return e;
+ffi::Error Forward(ffi::ThreadPool pool, F32 z, F32 mean, F32 scale, F32 bias, F32 k, ffi::ResultBuffer<ffi::F32> y,
+                   int64_t stride, int64_t pad_h, int64_t pad_w, int64_t act) {
+  Problem p;
   auto yd = y->dimensions();
-  const Geometry g = MakeGeometry(x, k, yd[1], yd[2], stride, pad_h, pad_w);
-  const float* xp = x.typed_data();
-  const float* kp = k.typed_data();
-  float* yp = y->typed_data();
-  // rows in chunks: enough tasks to balance, few enough that claiming one costs nothing
-  const int64_t rows = g.n * g.oh;
-  const int64_t chunk = std::max<int64_t>(1, rows / 64);
+  if (auto e = MakeProblem(z, mean, scale, bias, k, yd[1], yd[2], stride, pad_h, pad_w, act, &p); e.failure())
+    return e;
+  float* out = y->typed_data();
+  // output rows in chunks: enough tasks to balance the threads, each long enough to reuse its input rows
+  const int64_t rows = p.n * p.oh, chunk = std::max<int64_t>(1, rows / 32);
   ParallelFor(pool, (rows + chunk - 1) / chunk, [&](int64_t t) {
-    for (int64_t r = t * chunk; r < std::min(rows, (t + 1) * chunk); ++r) ForwardRow(g, xp, kp, yp, r / g.oh, r % g.oh);
+    InputRows in(p);
+    for (int64_t r = t * chunk; r < std::min(rows, (t + 1) * chunk); ++r) ForwardRow(p, in, out, r / p.oh, r % p.oh);
   });
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                    ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dk,
-                    int64_t stride, int64_t pad_h, int64_t pad_w) {
-  if (auto e = CheckShapes(x, k); e.failure()) return e;
+ffi::Error Backward(ffi::ThreadPool pool, F32 z, F32 mean, F32 scale, F32 bias, F32 k, F32 dy,
+                    ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dk,
+                    ffi::ResultBuffer<ffi::F32> sum_da, ffi::ResultBuffer<ffi::F32> sum_da_zc, int64_t stride,
+                    int64_t pad_h, int64_t pad_w, int64_t act) {
+  Problem p;
   auto gd = dy.dimensions();
-  const Geometry g = MakeGeometry(x, k, gd[1], gd[2], stride, pad_h, pad_w);
-  const float* xp = x.typed_data();
-  const float* kp = k.typed_data();
-  const float* gp = dy.typed_data();
-  float* dxp = dx->typed_data();
-  float* dkp = dk->typed_data();
-  ParallelFor(pool, g.n, [&](int64_t n) { BackwardSample(g, xp, kp, gp, dxp, dkp, n); });
+  if (auto e = MakeProblem(z, mean, scale, bias, k, gd[1], gd[2], stride, pad_h, pad_w, act, &p); e.failure())
+    return e;
+  if (act == kNone) {  // no sums to report
+    std::fill_n(sum_da->typed_data(), sum_da->element_count(), 0.0f);
+    std::fill_n(sum_da_zc->typed_data(), sum_da_zc->element_count(), 0.0f);
+  }
+  ParallelFor(pool, p.n, [&](int64_t n) {
+    BackwardSample(p, dy.typed_data(), dx->typed_data(), dk->typed_data(), sum_da->typed_data(),
+                   sum_da_zc->typed_data(), n);
+  });
   return ffi::Error::Success();
 }
 
@@ -245,21 +371,31 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EffnetDepthwiseForward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<F32>()  // z (or x)
+                                  .Arg<F32>()  // mean
+                                  .Arg<F32>()  // scale
+                                  .Arg<F32>()  // bias
+                                  .Arg<F32>()  // kernel
+                                  .Ret<F32>()  // y
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w"));
+                                  .Attr<int64_t>("pad_w")
+                                  .Attr<int64_t>("act"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EffnetDepthwiseBackward, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<F32>()  // z (or x)
+                                  .Arg<F32>()  // mean
+                                  .Arg<F32>()  // scale
+                                  .Arg<F32>()  // bias
+                                  .Arg<F32>()  // kernel
+                                  .Arg<F32>()  // dy
+                                  .Ret<F32>()  // dx, or the gradient of the BatchNorm output
+                                  .Ret<F32>()  // the kernel gradient of each sample (N, kh, kw, C)
+                                  .Ret<F32>()  // sum_da (N, C)
+                                  .Ret<F32>()  // sum_da_zc (N, C)
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w"));
+                                  .Attr<int64_t>("pad_w")
+                                  .Attr<int64_t>("act"));
