@@ -1,21 +1,23 @@
 """Kernels outside XLA for its CPU backend: the depthwise convolution, forward and backward, in C++.
 
-XLA's CPU backend runs the depthwise convolution slowest of all of EfficientNet's units (its grouped convolution
-several times slower than the shifted sum of `layers.shifted_depthwise_conv`, which in turn re-reads the padded
-input once per tap). `native/depthwise.cc` walks the image row by row instead, each output summed over its taps in
-a register, and computes the backward pass's input and kernel gradients in one pass over each sample (figures:
-docs/performance.md). `layers.depthwise_conv` uses it for `depthwise_impl='native'`, which 'auto' picks on CPU for
-float32 when it builds.
+XLA's CPU backend runs the depthwise convolution slowest of EfficientNet's units: its grouped convolution is several
+times slower than the shifted sum of `layers.shifted_depthwise_conv`, which in turn re-reads the padded input once
+per tap and needs the activation in front of it written out. `csrc/depthwise.cc` walks the image row by row, each
+output summed over its taps in a register; it can compute the expansion's BatchNorm and activation in front of the
+convolution itself (never writing them out), and its backward pass computes the input and kernel gradients of a
+sample in one pass (figures: docs/performance.md). `layers` uses it for `depthwise_impl='native'`, which 'auto'
+picks on CPU for the units that train, in float32, when it builds: `depthwise_conv` (here) and
+`layers.bn_act_depthwise_conv` (on `forward` and `backward`).
 
 It is compiled on first use, not at install: with the system's C++ compiler (`$CXX`, else c++, g++ or clang++)
 against the XLA FFI headers that jaxlib ships (`jax.ffi.include_dir()`), for this machine's CPU (`-march=native`),
-into a cache keyed by the source, jaxlib's version, the compiler and the CPU (`$EFFNET_JAX_CACHE`, else
+into a cache keyed by the source, jax's version, the compiler and the CPU (`$EFFNET_JAX_CACHE`, else
 `$XDG_CACHE_HOME/effnet_jax`, else ~/.cache/effnet_jax), in about 4 s. Without a compiler, 'auto' falls back to the
 shifted sum with one warning naming what failed; `EFFNET_JAX_NATIVE=0` turns the kernels off.
 
-The operations (`depthwise_conv`) are ordinary JAX functions of NHWC float32 arrays: differentiable (custom VJP),
-jit-able, vmap-able (sequentially), and batch-partitioned when the batch is sharded over several devices
-(`custom_partitioning`: each device runs the kernel on its own samples).
+The operations are JAX functions of NHWC float32 arrays: jit-able, differentiable in reverse mode (custom VJPs),
+vmap-able (one call per mapped element), and partitioned over the batch when it is sharded over several devices
+(`custom_partitioning`: each device runs the kernels on its own samples).
 """
 
 from __future__ import annotations
@@ -86,7 +88,10 @@ def build(force: bool = False) -> Path:
     cxx = _compiler()
     if cxx is None:
         raise NativeUnavailable("no C++ compiler found (set $CXX, or install g++ or clang++)")
-    source = resources.files("effnet_jax").joinpath("native", "depthwise.cc").read_bytes()
+    try:
+        source = resources.files("effnet_jax").joinpath("csrc", "depthwise.cc").read_bytes()
+    except OSError as e:
+        raise NativeUnavailable(f"effnet_jax/csrc/depthwise.cc is missing from the installation ({e})") from None
     include = jax.ffi.include_dir()
     key = hashlib.sha256(b"\0".join([source, jax.__version__.encode(), cxx.encode(), _cpu_id().encode(),
                                      " ".join(_flags("")).encode()])).hexdigest()[:20]
@@ -110,7 +115,7 @@ def build(force: bool = False) -> Path:
                 break
             errors.append(done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"])
         else:
-            raise NativeUnavailable(f"{cxx} could not compile effnet_jax/native/depthwise.cc: {errors[-1][0]}")
+            raise NativeUnavailable(f"{cxx} could not compile effnet_jax/csrc/depthwise.cc: {errors[-1][0]}")
         os.replace(lib, out)  # atomic: concurrent builds (test workers, processes of one run) each land whole
     return out
 
@@ -147,7 +152,7 @@ def require() -> None:
     _load()
 
 
-ACTIVATIONS = {None: 0, "silu": 1, "relu6": 2}  # native/depthwise.cc's Act
+ACTIVATIONS = {None: 0, "silu": 1, "relu6": 2}  # csrc/depthwise.cc's Act
 
 
 def _attrs(stride: int, padding, act: str | None) -> dict:
@@ -203,15 +208,34 @@ def _batch_sharded(call, operands: list[str], results: list[str]):
 
     # only the batch 'n' may stay sharded: a spatial shard would need its neighbours' rows, a channel shard the rest
     # of the kernel gradient's sums
-    op.def_partition(infer_sharding_from_operands=infer, partition=partition,
-                     sharding_rule=f"{', '.join(operands)} -> {', '.join(results)}",
-                     need_replication_factors=("h", "w", "i", "j", "o", "p", "q", "c"))
+    rule = f"{', '.join(operands)} -> {', '.join(results)}"
+    factors = list(dict.fromkeys(f for dims in operands + results for f in dims.split()))  # Shardy wants this order
+    op.def_partition(infer_sharding_from_operands=infer, partition=partition, sharding_rule=rule,
+                     need_replication_factors=tuple(f for f in factors if f != "n"))
     return op
 
 
 _X, _C, _K, _Y = "n h w c", "c", "i j o c", "n p q c"
-forward = _batch_sharded(_forward_call, [_X, _C, _C, _C, _K], [_Y])
-backward = _batch_sharded(_backward_call, [_X, _C, _C, _C, _K, _Y], [_X, "n i j c", "n c", "n c"])
+_forward = _batch_sharded(_forward_call, [_X, _C, _C, _C, _K], [_Y])
+_backward = _batch_sharded(_backward_call, [_X, _C, _C, _C, _K, _Y], [_X, "n i j c", "n c", "n c"])
+
+
+def _arrays_only(op, *static):
+    """op(*arrays, *static) as a function of the arrays, which vmap maps one call per element (custom_partitioning
+    has no batching rule of its own)."""
+    return jax.custom_batching.sequential_vmap(lambda *arrays: op(*arrays, *static))
+
+
+def forward(z, mean, scale, bias, kernel, stride: int, padding, act: str | None):
+    """`_forward_call`, the kernels built and registered first, partitioned over a sharded batch."""
+    require()
+    return _arrays_only(_forward, stride, padding, act)(z, mean, scale, bias, kernel)
+
+
+def backward(z, mean, scale, bias, kernel, g, stride: int, padding, act: str | None):
+    """`_backward_call`, the kernels built and registered first, partitioned over a sharded batch."""
+    require()
+    return _arrays_only(_backward, stride, padding, act)(z, mean, scale, bias, kernel, g)
 
 
 def _identity_affine(x):

@@ -1,0 +1,176 @@
+"""The C++ depthwise kernels (`effnet_jax.native`, `depthwise_impl='native'`) against torch, and how they are built,
+found, refused and partitioned."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effnet_jax import layers, native
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="the native kernels do not build here")
+
+# channels: 6 (the kernels' one-channel-at-a-time tail), 40 (two 16-wide blocks and an 8-wide one)
+SHAPES = [(3, 1, 9, 6), (3, 2, 9, 40), (5, 2, 10, 40), (5, 1, 7, 6), (3, 2, 8, 24)]
+
+
+def _torch_depthwise(x_nhwc, w_hwio, stride, pads):
+    c = x_nhwc.shape[-1]
+    xt = F.pad(x_nhwc.permute(0, 3, 1, 2), (*pads[1], *pads[0]))
+    return F.conv2d(xt, w_hwio.permute(3, 2, 0, 1), stride=stride, groups=c).permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("padding", ["symmetric", "same"])
+@pytest.mark.parametrize("kernel,stride,size,channels", SHAPES)
+def test_native_depthwise_and_its_gradients_equal_torch(padding, kernel, stride, size, channels):
+    """Output and gradients (of sum(sin(y))) against torch in float64."""
+    rng = np.random.RandomState(kernel * 10 + stride + size + channels)
+    x = rng.randn(2, size, size + 1, channels).astype(np.float32)
+    w = rng.randn(kernel, kernel, 1, channels).astype(np.float32)
+    pads = tuple(layers.conv_padding(padding, s, kernel, stride) for s in x.shape[1:3])
+    y, vjp = jax.vjp(lambda a, b: layers.depthwise_conv(a, b, stride, pads, "native"), jnp.asarray(x), jnp.asarray(w))
+    gx, gw = vjp(jnp.cos(y))
+    xt, wt = (torch.from_numpy(a).double().requires_grad_() for a in (x, w))
+    ref = _torch_depthwise(xt, wt, stride, pads)
+    torch.sin(ref).sum().backward()
+    np.testing.assert_allclose(y, ref.detach().numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(gx, xt.grad.numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(gw, wt.grad.numpy(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["silu", "relu6"])
+@pytest.mark.parametrize("kernel,stride,size,channels", SHAPES)
+def test_fused_batchnorm_activation_depthwise_equals_torch(act, kernel, stride, size, channels):
+    """`layers.bn_act_depthwise_conv`: the depthwise convolution of act(BatchNorm(z)) in training mode, against
+    torch's BatchNorm2d (train) -> activation -> grouped conv in float64: output, batch statistics and every
+    gradient. (torch's own float32 gradients of scale and bias are up to 4e-5 from float64 on these shapes.)"""
+    rng = np.random.RandomState(kernel + stride * 7 + size + channels)
+    z = (rng.randn(3, size, size, channels) * 2 + 0.5).astype(np.float32)
+    gamma = (1 + 0.3 * rng.randn(channels)).astype(np.float32)
+    beta = (0.5 * rng.randn(channels)).astype(np.float32)
+    w = rng.randn(kernel, kernel, 1, channels).astype(np.float32)
+    pads = tuple(layers.conv_padding("same", s, kernel, stride) for s in z.shape[1:3])
+    (y, mean, var), vjp = jax.vjp(lambda *a: layers.bn_act_depthwise_conv(*a, 1e-3, act, stride, pads),
+                                  *map(jnp.asarray, (z, gamma, beta, w)))
+    grads = vjp((jnp.cos(y), jnp.zeros_like(mean), jnp.zeros_like(var)))
+    zt, gt, bt, wt = (torch.from_numpy(a).double().requires_grad_() for a in (z, gamma, beta, w))
+    a = F.batch_norm(zt.permute(0, 3, 1, 2), None, None, gt, bt, training=True, eps=1e-3).permute(0, 2, 3, 1)
+    ref = _torch_depthwise(F.silu(a) if act == "silu" else F.relu6(a), wt, stride, pads)
+    torch.sin(ref).sum().backward()
+    np.testing.assert_allclose(y, ref.detach().numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(mean, z.astype(np.float64).mean(axis=(0, 1, 2)), atol=1e-6)
+    np.testing.assert_allclose(var, z.astype(np.float64).var(axis=(0, 1, 2)), rtol=1e-6)
+    for name, g, t in zip(("z", "scale", "bias", "kernel"), grads, (zt, gt, bt, wt)):
+        np.testing.assert_allclose(g, t.grad.numpy(), atol=1e-4, rtol=1e-5, err_msg=name)
+
+
+def test_auto_picks_native_for_units_that_train_in_float32():
+    assert layers.resolve_depthwise_impl("auto") == "native"
+    assert layers.resolve_depthwise_impl("auto", inference=True) == "shift"  # XLA fuses it with its neighbours
+    assert layers.resolve_depthwise_impl("auto", jnp.bfloat16) == "shift"
+    with pytest.raises(ValueError, match="float32 only"):
+        layers.resolve_depthwise_impl("native", jnp.bfloat16)
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    e = dict(os.environ, JAX_PLATFORMS="cpu", **env)
+    e["PYTHONPATH"] = os.pathsep.join([str(REPO), e.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=e, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_built_once_into_the_cache_then_reused(tmp_path):
+    code = """
+        import json, os
+        from effnet_jax import native
+        first = native.build()
+        mtime = first.stat().st_mtime_ns
+        print(json.dumps({"path": str(first), "again": str(native.build()), "same_file": native.build().stat()
+                          .st_mtime_ns == mtime, "available": native.available()}))
+    """
+    r = _python(code, EFFNET_JAX_CACHE=str(tmp_path / "cache"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert Path(out["path"]).parent == tmp_path / "cache" and Path(out["path"]).is_file()
+    assert out["again"] == out["path"] and out["same_file"] and out["available"]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(out["path"]).name]  # no temporary left
+
+
+def test_without_a_compiler_auto_falls_back_and_native_says_why(tmp_path):
+    code = """
+        import logging
+        logging.basicConfig(level=logging.WARNING)
+        from effnet_jax import layers, native
+        print("auto:", layers.resolve_depthwise_impl("auto"))
+        try:
+            layers.resolve_depthwise_impl("native")
+        except native.NativeUnavailable as e:
+            print("native:", e)
+    """
+    r = _python(code, EFFNET_JAX_CACHE=str(tmp_path / "cache"), CXX=str(tmp_path / "no-such-compiler"))
+    assert r.returncode == 0, r.stderr
+    assert "auto: shift" in r.stdout
+    assert "native: compiling with" in r.stdout and "no-such-compiler" in r.stdout
+    assert r.stderr.count("native CPU depthwise kernel is unavailable") == 1, r.stderr
+    off = _python("from effnet_jax import layers; print(layers.resolve_depthwise_impl('auto'))",
+                  EFFNET_JAX_NATIVE="0")
+    assert off.returncode == 0 and off.stdout.strip() == "shift" and "unavailable" not in off.stderr
+
+
+def test_batch_sharded_step_runs_the_kernels_on_each_devices_samples():
+    """Two CPU devices, the batch sharded: each device's kernel call sees its 4 of the 8 samples (custom
+    partitioning), not all 8 gathered, and the gradients equal one device's."""
+    code = """
+        import json, re
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from effnet_jax import layers
+        rng = np.random.RandomState(0)
+        z, w = rng.randn(8, 12, 12, 32).astype(np.float32), rng.randn(3, 3, 1, 32).astype(np.float32)
+        scale, bias = np.ones(32, np.float32), np.zeros(32, np.float32)
+        pads = ((1, 1), (1, 1))
+        def loss(z, scale, bias, w):
+            y = layers.bn_act_depthwise_conv(z, scale, bias, w, 1e-3, "silu", 1, pads)[0]
+            return jnp.sum(jnp.sin(layers.depthwise_conv(y, w, 1, pads, "native")))
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+        one = grad(z, scale, bias, w)
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        zs = jax.device_put(z, NamedSharding(mesh, P("data")))
+        rep = lambda a: jax.device_put(a, NamedSharding(mesh, P()))
+        two = grad(zs, rep(scale), rep(bias), rep(w))
+        hlo = grad.lower(zs, rep(scale), rep(bias), rep(w)).compile().as_text()
+        batches = {int(m.group(1)) for line in hlo.splitlines() if 'custom_call_target="effnet_jax_depthwise' in line
+                   for m in [re.search(r"= \\(?f32\\[(\\d+),", line)]}
+        print(json.dumps({"devices": jax.device_count(), "kernel_batches": sorted(batches),
+                          "rel_diff": max(float(np.max(np.abs(a - b)) / np.max(np.abs(a))) for a, b in zip(one, two)),
+                          "dz_sharding": str(two[0].sharding.spec)}))
+    """
+    r = _python(code, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 2
+    assert out["kernel_batches"] == [4], out   # each device: its half of the batch
+    assert out["rel_diff"] < 3e-5, out         # the sums' order differs: shift's two-device step differs as much
+    assert out["dz_sharding"] == "P('data',)", out
+
+
+def test_vmap_maps_one_call_per_element():
+    """Per-example gradients (vmap over grad) with the kernels equal those of the shifted sum."""
+    x = jax.random.normal(jax.random.key(0), (3, 2, 6, 6, 16))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 1, 16))
+    pads = ((1, 1), (1, 1))
+    grads = {impl: jax.jit(jax.vmap(jax.grad(
+        lambda a, impl=impl: jnp.sum(jnp.sin(layers.depthwise_conv(a, k, 2, pads, impl))))))(x)
+        for impl in ("native", "shift")}
+    np.testing.assert_allclose(grads["native"], grads["shift"], atol=1e-5)
