@@ -12,10 +12,10 @@ alone, it times on the unit's real input shape:
 * eval: forward in inference mode (JAX `train=False`, jitted; torch `eval()` + `inference_mode`).
 
 JAX units are this library's modules (`effnet_jax.models.MBConv` / `FusedMBConv`, `effnet_jax.layers`), with
-the `depthwise_impl` the model uses by default ('auto': the shifted sum on CPU); torch's are the modules of
-torchvision's `efficientnet_bX` / `efficientnet_v2_X` (random weights, same shapes: `throughput.torch_model`).
-Inputs are the unit's input in the JAX network (random image, random fan-in-scaled weights), cotangents random
-normal.
+the `depthwise_impl` the model uses by default ('auto' on CPU: the C++ kernels where a unit trains, the shifted sum in
+inference mode); torch's are the modules of torchvision's `efficientnet_bX` / `efficientnet_v2_X` (random weights,
+same shapes: `throughput.torch_model`). Inputs are the unit's input in the JAX network (random image, random
+fan-in-scaled weights), cotangents random normal.
 
 The sum over units is the network without the optimizer, the data and any fusion across units; set next to
 the whole step from `throughput.py` it shows what is lost or won *between* units. Timing as in
@@ -156,18 +156,20 @@ def time_torch(unit, shape_nhwc, mode: str, input_grad: bool, *, warmup, steps, 
     return seconds, (out.shape[0], *out.shape[2:], out.shape[1])
 
 
-def depthwise_rows(block_cfg, in_hw: tuple[int, int], batch: int, padding: str, impl: str, t: dict):
-    """JAX `depthwise_conv` vs torch `conv2d(groups=C)` alone, train (fwd+bwd to x and kernel) and eval."""
+def depthwise_rows(block_cfg, in_hw: tuple[int, int], batch: int, padding: str, impls: dict[str, str], t: dict):
+    """JAX `depthwise_conv` vs torch `conv2d(groups=C)` alone, train (fwd+bwd to x and kernel) and eval, each in
+    its form of `impls` ('train', 'eval')."""
     import torch
     c, k, s = block_cfg.expand_channels, block_cfg.kernel, block_cfg.stride
     pads = tuple(conv_padding(padding, size, k, s) for size in in_hw)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, *in_hw, c), np.float32))
     kernel = jnp.asarray(rng.standard_normal((k, k, 1, c), np.float32) / k)
-    fwd = jax.jit(lambda x, kern: depthwise_conv(x, kern, s, pads, impl))
+    fwd = jax.jit(lambda x, kern: depthwise_conv(x, kern, s, pads, impls["eval"]))
     out_shape = jax.eval_shape(fwd, x, kernel).shape
     g = jnp.asarray(rng.standard_normal(out_shape, np.float32))
-    train = jax.jit(lambda x, kern, g: jax.vjp(lambda a, b: depthwise_conv(a, b, s, pads, impl), x, kern)[1](g))
+    train = jax.jit(lambda x, kern, g: jax.vjp(lambda a, b: depthwise_conv(a, b, s, pads, impls["train"]), x,
+                                               kern)[1](g))
     jt, _ = time_jax(train, x, kernel, g, **t)
     je, _ = time_jax(fwd, x, kernel, **t)
 
@@ -209,7 +211,9 @@ def main(argv=None) -> dict:
     torch.set_num_threads(threads)
     overrides = {k: getattr(args, k) for k in ("width", "depth") if getattr(args, k) is not None}
     model = create_model(args.variant, 10, depthwise_impl=args.depthwise_impl, **overrides)
-    impl = resolve_depthwise_impl(args.depthwise_impl)
+    # the forms the model's units take: 'auto' on CPU is 'native' where a unit trains, 'shift' in inference mode
+    impls = {"train": resolve_depthwise_impl(args.depthwise_impl),
+             "eval": resolve_depthwise_impl(args.depthwise_impl, inference=True)}
     r, n = args.resolution, args.batch_size
     variables = jax.tree.map(jnp.asarray, random_variables(model, r))
     _, t_units = torch_model(args.variant, width=args.width, depth=args.depth)
@@ -232,13 +236,13 @@ def main(argv=None) -> dict:
                "torch_eval_ms": 1e3 * te, "jax_compile_s": jc}
         if args.depthwise and name.startswith("blocks_") and not model.config.blocks[i - 1].fused:
             row.update(depthwise_rows(model.config.blocks[i - 1], tuple(x.shape[1:3]), n, model.config.padding,
-                                      impl, t))
+                                      impls, t))
         rows.append(row)
         log(json.dumps(row))
         x = y
     keys = [k for k in rows[1] if k.endswith("_ms")]
     totals = {k: sum(row.get(k, 0.0) for row in rows) for k in keys}
-    result = {"variant": args.variant, "resolution": r, "batch_size": n, "depthwise_impl": impl,
+    result = {"variant": args.variant, "resolution": r, "batch_size": n, "depthwise_impl": impls,
               "threads": threads, "rows": rows, "totals": totals,
               "train_ratio": totals["torch_train_ms"] / totals["jax_train_ms"],
               "eval_ratio": totals["torch_eval_ms"] / totals["jax_eval_ms"],
@@ -254,7 +258,7 @@ def print_table(res: dict) -> None:
 
     def ratio(a, b):
         return "-" if a is None or b is None else f"{b / a:.2f}"
-    print(f"{res['variant']} {res['resolution']} px, batch {res['batch_size']}, depthwise '{res['depthwise_impl']}', "
+    print(f"{res['variant']} {res['resolution']} px, batch {res['batch_size']}, depthwise {res['depthwise_impl']}, "
           f"{res['threads']} threads; ms per step; ratio = torch time / JAX time (> 1: JAX faster)")
     print(f"{'unit':<10}{'input (NHWC)':>20}{'train JAX':>10}{'torch':>8}{'ratio':>7}{'eval JAX':>10}{'torch':>8}"
           f"{'ratio':>7}{'dw train JAX':>13}{'torch':>8}{'dw eval JAX':>12}{'torch':>8}")
