@@ -1,11 +1,13 @@
 """Building blocks of EfficientNet as Flax Linen modules (NHWC).
 
 * `conv_padding`: symmetric (torchvision) or TF-'SAME' (TF, lukemelas, Lite weights) explicit padding.
-* `DepthwiseConv`: k×k per-channel convolution with two interchangeable implementations (same parameters,
-  same numbers): 'xla', a grouped convolution (`feature_group_count`), and 'shift', a sum of k·k shifted
-  element-wise multiplies with a hand-written backward pass (`shifted_depthwise_conv`). On CPU XLA's grouped
-  convolution is several times slower than the shifted sum (jax#13800, jax#23713; figures in
-  docs/performance.md), so 'auto' picks 'shift' there and the cuDNN/TPU grouped convolution elsewhere.
+* `DepthwiseConv`: k×k per-channel convolution with three interchangeable implementations (same parameters,
+  same numbers): 'xla', a grouped convolution (`feature_group_count`); 'shift', a sum of k·k shifted
+  element-wise multiplies with a hand-written backward pass (`shifted_depthwise_conv`); 'native', C++ kernels
+  (`effnet_jax.native`) that can also apply the expansion's BatchNorm and activation in front
+  (`bn_act_depthwise_conv`). On CPU XLA's grouped convolution is several times slower than the shifted sum
+  (jax#13800, jax#23713), and the kernels faster still where a unit trains (figures in docs/performance.md), so
+  'auto' picks 'native' there (else 'shift') and the cuDNN/TPU grouped convolution elsewhere.
 * `BatchNorm`: batch statistics in float32 whatever the compute dtype, and running statistics updated
   exactly as PyTorch does (running_var from the *unbiased* batch variance), so a JAX training step equals a
   PyTorch one.
@@ -358,7 +360,7 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x, use_running_average: bool, fuse: Callable | None = None):
         """`fuse(x, scale, bias, epsilon) -> (out, batch mean, biased batch variance)`, in training only: a consumer
-        that applies this normalization itself (`native.bn_act_depthwise_conv`); its `out` is returned."""
+        that applies this normalization itself (`bn_act_depthwise_conv`); its `out` is returned."""
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -390,7 +392,7 @@ class DepthwiseConv(nn.Module):
         """`inference`: no gradient will be taken through this call (as `Conv`'s): 'auto' picks by it.
         `bn_act` (a BatchNorm module, an activation name): x is that BatchNorm's input, and the convolution's input
         is activation(BatchNorm(x)), with batch statistics unless `inference`. With the 'native' form in training
-        the three run as one operation (`native.bn_act_depthwise_conv`), which never writes the activation out."""
+        the three run as one operation (`bn_act_depthwise_conv`), which never writes the activation out."""
         c = x.shape[-1]
         k = self.param("kernel", nn.initializers.normal(math.sqrt(2.0 / (self.kernel * self.kernel))),
                        (self.kernel, self.kernel, 1, c), jnp.float32)

@@ -98,26 +98,32 @@ def build(force: bool = False) -> Path:
     out = cache_dir() / f"depthwise-{key}.so"
     if out.exists() and not force:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        src = Path(tmp) / "depthwise.cc"
-        src.write_bytes(source)
-        lib = Path(tmp) / out.name
-        errors = []
-        # -march=native where the compiler knows it (GCC, Clang on x86 and recent Arm), else its default target
-        for arch in (["-march=native"], []):
-            try:
-                done = subprocess.run([cxx, *arch, *_flags(include), str(src), "-o", str(lib)], capture_output=True,
-                                      text=True, timeout=COMPILE_TIMEOUT_S)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                raise NativeUnavailable(f"compiling with {cxx} failed: {e}") from None
-            if done.returncode == 0:
-                break
-            errors.append(done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"])
-        else:
-            raise NativeUnavailable(f"{cxx} could not compile effnet_jax/csrc/depthwise.cc: {errors[-1][0]}")
-        os.replace(lib, out)  # atomic: concurrent builds (test workers, processes of one run) each land whole
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            src = Path(tmp) / "depthwise.cc"
+            src.write_bytes(source)
+            _compile(cxx, include, src, Path(tmp) / out.name)
+            os.replace(Path(tmp) / out.name, out)  # atomic: concurrent builds (test workers, processes) land whole
+    except OSError as e:
+        raise NativeUnavailable(f"cannot write the kernel cache {out.parent} ({e}); set ${CACHE_ENV}") from None
     return out
+
+
+def _compile(cxx: str, include: str, src: Path, lib: Path) -> None:
+    error = ""
+    # -march=native where the compiler knows it (GCC, Clang on x86 and recent Arm), else its default target
+    for arch in (["-march=native"], []):
+        try:
+            done = subprocess.run([cxx, *arch, *_flags(include), str(src), "-o", str(lib)], capture_output=True,
+                                  text=True, timeout=COMPILE_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise NativeUnavailable(f"compiling with {cxx} failed: {e}") from None
+        if done.returncode == 0:
+            return
+        lines = done.stderr.strip().splitlines()
+        error = next((ln for ln in lines if "error" in ln), lines[-1] if lines else f"exit {done.returncode}")
+    raise NativeUnavailable(f"{cxx} could not compile effnet_jax/csrc/depthwise.cc: {error.strip()}")
 
 
 @functools.cache
@@ -140,7 +146,8 @@ def available() -> bool:
         _load()
     except (NativeUnavailable, OSError, AttributeError) as e:
         log.warning("effnet_jax: the native CPU depthwise kernel is unavailable (%s); using the XLA form, which is "
-                    "slower. Set %s=0 to silence this.", e, OPT_OUT)
+                    "slower. $CXX names the C++ compiler, $%s a writable cache directory; %s=0 silences this.",
+                    e, CACHE_ENV, OPT_OUT)
         return False
     return True
 

@@ -107,7 +107,7 @@ def test_built_once_into_the_cache_then_reused(tmp_path):
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(out["path"]).name]  # no temporary left
 
 
-def test_without_a_compiler_auto_falls_back_and_native_says_why(tmp_path):
+def test_without_a_compiler_or_cache_auto_falls_back_and_native_says_why(tmp_path):
     code = """
         import logging
         logging.basicConfig(level=logging.WARNING)
@@ -123,6 +123,10 @@ def test_without_a_compiler_auto_falls_back_and_native_says_why(tmp_path):
     assert "auto: shift" in r.stdout
     assert "native: compiling with" in r.stdout and "no-such-compiler" in r.stdout
     assert r.stderr.count("native CPU depthwise kernel is unavailable") == 1, r.stderr
+    (tmp_path / "a-file").write_text("")
+    unwritable = _python(code, EFFNET_JAX_CACHE=str(tmp_path / "a-file" / "cache"))
+    assert unwritable.returncode == 0, unwritable.stderr
+    assert "auto: shift" in unwritable.stdout and "native: cannot write the kernel cache" in unwritable.stdout
     off = _python("from effnet_jax import layers; print(layers.resolve_depthwise_impl('auto'))",
                   EFFNET_JAX_NATIVE="0")
     assert off.returncode == 0 and off.stdout.strip() == "shift" and "unavailable" not in off.stderr
