@@ -11,9 +11,10 @@ picks on CPU for the units that train, in float32, when it builds: `depthwise_co
 
 It is compiled on first use, not at install: with the system's C++ compiler (`$CXX`, else c++, g++ or clang++)
 against the XLA FFI headers that jaxlib ships (`jax.ffi.include_dir()`), for this machine's CPU (`-march=native`),
-into a cache keyed by the source, jax's version, the compiler and the CPU (`$EFFNET_JAX_CACHE`, else
-`$XDG_CACHE_HOME/effnet_jax`, else ~/.cache/effnet_jax), in about 4 s. Without a compiler, 'auto' falls back to the
-shifted sum with one warning naming what failed; `EFFNET_JAX_NATIVE=0` turns the kernels off.
+into a cache keyed by the source, jax's version, the compiler and the CPU (`kernels/` in the project's cache:
+`$EFFNET_JAX_CACHE`, else `$XDG_CACHE_HOME/effnet_jax`, else ~/.cache/effnet_jax), in about 4 s. Without a
+compiler, 'auto' falls back to the shifted sum with one warning naming what failed; `EFFNET_JAX_NATIVE=0` turns
+the kernels off.
 
 The operations are JAX functions of NHWC float32 arrays: jit-able, differentiable in reverse mode (custom VJPs),
 vmap-able (one call per mapped element), and partitioned over the batch when it is sharded over several devices
@@ -41,10 +42,11 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
+from effnet_jax.data.cache import CACHE_ENV_VAR as CACHE_ENV, cache_root
+
 log = logging.getLogger(__name__)
 
 OPT_OUT = "EFFNET_JAX_NATIVE"
-CACHE_ENV = "EFFNET_JAX_CACHE"
 FORWARD = "effnet_jax_depthwise_forward"
 BACKWARD = "effnet_jax_depthwise_backward"
 COMPILE_TIMEOUT_S = 300
@@ -55,10 +57,8 @@ class NativeUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "effnet_jax"
+    """Where the compiled kernels are kept: `kernels/` in the project's cache (`data.cache.cache_root()`)."""
+    return cache_root() / "kernels"
 
 
 def _compiler() -> str | None:

@@ -102,9 +102,9 @@ def test_built_once_into_the_cache_then_reused(tmp_path):
     r = _python(code, EFFNET_JAX_CACHE=str(tmp_path / "cache"))
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert Path(out["path"]).parent == tmp_path / "cache" and Path(out["path"]).is_file()
+    assert Path(out["path"]).parent == tmp_path / "cache" / "kernels" and Path(out["path"]).is_file()
     assert out["again"] == out["path"] and out["same_file"] and out["available"]
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(out["path"]).name]  # no temporary left
+    assert [p.name for p in (tmp_path / "cache" / "kernels").iterdir()] == [Path(out["path"]).name]  # no temporary left
 
 
 def test_without_a_compiler_or_cache_auto_falls_back_and_native_says_why(tmp_path):
