@@ -19,7 +19,9 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="the native kernels do not build here")
+# skipped only where no C++ compiler is found; with one, a kernel that does not build fails the tests (where 'auto'
+# would fall back to the shifted sum, and the rest of the suite pass without the kernels)
+pytestmark = pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler found")
 
 # channels: 6 (the kernels' one-channel-at-a-time tail), 40 (two 16-wide blocks and an 8-wide one)
 SHAPES = [(3, 1, 9, 6), (3, 2, 9, 40), (5, 2, 10, 40), (5, 1, 7, 6), (3, 2, 8, 24)]

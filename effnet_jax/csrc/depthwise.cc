@@ -26,6 +26,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -368,34 +369,28 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 z, F32 mean, F32 scale, F32 bias, 
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(EffnetDepthwiseForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()  // z (or x)
-                                  .Arg<F32>()  // mean
-                                  .Arg<F32>()  // scale
-                                  .Arg<F32>()  // bias
-                                  .Arg<F32>()  // kernel
-                                  .Ret<F32>()  // y
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w")
-                                  .Attr<int64_t>("act"));
+namespace {
 
+// The handlers' bindings: the thread pool, then z (or x), mean, scale, bias, kernel; each handler adds its own
+// buffers, then the attributes.
+auto BindInputs() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>();
+}
+
+template <typename Binding>
+auto BindAttrs(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("stride")
+      .template Attr<int64_t>("pad_h")
+      .template Attr<int64_t>("pad_w")
+      .template Attr<int64_t>("act");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffnetDepthwiseForward, Forward, BindAttrs(BindInputs().Ret<F32>()));  // y
+
+// dy; dx (or the gradient of the BatchNorm output), each sample's kernel gradient (N, kh, kw, C), sum_da (N, C),
+// sum_da_zc (N, C)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EffnetDepthwiseBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()  // z (or x)
-                                  .Arg<F32>()  // mean
-                                  .Arg<F32>()  // scale
-                                  .Arg<F32>()  // bias
-                                  .Arg<F32>()  // kernel
-                                  .Arg<F32>()  // dy
-                                  .Ret<F32>()  // dx, or the gradient of the BatchNorm output
-                                  .Ret<F32>()  // the kernel gradient of each sample (N, kh, kw, C)
-                                  .Ret<F32>()  // sum_da (N, C)
-                                  .Ret<F32>()  // sum_da_zc (N, C)
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w")
-                                  .Attr<int64_t>("act"));
+                              BindAttrs(BindInputs().Arg<F32>().Ret<F32>().Ret<F32>().Ret<F32>().Ret<F32>()));
