@@ -159,12 +159,12 @@ def require() -> None:
     _load()
 
 
-ACTIVATIONS = {None: 0, "silu": 1, "relu6": 2}  # csrc/depthwise.cc's Act
+_ACT_CODES = {None: 0, "silu": 1, "relu6": 2}  # csrc/depthwise.cc's Act
 
 
 def _attrs(stride: int, padding, act: str | None) -> dict:
     return dict(stride=np.int64(stride), pad_h=np.int64(padding[0][0]), pad_w=np.int64(padding[1][0]),
-                act=np.int64(ACTIVATIONS[act]))
+                act=np.int64(_ACT_CODES[act]))
 
 
 def _out_hw(x_shape, k_shape, stride: int, padding) -> tuple[int, int]:
@@ -176,8 +176,7 @@ def _forward_call(z, mean, scale, bias, kernel, stride, padding, act):
     then unused, any (C,) arrays)."""
     oh, ow = _out_hw(z.shape, kernel.shape, stride, padding)
     out = jax.ShapeDtypeStruct((z.shape[0], oh, ow, z.shape[3]), z.dtype)
-    return jax.ffi.ffi_call(FORWARD, out, vmap_method="sequential")(z, mean, scale, bias, kernel,
-                                                                      **_attrs(stride, padding, act))
+    return jax.ffi.ffi_call(FORWARD, out)(z, mean, scale, bias, kernel, **_attrs(stride, padding, act))
 
 
 def _backward_call(z, mean, scale, bias, kernel, g, stride, padding, act):
@@ -186,8 +185,7 @@ def _backward_call(z, mean, scale, bias, kernel, g, stride, padding, act):
     n, kh, kw, c = z.shape[0], *kernel.shape[:2], kernel.shape[3]
     outs = (jax.ShapeDtypeStruct(z.shape, z.dtype), jax.ShapeDtypeStruct((n, kh, kw, c), z.dtype),
             jax.ShapeDtypeStruct((n, c), z.dtype), jax.ShapeDtypeStruct((n, c), z.dtype))
-    return jax.ffi.ffi_call(BACKWARD, outs, vmap_method="sequential")(z, mean, scale, bias, kernel, g,
-                                                                       **_attrs(stride, padding, act))
+    return jax.ffi.ffi_call(BACKWARD, outs)(z, mean, scale, bias, kernel, g, **_attrs(stride, padding, act))
 
 
 def _batch_sharded(call, operands: list[str], results: list[str]):
