@@ -472,13 +472,11 @@ def _bn_act_dw_fwd(z, scale, bias, kernel, epsilon, act, stride, padding):
 
 def _bn_act_dw_bwd(epsilon, act, stride, padding, residuals, cotangents):
     z, scale, bias, kernel, mean, rstd = residuals
-    # g: the gradient of the BatchNorm output (through the activation), with its two sums per sample
-    g, dk, g_sums, g_zc_sums = native.backward(z, mean, rstd * scale, bias, kernel, cotangents[0], stride, padding,
-                                               act)
-    dbias = jnp.sum(g_sums, axis=0)
-    dscale = jnp.sum(g_zc_sums, axis=0) * rstd
+    # g: the gradient of the BatchNorm output (through the activation), with its two sums over the batch
+    g, dk, dbias, g_zc_sum = native.backward(z, mean, rstd * scale, bias, kernel, cotangents[0], stride, padding, act)
+    dscale = g_zc_sum * rstd
     dz = _bn_input_grad(g, (z - mean) * rstd, rstd, scale, dbias, dscale)
-    return dz, dscale, dbias, jnp.sum(dk, axis=0)[:, :, None, :].astype(kernel.dtype)
+    return dz, dscale, dbias, dk
 
 
 bn_act_depthwise_conv.defvjp(_bn_act_dw_fwd, _bn_act_dw_bwd)

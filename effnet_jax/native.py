@@ -238,9 +238,13 @@ def forward(z, mean, scale, bias, kernel, stride: int, padding, act: str | None)
 
 
 def backward(z, mean, scale, bias, kernel, g, stride: int, padding, act: str | None):
-    """`_backward_call`, the kernels built and registered first, partitioned over a sharded batch."""
+    """`_backward_call`, the kernels built and registered first, partitioned over a sharded batch, its per-sample
+    outputs summed over the batch: (dx or the BatchNorm output's gradient, the kernel gradient (kh, kw, 1, C), and
+    with `act` that gradient's sum and its sum times (z - mean), (C,) each)."""
     require()
-    return _arrays_only(_backward, stride, padding, act)(z, mean, scale, bias, kernel, g)
+    dx, *per_sample = _arrays_only(_backward, stride, padding, act)(z, mean, scale, bias, kernel, g)
+    dk, sums, zc_sums = (jnp.sum(a, axis=0) for a in per_sample)
+    return dx, dk[:, :, None, :].astype(kernel.dtype), sums, zc_sums
 
 
 def _identity_affine(x):
@@ -262,7 +266,7 @@ def _fwd(x, kernel, stride, padding):
 def _bwd(stride, padding, residuals, g):
     x, kernel = residuals
     dx, dk, _, _ = backward(x, *_identity_affine(x), kernel, g, stride, padding, None)
-    return dx, jnp.sum(dk, axis=0)[:, :, None, :].astype(kernel.dtype)
+    return dx, dk
 
 
 depthwise_conv.defvjp(_fwd, _bwd)
