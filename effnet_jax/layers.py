@@ -5,9 +5,11 @@
   same numbers): 'xla', a grouped convolution (`feature_group_count`); 'shift', a sum of k·k shifted
   element-wise multiplies with a hand-written backward pass (`shifted_depthwise_conv`); 'native', C++ kernels
   (`effnet_jax.native`) that can also apply the expansion's BatchNorm and activation in front
-  (`bn_act_depthwise_conv`). On CPU XLA's grouped convolution is several times slower than the shifted sum
-  (jax#13800, jax#23713), and the kernels faster still where a unit trains (figures in docs/performance.md), so
-  'auto' picks 'native' there (else 'shift') and the cuDNN/TPU grouped convolution elsewhere.
+  (`bn_act_depthwise_conv`, training), and in inference mode run the whole front of an MBConv block in one pass:
+  the 1×1 expansion, its BatchNorm and activation, the convolution, its BatchNorm and activation, and SE's pooling
+  (`fused_depthwise_inference`). On CPU XLA's grouped convolution is several times slower than the shifted sum
+  (jax#13800, jax#23713), and the kernels faster still (figures in docs/performance.md), so 'auto' picks 'native'
+  there (else 'shift') and the cuDNN/TPU grouped convolution elsewhere.
 * `BatchNorm`: batch statistics in float32 whatever the compute dtype, and running statistics updated
   exactly as PyTorch does (running_var from the *unbiased* batch variance), so a JAX training step equals a
   PyTorch one.
@@ -86,11 +88,13 @@ def _resolve_impl(name: str, impl: str, choices: tuple[str, ...], on_cpu: str) -
     return impl
 
 
-def resolve_depthwise_impl(impl: str, dtype: Dtype = jnp.float32, inference: bool = False) -> str:
-    """The depthwise form to run. 'auto' on XLA's CPU backend: for a unit that trains, the C++ kernels of
-    `effnet_jax.native` where they build (float32), else the shifted sum; in inference mode (evaluation, frozen
-    units) the shifted sum, which XLA fuses with the BatchNorm and activation on either side (B0 224 px eval: the
-    kernels 0.82× of it); elsewhere XLA's grouped convolution. An explicit 'native' that cannot run raises."""
+def resolve_depthwise_impl(impl: str, dtype: Dtype = jnp.float32, inference: bool = False,
+                           output_fused: bool = False) -> str:
+    """The depthwise form to run. 'auto' on XLA's CPU backend: the C++ kernels of `effnet_jax.native` where they
+    build (float32), else the shifted sum; but in inference mode (evaluation, frozen units) the kernels only where
+    they also run what follows the convolution (`output_fused`: `DepthwiseConv(out_bn_act=...)`), since XLA fuses
+    the shifted sum with the BatchNorm and activation on either side (B0 224 px eval: the bare kernels 0.82× of
+    it). Elsewhere XLA's grouped convolution. An explicit 'native' that cannot run raises."""
     if impl == "native":
         native.require()
         if jnp.dtype(dtype) != jnp.float32:
@@ -98,8 +102,8 @@ def resolve_depthwise_impl(impl: str, dtype: Dtype = jnp.float32, inference: boo
         return impl
     impl = _resolve_impl("depthwise_impl", impl, DEPTHWISE_IMPLS, "auto-cpu")
     if impl == "auto-cpu":
-        trains_in_float32 = not inference and jnp.dtype(dtype) == jnp.float32
-        return "native" if trains_in_float32 and native.available() else "shift"
+        fits = (not inference or output_fused) and jnp.dtype(dtype) == jnp.float32
+        return "native" if fits and native.available() else "shift"
     return impl
 
 
@@ -334,11 +338,14 @@ class Conv(nn.Module):
     impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, in_scale=None, inference: bool = False):
+    def __call__(self, x, in_scale=None, inference: bool = False, kernel_only: bool = False):
         """`in_scale` (N, Cin), optional: convolve x times these per-sample channel factors (`conv`). `inference`:
         no gradient will be taken through this call (evaluation, a frozen unit), so `conv` may pick a form that is
-        faster without its backward pass; the numbers are the same sums either way."""
+        faster without its backward pass; the numbers are the same sums either way. `kernel_only`: return the
+        kernel for a consumer that computes the convolution itself (x: only its channel count is used)."""
         k = self.param("kernel", conv_init, (self.kernel, self.kernel, x.shape[-1], self.features), jnp.float32)
+        if kernel_only:
+            return k
         pads = tuple(conv_padding(self.padding, s, self.kernel, self.stride) for s in x.shape[1:3])
         if in_scale is not None:
             in_scale = in_scale.astype(self.dtype)
@@ -358,14 +365,19 @@ class BatchNorm(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, use_running_average: bool, fuse: Callable | None = None):
+    def __call__(self, x, use_running_average: bool, fuse: Callable | None = None, fold: bool = False):
         """`fuse(x, scale, bias, epsilon) -> (out, batch mean, biased batch variance)`, in training only: a consumer
-        that applies this normalization itself (`bn_act_depthwise_conv`); its `out` is returned."""
+        that applies this normalization itself (`bn_act_depthwise_conv`); its `out` is returned. `fold`: return the
+        inference-mode normalization instead of applying it, (running mean, multiplier, bias) with
+        y = (x - mean) * multiplier + bias, for a consumer that applies it itself (x: only its channel count is
+        used)."""
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        if fold:
+            return ra_mean.value, lax.rsqrt(ra_var.value + self.epsilon) * scale, bias
         xf = x.astype(jnp.float32)
         if use_running_average:
             mul = lax.rsqrt(ra_var.value + self.epsilon) * scale
@@ -388,15 +400,30 @@ class DepthwiseConv(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, inference: bool = False, bn_act: tuple[BatchNorm, str] | None = None):
+    def __call__(self, x, inference: bool = False, bn_act: tuple[BatchNorm, str] | None = None,
+                 out_bn_act: tuple[BatchNorm, str] | None = None, pool: bool = False, expand=None):
         """`inference`: no gradient will be taken through this call (as `Conv`'s): 'auto' picks by it.
         `bn_act` (a BatchNorm module, an activation name): x is that BatchNorm's input, and the convolution's input
         is activation(BatchNorm(x)), with batch statistics unless `inference`. With the 'native' form in training
-        the three run as one operation (`bn_act_depthwise_conv`), which never writes the activation out."""
-        c = x.shape[-1]
+        the three run as one operation (`bn_act_depthwise_conv`), which never writes the activation out.
+
+        `out_bn_act` (a BatchNorm module, an activation name): the output is activation(BatchNorm(convolution)),
+        and the call returns (output, its mean over positions (N, C) if `pool` else None). In inference mode the
+        'native' form runs all of it, both BatchNorms folded, as one pass (`fused_depthwise_inference`).
+
+        `expand` (Cin, C), with `bn_act` and `out_bn_act` in inference mode and the 'native' form only: x has Cin
+        channels and `bn_act`'s BatchNorm normalizes x @ expand (a 1×1 expansion, computed in the same pass)."""
+        c = x.shape[-1] if expand is None else expand.shape[-1]
         k = self.param("kernel", nn.initializers.normal(math.sqrt(2.0 / (self.kernel * self.kernel))),
                        (self.kernel, self.kernel, 1, c), jnp.float32)
         pads = tuple(conv_padding(self.padding, s, self.kernel, self.stride) for s in x.shape[1:3])
+        if out_bn_act is not None:
+            return self._with_output_bn_act(x, k, pads, inference, bn_act, out_bn_act, pool, expand)
+        if expand is not None:
+            raise ValueError("DepthwiseConv: `expand` needs `out_bn_act`")
+        return self._conv(x, k, pads, inference, bn_act)
+
+    def _conv(self, x, k, pads, inference, bn_act):
         impl = resolve_depthwise_impl(self.impl, self.dtype, inference)
         if bn_act is not None:
             bn, act = bn_act
@@ -405,6 +432,63 @@ class DepthwiseConv(nn.Module):
                     z, scale, bias, k, epsilon, act, self.stride, pads))
             x = activation(act, not inference)(bn(x, inference))
         return depthwise_conv(x.astype(self.dtype), k.astype(self.dtype), self.stride, pads, impl)
+
+
+    def _with_output_bn_act(self, x, k, pads, inference, bn_act, out_bn_act, pool, expand):
+        out_bn, out_act = out_bn_act
+        impl = resolve_depthwise_impl(self.impl, self.dtype, inference, output_fused=True)
+        if impl == "native" and inference:
+            # (the folds read only the channel count of their argument: k's last dimension is C)
+            in_affine, act = (bn_act[0](k, True, fold=True), bn_act[1]) if bn_act else (None, None)
+            return fused_depthwise_inference(x.astype(jnp.float32), expand, in_affine, k, out_bn(k, True, fold=True),
+                                             act, out_act, self.stride, pads, pool)
+        if expand is not None:
+            raise ValueError("DepthwiseConv: `expand` runs in inference mode with the 'native' form only")
+        y = self._conv(x, k, pads, inference, bn_act)
+        y = activation(out_act, not inference)(out_bn(y, inference))
+        return y, (jnp.mean(y.astype(jnp.float32), axis=(1, 2)) if pool else None)
+
+
+def _depthwise_inference_reference(z, expand, in_affine, kernel, out_affine, act, out_act, stride, padding, pool):
+    """`fused_depthwise_inference` in XLA's operations (the shifted sum): its derivative."""
+    if expand is not None:
+        z = _matmul_2d(z, expand)
+    x = z if act is None else activation(act, False)((z - in_affine[0]) * in_affine[1] + in_affine[2])
+    y = shifted_depthwise_conv(x, kernel, stride, padding)
+    y = activation(out_act, False)((y - out_affine[0]) * out_affine[1] + out_affine[2])
+    return y, (jnp.mean(y, axis=(1, 2)) if pool else None)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def fused_depthwise_inference(z, expand, in_affine, kernel, out_affine, act, out_act, stride, padding, pool):
+    """out_act(BN_out(depthwise_conv(act(BN_in(z)), kernel))) with both BatchNorms in inference mode, each given
+    folded as (mean, multiplier, bias) (`BatchNorm(fold=True)`; `in_affine` None with `act` None: the convolution
+    of z itself), and, with `pool`, the output's mean over positions (squeeze-excitation's): (y, mean or None).
+    `expand` (Cin, C) or None: z is x @ expand for the given x (N, H, W, Cin), a 1×1 expansion.
+    One pass of the C++ kernel (`native.inference`): z (or x) read once, y written once, the pooled sums taken on the
+    way; BN_out's multiplier rides in the kernel, BN_in's in the expansion. Differentiable (through the shifted
+    sum's operations)."""
+    mean, mul, bias = out_affine
+    out = (kernel * mul, bias - mean * mul, stride, padding, act, out_act)
+    if expand is not None:
+        m, s, b = in_affine
+        y, sums = native.inference(z, None, None, b - m * s, *out, expand=expand * s)
+    else:
+        y, sums = native.inference(z, *(in_affine or native._identity_affine(z)), *out)
+    return y, (sums / (y.shape[1] * y.shape[2]) if pool else None)
+
+
+def _fdi_fwd(z, expand, in_affine, kernel, out_affine, act, out_act, stride, padding, pool):
+    out = fused_depthwise_inference(z, expand, in_affine, kernel, out_affine, act, out_act, stride, padding, pool)
+    return out, (z, expand, in_affine, kernel, out_affine)
+
+
+def _fdi_bwd(act, out_act, stride, padding, pool, residuals, cotangents):
+    _, vjp = jax.vjp(lambda *a: _depthwise_inference_reference(*a, act, out_act, stride, padding, pool), *residuals)
+    return vjp(cotangents)
+
+
+fused_depthwise_inference.defvjp(_fdi_fwd, _fdi_bwd)
 
 
 def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
@@ -491,8 +575,10 @@ class SqueezeExcite(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
-        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+    def __call__(self, x, pooled=None):
+        """`pooled`: x's mean over positions (N, C), when the producer of x has it already."""
+        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2)) if pooled is None else pooled
+        s = s.astype(self.dtype)
         s = nn.Dense(self.se_channels, kernel_init=conv_init, dtype=self.dtype, name="reduce")(s)
         s = ACTIVATIONS[self.activation](s)
         return nn.sigmoid(nn.Dense(x.shape[-1], kernel_init=conv_init, dtype=self.dtype, name="expand")(s))

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import variants
-from .layers import BatchNorm, Conv, DepthwiseConv, DropPath, SqueezeExcite, activation
+from .layers import BatchNorm, Conv, DepthwiseConv, DropPath, SqueezeExcite, activation, resolve_depthwise_impl
 from .variants import BlockConfig, ModelConfig
 
 Dtype = Any
@@ -85,19 +85,23 @@ class MBConv(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        cfg, act = self.cfg, activation(self.activation, train)
+        cfg = self.cfg
         bn = lambda name: BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype, name=name)  # noqa: E731
         shortcut = x
         dw = DepthwiseConv(cfg.kernel, cfg.stride, self.padding, self.depthwise_impl, self.dtype, name="dw_conv")
+        bn_act = expand = None
         if cfg.expand_channels != cfg.in_channels:
-            x = Conv(cfg.expand_channels, dtype=self.dtype, impl=self.conv_impl, name="expand_conv")(
-                x, inference=not train)
-            # the expansion's BatchNorm and activation, which the depthwise convolution may run itself
-            x = dw(x, inference=not train, bn_act=(bn("expand_bn"), self.activation))
-        else:
-            x = dw(x, inference=not train)
-        x = act(bn("dw_bn")(x, not train))
-        gate = SqueezeExcite(cfg.se_channels, "silu", self.dtype, name="se")(x) \
+            expand_conv = Conv(cfg.expand_channels, dtype=self.dtype, impl=self.conv_impl, name="expand_conv")
+            if not train and resolve_depthwise_impl(self.depthwise_impl, self.dtype, True, True) == "native":
+                expand = expand_conv(x, kernel_only=True)[0, 0]  # the depthwise kernel computes the expansion too
+            else:
+                x = expand_conv(x, inference=not train)
+            bn_act = (bn("expand_bn"), self.activation)
+        # the expansion's BatchNorm and activation before the depthwise convolution, its own after it and SE's
+        # pooling, which the depthwise convolution may run itself
+        x, pooled = dw(x, inference=not train, bn_act=bn_act, out_bn_act=(bn("dw_bn"), self.activation),
+                       pool=bool(cfg.se_channels), expand=expand)
+        gate = SqueezeExcite(cfg.se_channels, "silu", self.dtype, name="se")(x, pooled) \
             if cfg.se_channels else None
         x = Conv(cfg.out_channels, dtype=self.dtype, impl=self.conv_impl, name="project_conv")(x, gate)
         x = bn("project_bn")(x, not train)

@@ -5,9 +5,12 @@ times slower than the shifted sum of `layers.shifted_depthwise_conv`, which in t
 per tap and needs the activation in front of it written out. `csrc/depthwise.cc` walks the image row by row, each
 output summed over its taps in a register; it can compute the expansion's BatchNorm and activation in front of the
 convolution itself (never writing them out), and its backward pass computes the input and kernel gradients of a
-sample in one pass (figures: docs/performance.md). `layers` uses it for `depthwise_impl='native'`, which 'auto'
-picks on CPU for the units that train, in float32, when it builds: `depthwise_conv` (here) and
-`layers.bn_act_depthwise_conv` (on `forward` and `backward`).
+sample in one pass. In inference mode (`inference`) one pass runs the front of an MBConv block: the 1×1 expansion
+(a register-tiled product per input row), its BatchNorm and activation, the convolution, its BatchNorm and
+activation, and each sample's sums for squeeze-excitation, reading the block's input once and writing the
+convolution's output once (figures: docs/performance.md). `layers` uses it for `depthwise_impl='native'`, which
+'auto' picks on CPU, in float32, when it builds: `depthwise_conv` (here), `layers.bn_act_depthwise_conv` (on
+`forward` and `backward`) and `layers.fused_depthwise_inference` (on `inference`).
 
 It is compiled on first use, not at install: with the system's C++ compiler (`$CXX`, else c++, g++ or clang++)
 against the XLA FFI headers that jaxlib ships (`jax.ffi.include_dir()`), for this machine's CPU (`-march=native`),
@@ -49,6 +52,7 @@ log = logging.getLogger(__name__)
 OPT_OUT = "EFFNET_JAX_NATIVE"
 FORWARD = "effnet_jax_depthwise_forward"
 BACKWARD = "effnet_jax_depthwise_backward"
+INFERENCE = "effnet_jax_depthwise_inference"
 COMPILE_TIMEOUT_S = 300
 
 
@@ -130,7 +134,8 @@ def _compile(cxx: str, include: str, src: Path, lib: Path) -> None:
 def _load() -> None:
     """Build (or find in the cache), load and register the kernels, once per process."""
     lib = ctypes.cdll.LoadLibrary(str(build()))
-    for name, symbol in ((FORWARD, lib.EffnetDepthwiseForward), (BACKWARD, lib.EffnetDepthwiseBackward)):
+    for name, symbol in ((FORWARD, lib.EffnetDepthwiseForward), (BACKWARD, lib.EffnetDepthwiseBackward),
+                         (INFERENCE, lib.EffnetDepthwiseInference)):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
 
 
@@ -165,6 +170,29 @@ _ACT_CODES = {None: 0, "silu": 1, "relu6": 2}  # csrc/depthwise.cc's Act
 def _attrs(stride: int, padding, act: str | None) -> dict:
     return dict(stride=np.int64(stride), pad_h=np.int64(padding[0][0]), pad_w=np.int64(padding[1][0]),
                 act=np.int64(_ACT_CODES[act]))
+
+
+def _inference_ffi(z, mean, scale, bias, kernel, out_bias, expand, stride, padding, acts):
+    oh, ow = _out_hw(z.shape, kernel.shape, stride, padding)
+    n, c = z.shape[0], kernel.shape[3]
+    outs = (jax.ShapeDtypeStruct((n, oh, ow, c), z.dtype), jax.ShapeDtypeStruct((n, c), z.dtype))
+    return jax.ffi.ffi_call(INFERENCE, outs)(z, mean, scale, bias, kernel, out_bias, expand,
+                                             **_attrs(stride, padding, acts[0]), out_act=np.int64(_ACT_CODES[acts[1]]))
+
+
+def _inference_call(z, mean, scale, bias, kernel, out_bias, stride, padding, acts):
+    """(act_out(the depthwise convolution of act((z - mean) * scale + bias) + out_bias), its sums over positions
+    (N, C)); `acts` = (act, act_out)."""
+    return _inference_ffi(z, mean, scale, bias, kernel, out_bias, jnp.zeros((0, z.shape[3]), z.dtype), stride,
+                          padding, acts)
+
+
+def _expand_inference_call(x, expand, bias, kernel, out_bias, stride, padding, acts):
+    """`_inference_call` of z = x @ expand with mean 0 and scale 1: the 1×1 expansion computed in the kernel, row
+    by row, never written out."""
+    c = expand.shape[1]
+    return _inference_ffi(x, jnp.zeros((c,), x.dtype), jnp.ones((c,), x.dtype), bias, kernel, out_bias, expand,
+                          stride, padding, acts)
 
 
 def _out_hw(x_shape, k_shape, stride: int, padding) -> tuple[int, int]:
@@ -223,6 +251,8 @@ def _batch_sharded(call, operands: list[str], results: list[str]):
 _X, _C, _K, _Y = "n h w c", "c", "i j o c", "n p q c"
 _forward = _batch_sharded(_forward_call, [_X, _C, _C, _C, _K], [_Y])
 _backward = _batch_sharded(_backward_call, [_X, _C, _C, _C, _K, _Y], [_X, "n i j c", "n c", "n c"])
+_inference = _batch_sharded(_inference_call, [_X, _C, _C, _C, _K, _C], [_Y, "n c"])
+_expand_inference = _batch_sharded(_expand_inference_call, ["n h w d", "d c", _C, _K, _C], [_Y, "n c"])
 
 
 def _arrays_only(op, *static):
@@ -245,6 +275,18 @@ def backward(z, mean, scale, bias, kernel, g, stride: int, padding, act: str | N
     dx, *per_sample = _arrays_only(_backward, stride, padding, act)(z, mean, scale, bias, kernel, g)
     dk, sums, zc_sums = (jnp.sum(a, axis=0) for a in per_sample)
     return dx, dk[:, :, None, :].astype(kernel.dtype), sums, zc_sums
+
+
+def inference(z, mean, scale, bias, kernel, out_bias, stride: int, padding, act: str | None, out_act: str | None,
+              expand=None):
+    """`_inference_call`, the kernels built and registered first, partitioned over a sharded batch: (y, y's sums over
+    positions (N, C)). With `expand` (Cin, C): `_expand_inference_call` of x = z (mean, scale unused: the caller
+    folds the BatchNorm into `expand` and `bias`). No derivative (`layers.fused_depthwise_inference` has one)."""
+    require()
+    statics = (stride, padding, (act, out_act))
+    if expand is not None:
+        return _arrays_only(_expand_inference, *statics)(z, expand, bias, kernel, out_bias)
+    return _arrays_only(_inference, *statics)(z, mean, scale, bias, kernel, out_bias)
 
 
 def _identity_affine(x):

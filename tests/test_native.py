@@ -77,9 +77,72 @@ def test_fused_batchnorm_activation_depthwise_equals_torch(act, kernel, stride, 
         np.testing.assert_allclose(g, t.grad.numpy(), atol=1e-4, rtol=1e-5, err_msg=name)
 
 
+# (kernel, stride, size, channels, expansion's input channels or None): channels 72 = one 64-wide group of the
+# expansion + 8; 101 = 64 + two 16-wide blocks + 5 single channels; widths 7 and 11 leave 1 and 5 pixels after the
+# expansion's 6-pixel tiles; 5x5 on 7 px has no position whose taps all lie inside
+INFERENCE_SHAPES = [(3, 1, 7, 72, 5), (5, 2, 11, 101, 17), (3, 2, 9, 40, None), (5, 1, 7, 6, None), (3, 1, 12, 24, 3)]
+
+
+def _running_bn(rng, c):
+    """A BatchNorm's running mean and variance, scale and bias, away from the identity."""
+    return ((rng.randn(c) * 0.5).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32),
+            (1 + 0.3 * rng.randn(c)).astype(np.float32), (0.5 * rng.randn(c)).astype(np.float32))
+
+
+@pytest.mark.parametrize("kernel,stride,size,channels,cin,act", [
+    (*shape, act) for shape in INFERENCE_SHAPES for act in ("silu", "relu6", None)
+    if act or shape[-1] is None])  # an expansion comes with its BatchNorm and activation
+def test_fused_inference_equals_torch(kernel, stride, size, channels, cin, act):
+    """`layers.fused_depthwise_inference` (one pass of the C++ kernel in inference mode): [x @ expand ->]
+    BatchNorm -> act -> depthwise -> BatchNorm -> act, both BatchNorms with running statistics, and the output's
+    mean over positions, against torch in float64; and its gradients (through the shifted sum) against torch's."""
+    rng = np.random.RandomState(kernel + stride * 7 + size + channels)
+    x = (rng.randn(2, size, size + 1, cin or channels) * 2 + 0.5).astype(np.float32)
+    expand = (rng.randn(cin, channels) / np.sqrt(cin)).astype(np.float32) if cin else None
+    bn_in, bn_out = _running_bn(rng, channels), _running_bn(rng, channels)
+    w = rng.randn(kernel, kernel, 1, channels).astype(np.float32)
+    pads = tuple(layers.conv_padding("same", s, kernel, stride) for s in x.shape[1:3])
+    eps = 1e-3
+
+    def fold(mean, var, gamma, beta):  # what BatchNorm(fold=True) returns
+        return mean, gamma / jnp.sqrt(var + eps), beta
+
+    out_act = "relu6" if act == "relu6" else "silu"
+    args = (jnp.asarray(x), None if expand is None else jnp.asarray(expand), [jnp.asarray(a) for a in bn_in],
+            jnp.asarray(w), [jnp.asarray(a) for a in bn_out])
+    f = lambda x, e, bi, w, bo: layers.fused_depthwise_inference(  # noqa: E731
+        x, e, fold(*bi) if act else None, w, fold(*bo), act, out_act, stride, pads, True)
+    (y, pooled), vjp = jax.vjp(f, *args)
+    grads = vjp((jnp.cos(y), jnp.ones_like(pooled)))
+
+    tensors = [torch.from_numpy(a).double().requires_grad_() for a in (x, *(() if expand is None else (expand,)),
+                                                                          *bn_in, w, *bn_out)]
+    xt, et = tensors[0], (tensors[1] if expand is not None else None)
+    bit, wt, bot = tensors[-9:-5], tensors[-5], tensors[-4:]
+    acts = {"silu": F.silu, "relu6": F.relu6}
+
+    def bn(t, mean, var, gamma, beta):
+        return (t - mean) / torch.sqrt(var + eps) * gamma + beta
+
+    z = xt @ et if et is not None else xt
+    a = acts[act](bn(z, *bit)) if act else z
+    ref = acts[out_act](bn(_torch_depthwise(a, wt, stride, pads), *bot))
+    (torch.sin(ref).sum() + ref.mean(dim=(1, 2)).sum()).backward()
+    np.testing.assert_allclose(y, ref.detach().numpy(), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(pooled, ref.detach().mean(dim=(1, 2)).numpy(), atol=1e-5, rtol=1e-5)
+    flat = jax.tree_util.tree_leaves(grads)
+    assert len(flat) == len(tensors)
+    for g, t in zip(flat, tensors):  # float32 sums over the positions: to 2e-5 of the gradient's largest entry
+        want = t.grad if t.grad is not None else torch.zeros_like(t)  # act None: the input BatchNorm is unused
+        np.testing.assert_allclose(g, want.numpy(), atol=2e-5 * float(want.abs().max()) + 1e-6, rtol=1e-5)
+
+
 def test_auto_picks_native_for_units_that_train_in_float32():
     assert layers.resolve_depthwise_impl("auto") == "native"
     assert layers.resolve_depthwise_impl("auto", inference=True) == "shift"  # XLA fuses it with its neighbours
+    # in inference mode, with what follows it (BatchNorm, activation, SE's pooling) and what precedes it (the
+    # expansion) in the same pass
+    assert layers.resolve_depthwise_impl("auto", inference=True, output_fused=True) == "native"
     assert layers.resolve_depthwise_impl("auto", jnp.bfloat16) == "shift"
     with pytest.raises(ValueError, match="float32 only"):
         layers.resolve_depthwise_impl("native", jnp.bfloat16)
@@ -169,6 +232,40 @@ def test_batch_sharded_step_runs_the_kernels_on_each_devices_samples():
     assert out["kernel_batches"] == [4], out   # each device: its half of the batch
     assert out["rel_diff"] < 3e-5, out         # the sums' order differs: shift's two-device step differs as much
     assert out["dz_sharding"] == "P('data',)", out
+
+
+def test_batch_sharded_inference_runs_the_kernel_on_each_devices_samples():
+    """The inference kernel (with the expansion) on two CPU devices, the batch sharded: each device's call sees 4
+    of the 8 samples, and the output and pooled means equal one device's."""
+    code = """
+        import json, re
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from effnet_jax import layers
+        rng = np.random.RandomState(0)
+        x, e = rng.randn(8, 12, 12, 16).astype(np.float32), (rng.randn(16, 96) / 4).astype(np.float32)
+        w = rng.randn(3, 3, 1, 96).astype(np.float32)
+        affine = (np.zeros(96, np.float32), np.ones(96, np.float32), np.zeros(96, np.float32))
+        f = jax.jit(lambda x, e, w, a: layers.fused_depthwise_inference(x, e, a, w, a, "silu", "silu", 2,
+                                                                        ((0, 1), (0, 1)), True))
+        one = f(x, e, w, affine)
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+        rep = lambda a: jax.device_put(a, NamedSharding(mesh, P()))
+        args = (xs, rep(e), rep(w), jax.tree.map(rep, affine))
+        two = f(*args)
+        hlo = f.lower(*args).compile().as_text()
+        batches = {int(m.group(1)) for line in hlo.splitlines() if 'custom_call_target="effnet_jax_depthwise' in line
+                   for m in [re.search(r"= \\(?f32\\[(\\d+),", line)]}
+        print(json.dumps({"kernel_batches": sorted(batches), "out_sharding": str(two[0].sharding.spec),
+                          "diff": max(float(np.max(np.abs(a - b))) for a, b in zip(one, two))}))
+    """
+    r = _python(code, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["kernel_batches"] == [4], out
+    assert out["out_sharding"] == "P('data',)", out
+    assert out["diff"] == 0.0, out  # each sample's numbers are computed the same way on either device
 
 
 def test_vmap_maps_one_call_per_element():

@@ -29,6 +29,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -82,11 +86,65 @@ struct Lanes {
     return v;
   }
   static void Store(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
-  static V Splat(float f) { return V{} + f; }
+  // (an initializer list of f: V{} + f would add -0.0 + f, which the compiler must keep, an extra operation in
+  // the expansion's inner loop)
+  static V Splat(float f) { return SplatOf(f, std::make_index_sequence<W>()); }
+  template <size_t... Index>
+  static V SplatOf(float f, std::index_sequence<Index...>) {
+    return V{((void)Index, f)...};
+  }
   static V Select(I mask, V a, V b) { return mask ? a : b; }
+  // 1 / x for x >= 1: with AVX-512, the 14-bit estimate and one Newton step (to ~1 ulp), which issues in a few
+  // cycles where a vector division takes ~10 (the activation's sigmoid is what bounds the fused passes)
+  static V Recip(V x) {
+#if defined(__AVX512F__)
+    if constexpr (W == 16) {
+      V r;
+      const __m512 e = _mm512_rcp14_ps(reinterpret_cast<__m512&>(x));
+      std::memcpy(&r, &e, sizeof(V));
+      return r * (2.0f - x * r);
+    }
+#endif
+#if defined(__AVX512VL__)
+    if constexpr (W == 8) {
+      V r;
+      const __m256 e = _mm256_rcp14_ps(reinterpret_cast<__m256&>(x));
+      std::memcpy(&r, &e, sizeof(V));
+      return r * (2.0f - x * r);
+    }
+#endif
+    return 1.0f / x;
+  }
   // exp(x) to ~1 ulp for x in [-87, 88] (Cephes' expf: x = n ln2 + r, 2^n times a degree-6 polynomial in r; n
   // rounded to nearest by adding 1.5 * 2^23, whose float bits then hold it)
   static V Exp(V x) {
+#if defined(__AVX512F__)
+    // the same polynomial, 2^n applied by vscalefps (no integer steps; n rounded by vrndscaleps)
+    if constexpr (W == 16) {
+      __m512 v;
+      std::memcpy(&v, &x, sizeof(V));
+      v = _mm512_max_ps(_mm512_min_ps(v, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365447504019f));
+      const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      V r, nv;
+      v = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
+      v = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), v);
+      std::memcpy(&r, &v, sizeof(V));
+      std::memcpy(&nv, &n, sizeof(V));
+      V p = 1.9875691500E-4f * r + 1.3981999507E-3f;
+      p = p * r + 8.3334519073E-3f;
+      p = p * r + 4.1665795894E-2f;
+      p = p * r + 1.6666665459E-1f;
+      p = p * r + 5.0000001201E-1f;
+      p = p * (r * r) + r + 1.0f;
+      __m512 pv, out;
+      std::memcpy(&pv, &p, sizeof(V));
+      out = _mm512_scalef_ps(pv, n);
+      V result;
+      std::memcpy(&result, &out, sizeof(V));
+      return result;
+    }
+#endif
     x = Select(x > 88.3762626647949f, Splat(88.3762626647949f), x);
     x = Select(x < -87.3365447504019f, Splat(-87.3365447504019f), x);
     const V t = x * 1.44269504088896341f + 12582912.0f;
@@ -114,6 +172,7 @@ struct Lanes<1> {
   static void Store(float* p, V v) { *p = v; }
   static V Splat(float f) { return f; }
   static V Select(I mask, V a, V b) { return mask ? a : b; }
+  static V Recip(V x) { return 1.0f / x; }
   static V Exp(V x) { return std::exp(x); }
 };
 
@@ -131,14 +190,14 @@ enum Act : int64_t { kNone = 0, kSilu = 1, kRelu6 = 2 };
 // act(a) and act'(a), as torch computes them (relu6's derivative: 1 on (0, 6), else 0)
 template <typename L>
 inline typename L::V Activate(Act act, typename L::V a) {
-  if (act == kSilu) return a / (1.0f + L::Exp(-a));
+  if (act == kSilu) return a * L::Recip(1.0f + L::Exp(-a));
   if (act == kRelu6) return L::Select(a < 0.0f, L::Splat(0.0f), L::Select(a > 6.0f, L::Splat(6.0f), a));
   return a;
 }
 template <typename L>
 inline typename L::V ActivationGrad(Act act, typename L::V a) {
   if (act == kSilu) {
-    const typename L::V s = 1.0f / (1.0f + L::Exp(-a));
+    const typename L::V s = L::Recip(1.0f + L::Exp(-a));
     return s * (1.0f + a * (1.0f - s));
   }
   return L::Select((a > 0.0f) & (a < 6.0f), L::Splat(1.0f), L::Splat(0.0f));
@@ -148,7 +207,76 @@ struct Problem {
   int64_t n, h, w, c, kh, kw, oh, ow, stride, pad_h, pad_w;
   Act act;
   const float *z, *mean, *scale, *bias, *k;  // z: the convolution's input x itself when act == kNone
+  // inference only: the 1x1 expansion in front, x (N, H, W, cin) in z and its (cin, C) weights here; the
+  // convolution's input is then act(x @ expand + bias) (the BatchNorm folded by the caller; mean, scale unused)
+  const float* expand = nullptr;
+  const float* expand_packed = nullptr;  // PackExpansion(expand)
+  int64_t cin = 0;
 };
+
+// act(x @ w + b) for the `pixels` pixels of one row: x (pixels, cin), w (cin, c), out (pixels, c). A tile of kPix
+// pixels times kBlk blocks of channels keeps its sums in registers; each weight vector is loaded once per tile,
+// each input value broadcast once per block group.
+constexpr int64_t kPix = 6, kBlk = 4;
+
+// (w: the weights of channels c0.. at row i of the input channels at w + i * ws)
+template <typename L, int64_t P, int64_t B>
+inline void ExpandTile(const float* x, const float* w, int64_t ws, const float* b, Act act, int64_t cin, int64_t c,
+                       float* out, int64_t c0) {
+  typename L::V acc[P][B];
+  for (int64_t q = 0; q < B; ++q) {
+    const auto bias = L::Load(b + c0 + q * sizeof(typename L::V) / sizeof(float));
+    for (int64_t t = 0; t < P; ++t) acc[t][q] = bias;
+  }
+  constexpr int64_t kW = sizeof(typename L::V) / sizeof(float);
+  for (int64_t i = 0; i < cin; ++i) {
+    typename L::V wv[B];
+    for (int64_t q = 0; q < B; ++q) wv[q] = L::Load(w + i * ws + q * kW);
+    for (int64_t t = 0; t < P; ++t) {
+      const auto xv = L::Splat(x[t * cin + i]);
+      for (int64_t q = 0; q < B; ++q) acc[t][q] += xv * wv[q];
+    }
+  }
+  for (int64_t t = 0; t < P; ++t)
+    for (int64_t q = 0; q < B; ++q) L::Store(out + t * c + c0 + q * kW, Activate<L>(act, acc[t][q]));
+}
+
+// w: the (cin, c) weights; packed: the same, kGroup channels at a time, as (c / kGroup, cin, kGroup), so that a
+// tile's weights are read in order
+constexpr int64_t kGroup = 16 * kBlk;
+
+template <int64_t P>
+inline void ExpandPixels(const float* x, const float* w, const float* packed, const float* b, Act act, int64_t cin,
+                         int64_t c, float* out) {
+  int64_t c0 = 0;
+  for (; c0 + kGroup <= c; c0 += kGroup)
+    ExpandTile<Lanes<16>, P, kBlk>(x, packed + c0 * cin, kGroup, b, act, cin, c, out, c0);
+  for (; c0 + 16 <= c; c0 += 16) ExpandTile<Lanes<16>, P, 1>(x, w + c0, c, b, act, cin, c, out, c0);
+  for (; c0 + 8 <= c; c0 += 8) ExpandTile<Lanes<8>, P, 1>(x, w + c0, c, b, act, cin, c, out, c0);
+  for (; c0 < c; ++c0) ExpandTile<Lanes<1>, P, 1>(x, w + c0, c, b, act, cin, c, out, c0);
+}
+
+std::vector<float> PackExpansion(const float* w, int64_t cin, int64_t c) {
+  std::vector<float> packed((c / kGroup) * kGroup * cin);
+  for (int64_t g = 0; g < c / kGroup; ++g)
+    for (int64_t i = 0; i < cin; ++i)
+      std::memcpy(packed.data() + (g * cin + i) * kGroup, w + i * c + g * kGroup, kGroup * sizeof(float));
+  return packed;
+}
+
+void ExpandRow(const float* x, const float* w, const float* packed, const float* b, Act act, int64_t pixels,
+               int64_t cin, int64_t c, float* out) {
+  int64_t px = 0;
+  for (; px + kPix <= pixels; px += kPix) ExpandPixels<kPix>(x + px * cin, w, packed, b, act, cin, c, out + px * c);
+  x += px * cin, out += px * c;
+  switch (pixels - px) {  // the last few pixels as one tile too
+    case 5: return ExpandPixels<5>(x, w, packed, b, act, cin, c, out);
+    case 4: return ExpandPixels<4>(x, w, packed, b, act, cin, c, out);
+    case 3: return ExpandPixels<3>(x, w, packed, b, act, cin, c, out);
+    case 2: return ExpandPixels<2>(x, w, packed, b, act, cin, c, out);
+    case 1: return ExpandPixels<1>(x, w, packed, b, act, cin, c, out);
+  }
+}
 
 // The taps [lo, hi) (of `taps` along one axis) whose input index s*o + tap - pad lies in [0, size), for output
 // index o.
@@ -162,14 +290,17 @@ inline void TapRange(int64_t o, int64_t stride, int64_t pad, int64_t taps, int64
 class InputRows {
  public:
   InputRows(const Problem& p) : p_(p) {
-    if (p.act != kNone) ring_.resize(p.kh * p.w * p.c), tags_.assign(p.kh, -1);
+    if (p.act != kNone || p.expand) ring_.resize(p.kh * p.w * p.c), tags_.assign(p.kh, -1);
   }
   const float* Row(int64_t n, int64_t iy) {
-    const float* z = p_.z + ((n * p_.h + iy) * p_.w) * p_.c;
-    if (p_.act == kNone) return z;
+    const float* z = p_.z + ((n * p_.h + iy) * p_.w) * (p_.expand ? p_.cin : p_.c);
+    if (p_.act == kNone && !p_.expand) return z;
     const int64_t slot = iy % p_.kh, tag = n * p_.h + iy;
     float* row = ring_.data() + slot * p_.w * p_.c;
-    if (tags_[slot] != tag) {
+    if (tags_[slot] != tag && p_.expand) {
+      ExpandRow(z, p_.expand, p_.expand_packed, p_.bias, p_.act, p_.w, p_.cin, p_.c, row);
+      tags_[slot] = tag;
+    } else if (tags_[slot] != tag) {
       for (int64_t ix = 0; ix < p_.w; ++ix)
         ForEachChannelBlock(p_.c, [&](auto lanes, int64_t c0) {
           using L = decltype(lanes);
@@ -188,27 +319,69 @@ class InputRows {
   std::vector<int64_t> tags_;
 };
 
-// One output row y[n, oy, :, :]: each output position and block of channels summed over its taps in a register.
+// One output row y[n, oy, :, :]. Output positions whose taps all lie inside the image go kTile at a time: each
+// block of channels keeps kTile sums in registers, and each kernel tap is loaded once for all of them (independent
+// sums, fewer loads than one position at a time, whose single chain of multiply-adds waits on each add); the
+// positions near the left and right edges go one at a time, over the taps that lie inside.
+constexpr int64_t kTile = 4;
+
 void ForwardRow(const Problem& p, InputRows& rows, float* y, int64_t n, int64_t oy) {
-  const int64_t c = p.c;
+  const int64_t c = p.c, s = p.stride;
   int64_t ilo, ihi;
-  TapRange(oy, p.stride, p.pad_h, p.kh, p.h, &ilo, &ihi);
+  TapRange(oy, s, p.pad_h, p.kh, p.h, &ilo, &ihi);
   const float* in[64];
-  for (int64_t i = ilo; i < ihi; ++i) in[i] = rows.Row(n, oy * p.stride + i - p.pad_h);
+  for (int64_t i = ilo; i < ihi; ++i) in[i] = rows.Row(n, oy * s + i - p.pad_h);
   float* out = y + ((n * p.oh + oy) * p.ow) * c;
-  for (int64_t ox = 0; ox < p.ow; ++ox) {
+  for (int64_t ox = 0; ox < p.ow;) {
+    const int64_t x0 = ox * s - p.pad_w;
+    if (x0 >= 0 && (ox + kTile - 1) * s - p.pad_w + p.kw <= p.w) {
+      ForEachChannelBlock(c, [&](auto lanes, int64_t c0) {
+        using L = decltype(lanes);
+        typename L::V acc[kTile] = {};
+        for (int64_t i = ilo; i < ihi; ++i) {
+          const float* row = in[i] + x0 * c + c0;
+          for (int64_t j = 0; j < p.kw; ++j) {
+            const auto kv = L::Load(p.k + (i * p.kw + j) * c + c0);
+            for (int64_t t = 0; t < kTile; ++t) acc[t] += L::Load(row + (t * s + j) * c) * kv;
+          }
+        }
+        for (int64_t t = 0; t < kTile; ++t) L::Store(out + (ox + t) * c + c0, acc[t]);
+      });
+      ox += kTile;
+      continue;
+    }
     int64_t jlo, jhi;
-    TapRange(ox, p.stride, p.pad_w, p.kw, p.w, &jlo, &jhi);
-    const int64_t x0 = ox * p.stride - p.pad_w;
+    TapRange(ox, s, p.pad_w, p.kw, p.w, &jlo, &jhi);
     ForEachChannelBlock(c, [&](auto lanes, int64_t c0) {
       using L = decltype(lanes);
-      typename L::V acc = {};
+      typename L::V acc[2] = {};  // two chains of multiply-adds, for the rows of taps in turn
       for (int64_t i = ilo; i < ihi; ++i)
         for (int64_t j = jlo; j < jhi; ++j)
-          acc += L::Load(in[i] + (x0 + j) * c + c0) * L::Load(p.k + (i * p.kw + j) * c + c0);
-      L::Store(out + ox * c + c0, acc);
+          acc[i & 1] += L::Load(in[i] + (x0 + j) * c + c0) * L::Load(p.k + (i * p.kw + j) * c + c0);
+      L::Store(out + ox * c + c0, acc[0] + acc[1]);
     });
+    ++ox;
   }
+}
+
+// Inference: one output row of act_out(conv(x, k) + out_bias) (k already carrying the BatchNorm multiplier that
+// follows the convolution), its channel sums added to row_sum (squeeze-excitation's pooling) when row_sum is set.
+void InferenceRow(const Problem& p, InputRows& rows, Act out_act, const float* out_bias, float* y, float* row_sum,
+                  int64_t n, int64_t oy) {
+  ForwardRow(p, rows, y, n, oy);
+  const int64_t c = p.c;
+  float* out = y + ((n * p.oh + oy) * p.ow) * c;
+  ForEachChannelBlock(c, [&](auto lanes, int64_t c0) {
+    using L = decltype(lanes);
+    const auto b = L::Load(out_bias + c0);
+    typename L::V sum = {};
+    for (int64_t ox = 0; ox < p.ow; ++ox) {
+      const auto v = Activate<L>(out_act, L::Load(out + ox * c + c0) + b);
+      L::Store(out + ox * c + c0, v);
+      sum += v;
+    }
+    if (row_sum) L::Store(row_sum + c0, sum);
+  });
 }
 
 // The gradient of row iy of x (sample n): the sum over the taps (i, j) and output positions with
@@ -318,17 +491,22 @@ void BackwardSample(const Problem& p, const float* dy, float* dx, float* dk, flo
 using F32 = ffi::Buffer<ffi::F32>;
 
 ffi::Error MakeProblem(F32& z, F32& mean, F32& scale, F32& bias, F32& k, int64_t oh, int64_t ow, int64_t stride,
-                       int64_t pad_h, int64_t pad_w, int64_t act, Problem* p) {
+                       int64_t pad_h, int64_t pad_w, int64_t act, Problem* p, F32* expand = nullptr) {
   auto zd = z.dimensions(), kd = k.dimensions();
   if (zd.size() != 4) return ffi::Error::InvalidArgument("depthwise: the input must be NHWC");
-  if (kd.size() != 4 || kd[2] != 1 || kd[3] != zd[3])
+  const bool expands = expand && expand->element_count() > 0;
+  const int64_t c = expands ? expand->dimensions().back() : zd[3];
+  if (expands && (expand->dimensions().size() != 2 || expand->dimensions()[0] != zd[3]))
+    return ffi::Error::InvalidArgument("depthwise: the expansion must be (Cin, C)");
+  if (kd.size() != 4 || kd[2] != 1 || kd[3] != c)
     return ffi::Error::InvalidArgument("depthwise: the kernel must be (kh, kw, 1, C)");
   if (kd[0] > 64 || kd[1] > 64) return ffi::Error::InvalidArgument("depthwise: kernels up to 64 x 64");
   if (act < kNone || act > kRelu6) return ffi::Error::InvalidArgument("depthwise: unknown activation");
   for (F32* v : {&mean, &scale, &bias})
-    if (v->element_count() != zd[3]) return ffi::Error::InvalidArgument("depthwise: mean, scale, bias must be (C,)");
-  *p = Problem{zd[0], zd[1], zd[2], zd[3], kd[0], kd[1], oh, ow, stride, pad_h, pad_w, static_cast<Act>(act),
+    if (v->element_count() != c) return ffi::Error::InvalidArgument("depthwise: mean, scale, bias must be (C,)");
+  *p = Problem{zd[0], zd[1], zd[2], c, kd[0], kd[1], oh, ow, stride, pad_h, pad_w, static_cast<Act>(act),
                z.typed_data(), mean.typed_data(), scale.typed_data(), bias.typed_data(), k.typed_data()};
+  if (expands) p->expand = expand->typed_data(), p->cin = zd[3];
   return ffi::Error::Success();
 }
 
@@ -345,6 +523,45 @@ ffi::Error Forward(ffi::ThreadPool pool, F32 z, F32 mean, F32 scale, F32 bias, F
     InputRows in(p);
     for (int64_t r = t * chunk; r < std::min(rows, (t + 1) * chunk); ++r) ForwardRow(p, in, out, r / p.oh, r % p.oh);
   });
+  return ffi::Error::Success();
+}
+
+// y = act_out(conv(act((z - mean) * scale + bias), k) + out_bias), and each sample's sums of y over positions.
+ffi::Error Inference(ffi::ThreadPool pool, F32 z, F32 mean, F32 scale, F32 bias, F32 k, F32 out_bias, F32 expand,
+                     ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> sums, int64_t stride, int64_t pad_h,
+                     int64_t pad_w, int64_t act, int64_t out_act) {
+  Problem p;
+  auto yd = y->dimensions();
+  if (auto e = MakeProblem(z, mean, scale, bias, k, yd[1], yd[2], stride, pad_h, pad_w, act, &p, &expand);
+      e.failure())
+    return e;
+  if (out_act < kNone || out_act > kRelu6) return ffi::Error::InvalidArgument("depthwise: unknown activation");
+  if (out_bias.element_count() != p.c) return ffi::Error::InvalidArgument("depthwise: out_bias must be (C,)");
+  std::vector<float> packed;
+  if (p.expand) packed = PackExpansion(p.expand, p.cin, p.c), p.expand_packed = packed.data();
+  // each sample's rows in `parts` chunks: enough tasks to keep every thread busy, each at least 2 kh rows long (a
+  // chunk computes the kh - stride input rows it shares with the one before again). Each chunk's sums are kept
+  // apart and added in order afterwards, so the result does not depend on the threads' timing.
+  const int64_t tasks = 4 * (pool.num_threads() + 1);
+  const int64_t parts = std::max<int64_t>(1, std::min((tasks + p.n - 1) / p.n, p.oh / (2 * p.kh)));
+  std::vector<double> partial(p.n * parts * p.c, 0.0);
+  ParallelFor(pool, p.n * parts, [&](int64_t t) {
+    const int64_t n = t / parts, part = t % parts;
+    InputRows in(p);
+    std::vector<float> row_sum(p.c);
+    double* total = partial.data() + t * p.c;
+    for (int64_t oy = part * p.oh / parts; oy < (part + 1) * p.oh / parts; ++oy) {
+      InferenceRow(p, in, static_cast<Act>(out_act), out_bias.typed_data(), y->typed_data(), row_sum.data(), n, oy);
+      for (int64_t ch = 0; ch < p.c; ++ch) total[ch] += row_sum[ch];
+    }
+  });
+  float* s = sums->typed_data();
+  for (int64_t n = 0; n < p.n; ++n)
+    for (int64_t ch = 0; ch < p.c; ++ch) {
+      double v = 0.0;
+      for (int64_t part = 0; part < parts; ++part) v += partial[(n * parts + part) * p.c + ch];
+      s[n * p.c + ch] = static_cast<float>(v);
+    }
   return ffi::Error::Success();
 }
 
@@ -389,6 +606,12 @@ auto BindAttrs(Binding binding) {
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EffnetDepthwiseForward, Forward, BindAttrs(BindInputs().Ret<F32>()));  // y
+
+// out_bias, the expansion's weights (Cin, C) or an empty array; y, each sample's sums of y (N, C); and the output
+// activation's attribute
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffnetDepthwiseInference, Inference,
+                              BindAttrs(BindInputs().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>())
+                                  .Attr<int64_t>("out_act"));
 
 // dy; dx (or the gradient of the BatchNorm output), each sample's kernel gradient (N, kh, kw, C), sum_da (N, C),
 // sum_da_zc (N, C)
