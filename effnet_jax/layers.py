@@ -401,7 +401,8 @@ class DepthwiseConv(nn.Module):
 
     @nn.compact
     def __call__(self, x, inference: bool = False, bn_act: tuple[BatchNorm, str] | None = None,
-                 out_bn_act: tuple[BatchNorm, str] | None = None, pool: bool = False, expand=None):
+                 out_bn_act: tuple[BatchNorm, str] | None = None, pool: bool = False, expand=None,
+                 expand_conv=None):
         """`inference`: no gradient will be taken through this call (as `Conv`'s): 'auto' picks by it.
         `bn_act` (a BatchNorm module, an activation name): x is that BatchNorm's input, and the convolution's input
         is activation(BatchNorm(x)), with batch statistics unless `inference`. With the 'native' form in training
@@ -412,18 +413,23 @@ class DepthwiseConv(nn.Module):
         'native' form runs all of it, both BatchNorms folded, as one pass (`fused_depthwise_inference`).
 
         `expand` (Cin, C), with `bn_act` and `out_bn_act` in inference mode and the 'native' form only: x has Cin
-        channels and `bn_act`'s BatchNorm normalizes x @ expand (a 1×1 expansion, computed in the same pass)."""
+        channels and `bn_act`'s BatchNorm normalizes x @ expand (a 1×1 expansion, computed in the same pass); or
+        an HWIO kernel (k, k, Cin, C) with `expand_conv` = (stride, padding): the convolution of x by it (the
+        stem, in front of a first block without expansion)."""
         c = x.shape[-1] if expand is None else expand.shape[-1]
         k = self.param("kernel", nn.initializers.normal(math.sqrt(2.0 / (self.kernel * self.kernel))),
                        (self.kernel, self.kernel, 1, c), jnp.float32)
-        pads = tuple(conv_padding(self.padding, s, self.kernel, self.stride) for s in x.shape[1:3])
         if out_bn_act is not None:
-            return self._with_output_bn_act(x, k, pads, inference, bn_act, out_bn_act, pool, expand)
+            return self._with_output_bn_act(x, k, inference, bn_act, out_bn_act, pool, expand, expand_conv)
         if expand is not None:
             raise ValueError("DepthwiseConv: `expand` needs `out_bn_act`")
-        return self._conv(x, k, pads, inference, bn_act)
+        return self._conv(x, k, inference, bn_act)
 
-    def _conv(self, x, k, pads, inference, bn_act):
+    def _pads(self, hw):
+        return tuple(conv_padding(self.padding, s, self.kernel, self.stride) for s in hw)
+
+    def _conv(self, x, k, inference, bn_act):
+        pads = self._pads(x.shape[1:3])
         impl = resolve_depthwise_impl(self.impl, self.dtype, inference)
         if bn_act is not None:
             bn, act = bn_act
@@ -434,24 +440,31 @@ class DepthwiseConv(nn.Module):
         return depthwise_conv(x.astype(self.dtype), k.astype(self.dtype), self.stride, pads, impl)
 
 
-    def _with_output_bn_act(self, x, k, pads, inference, bn_act, out_bn_act, pool, expand):
+    def _with_output_bn_act(self, x, k, inference, bn_act, out_bn_act, pool, expand, expand_conv):
         out_bn, out_act = out_bn_act
         impl = resolve_depthwise_impl(self.impl, self.dtype, inference, output_fused=True)
         if impl == "native" and inference:
             # (the folds read only the channel count of their argument: k's last dimension is C)
             in_affine, act = (bn_act[0](k, True, fold=True), bn_act[1]) if bn_act else (None, None)
+            hw = x.shape[1:3]
+            if expand_conv is not None:  # the size of the expansion's output, the convolution's input
+                hw = tuple((s + sum(p) - expand.shape[0]) // expand_conv[0] + 1 for s, p in zip(hw, expand_conv[1]))
             return fused_depthwise_inference(x.astype(jnp.float32), expand, in_affine, k, out_bn(k, True, fold=True),
-                                             act, out_act, self.stride, pads, pool)
+                                             act, out_act, self.stride, self._pads(hw), pool, expand_conv)
         if expand is not None:
             raise ValueError("DepthwiseConv: `expand` runs in inference mode with the 'native' form only")
-        y = self._conv(x, k, pads, inference, bn_act)
+        y = self._conv(x, k, inference, bn_act)
         y = activation(out_act, not inference)(out_bn(y, inference))
         return y, (jnp.mean(y.astype(jnp.float32), axis=(1, 2)) if pool else None)
 
 
-def _depthwise_inference_reference(z, expand, in_affine, kernel, out_affine, act, out_act, stride, padding, pool):
+def _depthwise_inference_reference(z, expand, in_affine, kernel, out_affine, act, out_act, stride, padding, pool,
+                                   expand_conv):
     """`fused_depthwise_inference` in XLA's operations (the shifted sum): its derivative."""
-    if expand is not None:
+    if expand_conv is not None:
+        z = lax.conv_general_dilated(z, expand, (expand_conv[0],) * 2, expand_conv[1],
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    elif expand is not None:
         z = _matmul_2d(z, expand)
     x = z if act is None else activation(act, False)((z - in_affine[0]) * in_affine[1] + in_affine[2])
     y = shifted_depthwise_conv(x, kernel, stride, padding)
@@ -459,12 +472,14 @@ def _depthwise_inference_reference(z, expand, in_affine, kernel, out_affine, act
     return y, (jnp.mean(y, axis=(1, 2)) if pool else None)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def fused_depthwise_inference(z, expand, in_affine, kernel, out_affine, act, out_act, stride, padding, pool):
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def fused_depthwise_inference(z, expand, in_affine, kernel, out_affine, act, out_act, stride, padding, pool,
+                              expand_conv=None):
     """out_act(BN_out(depthwise_conv(act(BN_in(z)), kernel))) with both BatchNorms in inference mode, each given
     folded as (mean, multiplier, bias) (`BatchNorm(fold=True)`; `in_affine` None with `act` None: the convolution
     of z itself), and, with `pool`, the output's mean over positions (squeeze-excitation's): (y, mean or None).
-    `expand` (Cin, C) or None: z is x @ expand for the given x (N, H, W, Cin), a 1×1 expansion.
+    `expand` (Cin, C) or None: z is x @ expand for the given x (N, H, W, Cin), a 1×1 expansion; or an HWIO kernel
+    (k, k, Cin, C) with `expand_conv` = (stride, padding): z is that convolution of x (the stem).
     One pass of the C++ kernel (`native.inference`): z (or x) read once, y written once, the pooled sums taken on the
     way; BN_out's multiplier rides in the kernel, BN_in's in the expansion. Differentiable (through the shifted
     sum's operations)."""
@@ -472,19 +487,23 @@ def fused_depthwise_inference(z, expand, in_affine, kernel, out_affine, act, out
     out = (kernel * mul, bias - mean * mul, stride, padding, act, out_act)
     if expand is not None:
         m, s, b = in_affine
-        y, sums = native.inference(z, None, None, b - m * s, *out, expand=expand * s)
+        geometry = (expand.shape[0], *expand_conv) if expand_conv is not None else (1, 1, ((0, 0), (0, 0)))
+        y, sums = native.inference(z, None, None, b - m * s, *out, expand=(expand * s).reshape(-1, s.shape[0]),
+                                   expand_geometry=geometry)
     else:
         y, sums = native.inference(z, *(in_affine or native._identity_affine(z)), *out)
     return y, (sums / (y.shape[1] * y.shape[2]) if pool else None)
 
 
-def _fdi_fwd(z, expand, in_affine, kernel, out_affine, act, out_act, stride, padding, pool):
-    out = fused_depthwise_inference(z, expand, in_affine, kernel, out_affine, act, out_act, stride, padding, pool)
+def _fdi_fwd(z, expand, in_affine, kernel, out_affine, act, out_act, stride, padding, pool, expand_conv):
+    out = fused_depthwise_inference(z, expand, in_affine, kernel, out_affine, act, out_act, stride, padding, pool,
+                                    expand_conv)
     return out, (z, expand, in_affine, kernel, out_affine)
 
 
-def _fdi_bwd(act, out_act, stride, padding, pool, residuals, cotangents):
-    _, vjp = jax.vjp(lambda *a: _depthwise_inference_reference(*a, act, out_act, stride, padding, pool), *residuals)
+def _fdi_bwd(act, out_act, stride, padding, pool, expand_conv, residuals, cotangents):
+    _, vjp = jax.vjp(lambda *a: _depthwise_inference_reference(*a, act, out_act, stride, padding, pool, expand_conv),
+                     *residuals)
     return vjp(cotangents)
 
 

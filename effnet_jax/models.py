@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import variants
-from .layers import BatchNorm, Conv, DepthwiseConv, DropPath, SqueezeExcite, activation, resolve_depthwise_impl
+from .layers import (BatchNorm, Conv, DepthwiseConv, DropPath, SqueezeExcite, activation, conv_padding,
+                     resolve_depthwise_impl)
 from .variants import BlockConfig, ModelConfig
 
 Dtype = Any
@@ -84,23 +85,28 @@ class MBConv(nn.Module):
     conv_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, stem=None):
+        """`stem` (inference only; `EfficientNet` decides): (the model's stem kernel, its stride, its padding, its
+        BatchNorm module): x is the image, and this block's depthwise kernel computes the stem, its BatchNorm and
+        activation in the same pass (a first block without expansion or shortcut)."""
         cfg = self.cfg
         bn = lambda name: BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype, name=name)  # noqa: E731
         shortcut = x
         dw = DepthwiseConv(cfg.kernel, cfg.stride, self.padding, self.depthwise_impl, self.dtype, name="dw_conv")
-        bn_act = expand = None
-        if cfg.expand_channels != cfg.in_channels:
-            expand_conv = Conv(cfg.expand_channels, dtype=self.dtype, impl=self.conv_impl, name="expand_conv")
+        bn_act = expand = expand_conv = None
+        if stem is not None:
+            expand, expand_conv, bn_act = stem[0], stem[1:3], (stem[3], self.activation)
+        elif cfg.expand_channels != cfg.in_channels:
+            conv = Conv(cfg.expand_channels, dtype=self.dtype, impl=self.conv_impl, name="expand_conv")
             if not train and resolve_depthwise_impl(self.depthwise_impl, self.dtype, True, True) == "native":
-                expand = expand_conv(x, kernel_only=True)[0, 0]  # the depthwise kernel computes the expansion too
+                expand = conv(x, kernel_only=True)[0, 0]  # the depthwise kernel computes the expansion too
             else:
-                x = expand_conv(x, inference=not train)
+                x = conv(x, inference=not train)
             bn_act = (bn("expand_bn"), self.activation)
         # the expansion's BatchNorm and activation before the depthwise convolution, its own after it and SE's
         # pooling, which the depthwise convolution may run itself
         x, pooled = dw(x, inference=not train, bn_act=bn_act, out_bn_act=(bn("dw_bn"), self.activation),
-                       pool=bool(cfg.se_channels), expand=expand)
+                       pool=bool(cfg.se_channels), expand=expand, expand_conv=expand_conv)
         gate = SqueezeExcite(cfg.se_channels, "silu", self.dtype, name="se")(x, pooled) \
             if cfg.se_channels else None
         x = Conv(cfg.out_channels, dtype=self.dtype, impl=self.conv_impl, name="project_conv")(x, gate)
@@ -163,17 +169,28 @@ class EfficientNet(nn.Module):
             return activation(cfg.activation, trains(unit))(bn(name)(x, not trains(unit)))
 
         x = x.astype(self.dtype)
-        x = Conv(cfg.stem_channels, 3, cfg.stem_stride, cfg.padding, self.dtype, self.conv_impl, name="stem")(
-            x, inference=not trains(0))
-        x = bn_act("stem_bn", 0, x)
-        self.sow("intermediates", "stem_out", x)
+        stem = Conv(cfg.stem_channels, 3, cfg.stem_stride, cfg.padding, self.dtype, self.conv_impl, name="stem")
+        first = cfg.blocks[0]
+        # in inference mode the first block's depthwise kernel may compute the stem itself (its output never
+        # written out), where that block has no expansion and no shortcut, and no intermediates are being kept
+        if (not trains(1) and not first.fused and first.expand_channels == first.in_channels and not first.residual
+                and not self.is_mutable_collection("intermediates")
+                and resolve_depthwise_impl(self.depthwise_impl, self.dtype, True, True) == "native"):
+            pads = tuple(conv_padding(cfg.padding, s, 3, cfg.stem_stride) for s in x.shape[1:3])
+            fused_stem = (stem(x, kernel_only=True), cfg.stem_stride, pads, bn("stem_bn"))
+        else:
+            fused_stem = None
+            x = stem(x, inference=not trains(0))
+            x = bn_act("stem_bn", 0, x)
+            self.sow("intermediates", "stem_out", x)
         for i, block in enumerate(cfg.blocks):
             if block.fused:
                 x = FusedMBConv(block, cfg.activation, cfg.padding, cfg.bn_momentum, cfg.bn_epsilon, self.dtype,
                                 self.conv_impl, name=f"blocks_{i}")(x, trains(i + 1))
             else:
                 x = MBConv(block, cfg.activation, cfg.padding, cfg.bn_momentum, cfg.bn_epsilon,
-                           self.depthwise_impl, self.dtype, self.conv_impl, name=f"blocks_{i}")(x, trains(i + 1))
+                           self.depthwise_impl, self.dtype, self.conv_impl, name=f"blocks_{i}")(
+                    x, trains(i + 1), fused_stem if i == 0 else None)
             if i + 1 == len(cfg.blocks) or cfg.blocks[i + 1].stage != block.stage:
                 self.sow("intermediates", f"stage{block.stage}", x)
         x = Conv(cfg.head_channels, dtype=self.dtype, impl=self.conv_impl, name="head")(x)
@@ -257,8 +274,6 @@ def random_variables(model: EfficientNet, resolution: int | None = None, seed: i
 def count_flops(config: ModelConfig, num_classes: int = 1000, resolution: int | None = None) -> float:
     """Multiply-accumulates of one forward pass of one image at `resolution` (default: native), counting
     convolutions, SE and the classifier — the convention of torchvision's published 'GFLOPS'."""
-    from .layers import conv_padding
-
     def out(size, k, s):
         lo, hi = conv_padding(config.padding, size, k, s)
         return (size + lo + hi - k) // s + 1

@@ -172,27 +172,36 @@ def _attrs(stride: int, padding, act: str | None) -> dict:
                 act=np.int64(_ACT_CODES[act]))
 
 
-def _inference_ffi(z, mean, scale, bias, kernel, out_bias, expand, stride, padding, acts):
-    oh, ow = _out_hw(z.shape, kernel.shape, stride, padding)
+_NO_EXPANSION = (1, 1, ((0, 0), (0, 0)))
+
+
+def _inference_ffi(z, mean, scale, bias, kernel, out_bias, expand, stride, padding, spec):
+    act, out_act, (ek, es, epads) = spec
+    hw = tuple((z.shape[1 + a] + sum(epads[a]) - ek) // es + 1 for a in (0, 1))  # the depthwise input's size
+    oh, ow = _out_hw((None, *hw), kernel.shape, stride, padding)
     n, c = z.shape[0], kernel.shape[3]
     outs = (jax.ShapeDtypeStruct((n, oh, ow, c), z.dtype), jax.ShapeDtypeStruct((n, c), z.dtype))
+    geometry = dict(expand_k=ek, expand_stride=es, expand_pad_top=epads[0][0], expand_pad_bottom=epads[0][1],
+                    expand_pad_left=epads[1][0], expand_pad_right=epads[1][1])
     return jax.ffi.ffi_call(INFERENCE, outs)(z, mean, scale, bias, kernel, out_bias, expand,
-                                             **_attrs(stride, padding, acts[0]), out_act=np.int64(_ACT_CODES[acts[1]]))
+                                             **_attrs(stride, padding, act), out_act=np.int64(_ACT_CODES[out_act]),
+                                             **{k: np.int64(v) for k, v in geometry.items()})
 
 
-def _inference_call(z, mean, scale, bias, kernel, out_bias, stride, padding, acts):
+def _inference_call(z, mean, scale, bias, kernel, out_bias, stride, padding, spec):
     """(act_out(the depthwise convolution of act((z - mean) * scale + bias) + out_bias), its sums over positions
-    (N, C)); `acts` = (act, act_out)."""
+    (N, C)); `spec` = (act, act_out, _NO_EXPANSION)."""
     return _inference_ffi(z, mean, scale, bias, kernel, out_bias, jnp.zeros((0, z.shape[3]), z.dtype), stride,
-                          padding, acts)
+                          padding, spec)
 
 
-def _expand_inference_call(x, expand, bias, kernel, out_bias, stride, padding, acts):
-    """`_inference_call` of z = x @ expand with mean 0 and scale 1: the 1×1 expansion computed in the kernel, row
-    by row, never written out."""
+def _expand_inference_call(x, expand, bias, kernel, out_bias, stride, padding, spec):
+    """`_inference_call` of z = conv(x, expand) with mean 0 and scale 1: the expansion computed in the kernel, row
+    by row, never written out; `spec` = (act, act_out, (k, stride, padding) of the expansion, whose weights
+    `expand` are its HWIO kernel as a (k·k·Cin, C) matrix: 1×1 for MBConv's expansion, k×k for the stem)."""
     c = expand.shape[1]
     return _inference_ffi(x, jnp.zeros((c,), x.dtype), jnp.ones((c,), x.dtype), bias, kernel, out_bias, expand,
-                          stride, padding, acts)
+                          stride, padding, spec)
 
 
 def _out_hw(x_shape, k_shape, stride: int, padding) -> tuple[int, int]:
@@ -252,7 +261,7 @@ _X, _C, _K, _Y = "n h w c", "c", "i j o c", "n p q c"
 _forward = _batch_sharded(_forward_call, [_X, _C, _C, _C, _K], [_Y])
 _backward = _batch_sharded(_backward_call, [_X, _C, _C, _C, _K, _Y], [_X, "n i j c", "n c", "n c"])
 _inference = _batch_sharded(_inference_call, [_X, _C, _C, _C, _K, _C], [_Y, "n c"])
-_expand_inference = _batch_sharded(_expand_inference_call, ["n h w d", "d c", _C, _K, _C], [_Y, "n c"])
+_expand_inference = _batch_sharded(_expand_inference_call, ["n a b d", "e c", _C, _K, _C], [_Y, "n c"])
 
 
 def _arrays_only(op, *static):
@@ -278,15 +287,17 @@ def backward(z, mean, scale, bias, kernel, g, stride: int, padding, act: str | N
 
 
 def inference(z, mean, scale, bias, kernel, out_bias, stride: int, padding, act: str | None, out_act: str | None,
-              expand=None):
+              expand=None, expand_geometry=(1, 1, ((0, 0), (0, 0)))):
     """`_inference_call`, the kernels built and registered first, partitioned over a sharded batch: (y, y's sums over
-    positions (N, C)). With `expand` (Cin, C): `_expand_inference_call` of x = z (mean, scale unused: the caller
-    folds the BatchNorm into `expand` and `bias`). No derivative (`layers.fused_depthwise_inference` has one)."""
+    positions (N, C)). With `expand` (k·k·Cin, C): `_expand_inference_call` of x = z, `expand_geometry` = (k,
+    stride, ((top, bottom), (left, right))) of that convolution (mean, scale unused: the caller folds the
+    BatchNorm into `expand` and `bias`). No derivative (`layers.fused_depthwise_inference` has one)."""
     require()
-    statics = (stride, padding, (act, out_act))
     if expand is not None:
-        return _arrays_only(_expand_inference, *statics)(z, expand, bias, kernel, out_bias)
-    return _arrays_only(_inference, *statics)(z, mean, scale, bias, kernel, out_bias)
+        return _arrays_only(_expand_inference, stride, padding, (act, out_act, expand_geometry))(
+            z, expand, bias, kernel, out_bias)
+    return _arrays_only(_inference, stride, padding, (act, out_act, _NO_EXPANSION))(
+        z, mean, scale, bias, kernel, out_bias)
 
 
 def _identity_affine(x):

@@ -80,7 +80,10 @@ def test_fused_batchnorm_activation_depthwise_equals_torch(act, kernel, stride, 
 # (kernel, stride, size, channels, expansion's input channels or None): channels 72 = one 64-wide group of the
 # expansion + 8; 101 = 64 + two 16-wide blocks + 5 single channels; widths 7 and 11 leave 1 and 5 pixels after the
 # expansion's 6-pixel tiles; 5x5 on 7 px has no position whose taps all lie inside
-INFERENCE_SHAPES = [(3, 1, 7, 72, 5), (5, 2, 11, 101, 17), (3, 2, 9, 40, None), (5, 1, 7, 6, None), (3, 1, 12, 24, 3)]
+# A tuple in place of the input channels: a stem in front, (input channels, kernel, stride, padding)
+INFERENCE_SHAPES = [(3, 1, 7, 72, 5), (5, 2, 11, 101, 17), (3, 2, 9, 40, None), (5, 1, 7, 6, None), (3, 1, 12, 24, 3),
+                    (3, 1, 15, 32, (3, 3, 2, "symmetric")), (3, 2, 16, 40, (3, 3, 2, "same")),
+                    (5, 1, 9, 16, (2, 3, 1, "same"))]
 
 
 def _running_bn(rng, c):
@@ -93,15 +96,24 @@ def _running_bn(rng, c):
     (*shape, act) for shape in INFERENCE_SHAPES for act in ("silu", "relu6", None)
     if act or shape[-1] is None])  # an expansion comes with its BatchNorm and activation
 def test_fused_inference_equals_torch(kernel, stride, size, channels, cin, act):
-    """`layers.fused_depthwise_inference` (one pass of the C++ kernel in inference mode): [x @ expand ->]
-    BatchNorm -> act -> depthwise -> BatchNorm -> act, both BatchNorms with running statistics, and the output's
-    mean over positions, against torch in float64; and its gradients (through the shifted sum) against torch's."""
+    """`layers.fused_depthwise_inference` (one pass of the C++ kernel in inference mode): [x @ expand, or the stem's
+    convolution of x ->] BatchNorm -> act -> depthwise -> BatchNorm -> act, both BatchNorms with running statistics,
+    and the output's mean over positions, against torch in float64; and its gradients (through the shifted sum)
+    against torch's."""
     rng = np.random.RandomState(kernel + stride * 7 + size + channels)
-    x = (rng.randn(2, size, size + 1, cin or channels) * 2 + 0.5).astype(np.float32)
-    expand = (rng.randn(cin, channels) / np.sqrt(cin)).astype(np.float32) if cin else None
+    stem = cin if isinstance(cin, tuple) else None
+    x = (rng.randn(2, size, size + 1, stem[0] if stem else cin or channels) * 2 + 0.5).astype(np.float32)
+    expand_conv, hw = None, x.shape[1:3]
+    if stem:
+        in_c, ek, es, mode = stem
+        expand = (rng.randn(ek, ek, in_c, channels) / np.sqrt(ek * ek * in_c)).astype(np.float32)
+        epads = tuple(layers.conv_padding(mode, s, ek, es) for s in hw)
+        expand_conv, hw = (es, epads), tuple((s + sum(p) - ek) // es + 1 for s, p in zip(hw, epads))
+    else:
+        expand = (rng.randn(cin, channels) / np.sqrt(cin)).astype(np.float32) if cin else None
     bn_in, bn_out = _running_bn(rng, channels), _running_bn(rng, channels)
     w = rng.randn(kernel, kernel, 1, channels).astype(np.float32)
-    pads = tuple(layers.conv_padding("same", s, kernel, stride) for s in x.shape[1:3])
+    pads = tuple(layers.conv_padding("same", s, kernel, stride) for s in hw)
     eps = 1e-3
 
     def fold(mean, var, gamma, beta):  # what BatchNorm(fold=True) returns
@@ -111,7 +123,7 @@ def test_fused_inference_equals_torch(kernel, stride, size, channels, cin, act):
     args = (jnp.asarray(x), None if expand is None else jnp.asarray(expand), [jnp.asarray(a) for a in bn_in],
             jnp.asarray(w), [jnp.asarray(a) for a in bn_out])
     f = lambda x, e, bi, w, bo: layers.fused_depthwise_inference(  # noqa: E731
-        x, e, fold(*bi) if act else None, w, fold(*bo), act, out_act, stride, pads, True)
+        x, e, fold(*bi) if act else None, w, fold(*bo), act, out_act, stride, pads, True, expand_conv)
     (y, pooled), vjp = jax.vjp(f, *args)
     grads = vjp((jnp.cos(y), jnp.ones_like(pooled)))
 
@@ -124,7 +136,11 @@ def test_fused_inference_equals_torch(kernel, stride, size, channels, cin, act):
     def bn(t, mean, var, gamma, beta):
         return (t - mean) / torch.sqrt(var + eps) * gamma + beta
 
-    z = xt @ et if et is not None else xt
+    if stem:
+        z = F.conv2d(F.pad(xt.permute(0, 3, 1, 2), (*expand_conv[1][1], *expand_conv[1][0])), et.permute(3, 2, 0, 1),
+                     stride=expand_conv[0]).permute(0, 2, 3, 1)
+    else:
+        z = xt @ et if et is not None else xt
     a = acts[act](bn(z, *bit)) if act else z
     ref = acts[out_act](bn(_torch_depthwise(a, wt, stride, pads), *bot))
     (torch.sin(ref).sum() + ref.mean(dim=(1, 2)).sum()).backward()

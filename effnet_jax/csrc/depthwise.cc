@@ -207,11 +207,13 @@ struct Problem {
   int64_t n, h, w, c, kh, kw, oh, ow, stride, pad_h, pad_w;
   Act act;
   const float *z, *mean, *scale, *bias, *k;  // z: the convolution's input x itself when act == kNone
-  // inference only: the 1x1 expansion in front, x (N, H, W, cin) in z and its (cin, C) weights here; the
-  // convolution's input is then act(x @ expand + bias) (the BatchNorm folded by the caller; mean, scale unused)
+  // inference only: a convolution in front (the 1x1 expansion, or an ek x ek stride-es one of few input channels:
+  // the stem), x (N, in_h, in_w, in_c) in z and its (ek * ek * in_c, C) weights here; the depthwise convolution's
+  // input is then act(conv(x) + bias) (the BatchNorm folded by the caller; mean, scale unused), h x w its size
   const float* expand = nullptr;
   const float* expand_packed = nullptr;  // PackExpansion(expand)
-  int64_t cin = 0;
+  int64_t cin = 0;                       // ek * ek * in_c: the values per pixel the expansion multiplies
+  int64_t ek = 1, es = 1, ept = 0, epl = 0, in_h = 0, in_w = 0, in_c = 0;
 };
 
 // act(x @ w + b) for the `pixels` pixels of one row: x (pixels, cin), w (cin, c), out (pixels, c). A tile of kPix
@@ -251,6 +253,9 @@ inline void ExpandPixels(const float* x, const float* w, const float* packed, co
   int64_t c0 = 0;
   for (; c0 + kGroup <= c; c0 += kGroup)
     ExpandTile<Lanes<16>, P, kBlk>(x, packed + c0 * cin, kGroup, b, act, cin, c, out, c0);
+  // the remaining 16-wide blocks as one tile too (each input value then multiplies 2 or 3 weight vectors)
+  if (c0 + 48 <= c) ExpandTile<Lanes<16>, P, 3>(x, w + c0, c, b, act, cin, c, out, c0), c0 += 48;
+  if (c0 + 32 <= c) ExpandTile<Lanes<16>, P, 2>(x, w + c0, c, b, act, cin, c, out, c0), c0 += 32;
   for (; c0 + 16 <= c; c0 += 16) ExpandTile<Lanes<16>, P, 1>(x, w + c0, c, b, act, cin, c, out, c0);
   for (; c0 + 8 <= c; c0 += 8) ExpandTile<Lanes<8>, P, 1>(x, w + c0, c, b, act, cin, c, out, c0);
   for (; c0 < c; ++c0) ExpandTile<Lanes<1>, P, 1>(x, w + c0, c, b, act, cin, c, out, c0);
@@ -285,20 +290,34 @@ inline void TapRange(int64_t o, int64_t stride, int64_t pad, int64_t taps, int64
   *hi = std::min<int64_t>(taps, size + pad - o * stride);
 }
 
+// output positions summed together in a forward row (ForwardRow)
+constexpr int64_t kTile = 4;
+
 // Rows of the convolution's input x of one sample, computed from z when an activation is fused, kept for the
 // last kh rows asked for (a ring: consecutive output rows share kh - stride input rows).
 class InputRows {
  public:
+  // Computed rows are kept with the convolution's zero padding around them: pad_w columns on the left, on the
+  // right as many as the last tile of ForwardRow reaches, so that every output position sums all its taps.
   InputRows(const Problem& p) : p_(p) {
-    if (p.act != kNone || p.expand) ring_.resize(p.kh * p.w * p.c), tags_.assign(p.kh, -1);
+    if (p.act != kNone || p.expand) {
+      const int64_t last = ((p.ow + kTile - 1) / kTile * kTile - 1) * p.stride - p.pad_w + p.kw - 1;
+      left_ = p.pad_w, width_ = left_ + std::max(p.w, last + 1);
+      ring_.assign(p.kh * width_ * p.c, 0.0f), tags_.assign(p.kh, -1);
+    }
+    if (p.expand && p.ek > 1) patches_.resize(p.w * p.cin);
   }
+  // whether rows carry the padding (else they are the input itself)
+  bool padded() const { return !ring_.empty(); }
   const float* Row(int64_t n, int64_t iy) {
-    const float* z = p_.z + ((n * p_.h + iy) * p_.w) * (p_.expand ? p_.cin : p_.c);
+    // (z: the row of the convolution's input, or of the BatchNorm's; unused with an expansion)
+    const float* z = p_.expand ? nullptr : p_.z + ((n * p_.h + iy) * p_.w) * p_.c;
     if (p_.act == kNone && !p_.expand) return z;
     const int64_t slot = iy % p_.kh, tag = n * p_.h + iy;
-    float* row = ring_.data() + slot * p_.w * p_.c;
+    float* row = ring_.data() + (slot * width_ + left_) * p_.c;
     if (tags_[slot] != tag && p_.expand) {
-      ExpandRow(z, p_.expand, p_.expand_packed, p_.bias, p_.act, p_.w, p_.cin, p_.c, row);
+      const float* x = p_.ek == 1 && p_.es == 1 ? p_.z + ((n * p_.in_h + iy) * p_.in_w) * p_.in_c : Patches(n, iy);
+      ExpandRow(x, p_.expand, p_.expand_packed, p_.bias, p_.act, p_.w, p_.cin, p_.c, row);
       tags_[slot] = tag;
     } else if (tags_[slot] != tag) {
       for (int64_t ix = 0; ix < p_.w; ++ix)
@@ -314,16 +333,40 @@ class InputRows {
   }
 
  private:
+  // the (w, ek * ek * in_c) patches of x that the expansion's output row iy multiplies, zero outside x
+  const float* Patches(int64_t n, int64_t iy) {
+    const int64_t k = p_.ek, ci = p_.in_c;
+    for (int64_t ox = 0; ox < p_.w; ++ox)
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t yy = iy * p_.es + i - p_.ept, x0 = ox * p_.es - p_.epl;
+        float* dst = patches_.data() + ox * p_.cin + i * k * ci;
+        if (yy < 0 || yy >= p_.in_h) {
+          std::fill_n(dst, k * ci, 0.0f);
+          continue;
+        }
+        const float* src = p_.z + ((n * p_.in_h + yy) * p_.in_w) * ci;
+        if (x0 >= 0 && x0 + k <= p_.in_w) {  // the k taps of this row: k * ci consecutive values
+          for (int64_t v = 0; v < k * ci; ++v) dst[v] = src[x0 * ci + v];
+          continue;
+        }
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t xx = x0 + j;
+          for (int64_t v = 0; v < ci; ++v) dst[j * ci + v] = xx >= 0 && xx < p_.in_w ? src[xx * ci + v] : 0.0f;
+        }
+      }
+    return patches_.data();
+  }
+
   const Problem& p_;
-  std::vector<float> ring_;
+  std::vector<float> ring_, patches_;
   std::vector<int64_t> tags_;
+  int64_t left_ = 0, width_ = 0;
 };
 
 // One output row y[n, oy, :, :]. Output positions whose taps all lie inside the image go kTile at a time: each
 // block of channels keeps kTile sums in registers, and each kernel tap is loaded once for all of them (independent
 // sums, fewer loads than one position at a time, whose single chain of multiply-adds waits on each add); the
 // positions near the left and right edges go one at a time, over the taps that lie inside.
-constexpr int64_t kTile = 4;
 
 void ForwardRow(const Problem& p, InputRows& rows, float* y, int64_t n, int64_t oy) {
   const int64_t c = p.c, s = p.stride;
@@ -332,9 +375,11 @@ void ForwardRow(const Problem& p, InputRows& rows, float* y, int64_t n, int64_t 
   const float* in[64];
   for (int64_t i = ilo; i < ihi; ++i) in[i] = rows.Row(n, oy * s + i - p.pad_h);
   float* out = y + ((n * p.oh + oy) * p.ow) * c;
+  const bool padded = rows.padded();
   for (int64_t ox = 0; ox < p.ow;) {
     const int64_t x0 = ox * s - p.pad_w;
-    if (x0 >= 0 && (ox + kTile - 1) * s - p.pad_w + p.kw <= p.w) {
+    if (padded || (x0 >= 0 && (ox + kTile - 1) * s - p.pad_w + p.kw <= p.w)) {
+      const int64_t valid = std::min(kTile, p.ow - ox);  // (padded rows: the last tile may reach past the row)
       ForEachChannelBlock(c, [&](auto lanes, int64_t c0) {
         using L = decltype(lanes);
         typename L::V acc[kTile] = {};
@@ -345,7 +390,7 @@ void ForwardRow(const Problem& p, InputRows& rows, float* y, int64_t n, int64_t 
             for (int64_t t = 0; t < kTile; ++t) acc[t] += L::Load(row + (t * s + j) * c) * kv;
           }
         }
-        for (int64_t t = 0; t < kTile; ++t) L::Store(out + (ox + t) * c + c0, acc[t]);
+        for (int64_t t = 0; t < valid; ++t) L::Store(out + (ox + t) * c + c0, acc[t]);
       });
       ox += kTile;
       continue;
@@ -491,22 +536,31 @@ void BackwardSample(const Problem& p, const float* dy, float* dx, float* dk, flo
 using F32 = ffi::Buffer<ffi::F32>;
 
 ffi::Error MakeProblem(F32& z, F32& mean, F32& scale, F32& bias, F32& k, int64_t oh, int64_t ow, int64_t stride,
-                       int64_t pad_h, int64_t pad_w, int64_t act, Problem* p, F32* expand = nullptr) {
+                       int64_t pad_h, int64_t pad_w, int64_t act, Problem* p, F32* expand = nullptr,
+                       const int64_t* geometry = nullptr) {
   auto zd = z.dimensions(), kd = k.dimensions();
   if (zd.size() != 4) return ffi::Error::InvalidArgument("depthwise: the input must be NHWC");
   const bool expands = expand && expand->element_count() > 0;
   const int64_t c = expands ? expand->dimensions().back() : zd[3];
-  if (expands && (expand->dimensions().size() != 2 || expand->dimensions()[0] != zd[3]))
-    return ffi::Error::InvalidArgument("depthwise: the expansion must be (Cin, C)");
+  // the expansion's kernel size, stride and padding (top, bottom, left, right)
+  const int64_t ek = expands ? geometry[0] : 1, es = expands ? geometry[1] : 1;
+  if (expands && (expand->dimensions().size() != 2 || expand->dimensions()[0] != ek * ek * zd[3] || ek < 1 ||
+                  es < 1))
+    return ffi::Error::InvalidArgument("depthwise: the expansion must be (k * k * Cin, C)");
+  const int64_t h = expands ? (zd[1] + geometry[2] + geometry[3] - ek) / es + 1 : zd[1];
+  const int64_t w = expands ? (zd[2] + geometry[4] + geometry[5] - ek) / es + 1 : zd[2];
   if (kd.size() != 4 || kd[2] != 1 || kd[3] != c)
     return ffi::Error::InvalidArgument("depthwise: the kernel must be (kh, kw, 1, C)");
   if (kd[0] > 64 || kd[1] > 64) return ffi::Error::InvalidArgument("depthwise: kernels up to 64 x 64");
   if (act < kNone || act > kRelu6) return ffi::Error::InvalidArgument("depthwise: unknown activation");
   for (F32* v : {&mean, &scale, &bias})
     if (v->element_count() != c) return ffi::Error::InvalidArgument("depthwise: mean, scale, bias must be (C,)");
-  *p = Problem{zd[0], zd[1], zd[2], c, kd[0], kd[1], oh, ow, stride, pad_h, pad_w, static_cast<Act>(act),
+  *p = Problem{zd[0], h, w, c, kd[0], kd[1], oh, ow, stride, pad_h, pad_w, static_cast<Act>(act),
                z.typed_data(), mean.typed_data(), scale.typed_data(), bias.typed_data(), k.typed_data()};
-  if (expands) p->expand = expand->typed_data(), p->cin = zd[3];
+  if (expands) {
+    p->expand = expand->typed_data(), p->cin = ek * ek * zd[3], p->ek = ek, p->es = es;
+    p->ept = geometry[2], p->epl = geometry[4], p->in_h = zd[1], p->in_w = zd[2], p->in_c = zd[3];
+  }
   return ffi::Error::Success();
 }
 
@@ -529,10 +583,12 @@ ffi::Error Forward(ffi::ThreadPool pool, F32 z, F32 mean, F32 scale, F32 bias, F
 // y = act_out(conv(act((z - mean) * scale + bias), k) + out_bias), and each sample's sums of y over positions.
 ffi::Error Inference(ffi::ThreadPool pool, F32 z, F32 mean, F32 scale, F32 bias, F32 k, F32 out_bias, F32 expand,
                      ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> sums, int64_t stride, int64_t pad_h,
-                     int64_t pad_w, int64_t act, int64_t out_act) {
+                     int64_t pad_w, int64_t act, int64_t out_act, int64_t ek, int64_t es, int64_t ept, int64_t epb,
+                     int64_t epl, int64_t epr) {
   Problem p;
   auto yd = y->dimensions();
-  if (auto e = MakeProblem(z, mean, scale, bias, k, yd[1], yd[2], stride, pad_h, pad_w, act, &p, &expand);
+  const int64_t geometry[] = {ek, es, ept, epb, epl, epr};
+  if (auto e = MakeProblem(z, mean, scale, bias, k, yd[1], yd[2], stride, pad_h, pad_w, act, &p, &expand, geometry);
       e.failure())
     return e;
   if (out_act < kNone || out_act > kRelu6) return ffi::Error::InvalidArgument("depthwise: unknown activation");
@@ -607,11 +663,17 @@ auto BindAttrs(Binding binding) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EffnetDepthwiseForward, Forward, BindAttrs(BindInputs().Ret<F32>()));  // y
 
-// out_bias, the expansion's weights (Cin, C) or an empty array; y, each sample's sums of y (N, C); and the output
-// activation's attribute
+// out_bias, the expansion's weights (k * k * Cin, C) or an empty array; y, each sample's sums of y (N, C); and the
+// output activation's and the expansion's geometry's attributes
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EffnetDepthwiseInference, Inference,
                               BindAttrs(BindInputs().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>())
-                                  .Attr<int64_t>("out_act"));
+                                  .Attr<int64_t>("out_act")
+                                  .Attr<int64_t>("expand_k")
+                                  .Attr<int64_t>("expand_stride")
+                                  .Attr<int64_t>("expand_pad_top")
+                                  .Attr<int64_t>("expand_pad_bottom")
+                                  .Attr<int64_t>("expand_pad_left")
+                                  .Attr<int64_t>("expand_pad_right"));
 
 // dy; dx (or the gradient of the BatchNorm output), each sample's kernel gradient (N, kh, kw, C), sum_da (N, C),
 // sum_da_zc (N, C)
