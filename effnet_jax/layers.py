@@ -256,6 +256,10 @@ def resolve_conv_impl(impl: str) -> str:
 # 'dot' computes a k×k convolution as patches × matrix only while the patches stay small (the stem's 3 input
 # channels: 27 values per pixel); wider k×k convolutions stay convolutions.
 PATCH_DOT_MAX_DEPTH = 64
+# in inference mode the C++ kernel computes an MBConv block's 1×1 expansion itself (`fused_depthwise_inference`) where
+# the block's input rows are at least this wide: it multiplies one row at a time, 6 pixels to a tile, and on
+# narrower rows XLA's GEMM over the whole batch is faster (B4–B6 at 64 px, eval: 0.8–0.9× with every block's)
+FUSED_EXPANSION_MIN_WIDTH = 12
 # in inference mode a 1×1 convolution of at most this many input channels is a fused sum of products (`conv`); at 24
 # (B0's 56 px expansions) the GEMM measured faster (probe, one core: 10.1 against 15.2 ms)
 POINTWISE_SUM_MAX_DEPTH = 16

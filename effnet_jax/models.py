@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import variants
-from .layers import (BatchNorm, Conv, DepthwiseConv, DropPath, SqueezeExcite, activation, conv_padding,
-                     resolve_depthwise_impl)
+from .layers import (FUSED_EXPANSION_MIN_WIDTH, BatchNorm, Conv, DepthwiseConv, DropPath, SqueezeExcite,
+                     activation, conv_padding, resolve_depthwise_impl)
 from .variants import BlockConfig, ModelConfig
 
 Dtype = Any
@@ -98,7 +98,8 @@ class MBConv(nn.Module):
             expand, expand_conv, bn_act = stem[0], stem[1:3], (stem[3], self.activation)
         elif cfg.expand_channels != cfg.in_channels:
             conv = Conv(cfg.expand_channels, dtype=self.dtype, impl=self.conv_impl, name="expand_conv")
-            if not train and resolve_depthwise_impl(self.depthwise_impl, self.dtype, True, True) == "native":
+            if (not train and x.shape[2] >= FUSED_EXPANSION_MIN_WIDTH
+                    and resolve_depthwise_impl(self.depthwise_impl, self.dtype, True, True) == "native"):
                 expand = conv(x, kernel_only=True)[0, 0]  # the depthwise kernel computes the expansion too
             else:
                 x = conv(x, inference=not train)
