@@ -12,8 +12,10 @@ alone, it times on the unit's real input shape:
 * eval: forward in inference mode (JAX `train=False`, jitted; torch `eval()` + `inference_mode`).
 
 JAX units are this library's modules (`effnet_jax.models.MBConv` / `FusedMBConv`, `effnet_jax.layers`), with
-the `depthwise_impl` the model uses by default ('auto' on CPU: the C++ kernels where a unit trains, the shifted sum in
-inference mode); torch's are the modules of torchvision's `efficientnet_bX` / `efficientnet_v2_X` (random weights,
+the `depthwise_impl` the model uses by default ('auto' on CPU: the C++ kernels; in inference mode an MBConv unit runs
+its expansion, depthwise convolution, BatchNorms, activations and SE pooling as one kernel pass, and the depthwise
+columns, which time the convolution alone, the shifted sum that a bare convolution gets there; the stem is timed
+alone, though in the network's inference mode the first block's kernel computes it); torch's are the modules of torchvision's `efficientnet_bX` / `efficientnet_v2_X` (random weights,
 same shapes: `throughput.torch_model`). Inputs are the unit's input in the JAX network (random image, random
 fan-in-scaled weights), cotangents random normal.
 
