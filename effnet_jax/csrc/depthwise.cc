@@ -29,10 +29,6 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -94,57 +90,9 @@ struct Lanes {
     return V{((void)Index, f)...};
   }
   static V Select(I mask, V a, V b) { return mask ? a : b; }
-  // 1 / x for x >= 1: with AVX-512, the 14-bit estimate and one Newton step (to ~1 ulp), which issues in a few
-  // cycles where a vector division takes ~10 (the activation's sigmoid is what bounds the fused passes)
-  static V Recip(V x) {
-#if defined(__AVX512F__)
-    if constexpr (W == 16) {
-      V r;
-      const __m512 e = _mm512_rcp14_ps(reinterpret_cast<__m512&>(x));
-      std::memcpy(&r, &e, sizeof(V));
-      return r * (2.0f - x * r);
-    }
-#endif
-#if defined(__AVX512VL__)
-    if constexpr (W == 8) {
-      V r;
-      const __m256 e = _mm256_rcp14_ps(reinterpret_cast<__m256&>(x));
-      std::memcpy(&r, &e, sizeof(V));
-      return r * (2.0f - x * r);
-    }
-#endif
-    return 1.0f / x;
-  }
   // exp(x) to ~1 ulp for x in [-87, 88] (Cephes' expf: x = n ln2 + r, 2^n times a degree-6 polynomial in r; n
   // rounded to nearest by adding 1.5 * 2^23, whose float bits then hold it)
   static V Exp(V x) {
-#if defined(__AVX512F__)
-    // the same polynomial, 2^n applied by vscalefps (no integer steps; n rounded by vrndscaleps)
-    if constexpr (W == 16) {
-      __m512 v;
-      std::memcpy(&v, &x, sizeof(V));
-      v = _mm512_max_ps(_mm512_min_ps(v, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365447504019f));
-      const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      V r, nv;
-      v = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
-      v = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), v);
-      std::memcpy(&r, &v, sizeof(V));
-      std::memcpy(&nv, &n, sizeof(V));
-      V p = 1.9875691500E-4f * r + 1.3981999507E-3f;
-      p = p * r + 8.3334519073E-3f;
-      p = p * r + 4.1665795894E-2f;
-      p = p * r + 1.6666665459E-1f;
-      p = p * r + 5.0000001201E-1f;
-      p = p * (r * r) + r + 1.0f;
-      __m512 pv, out;
-      std::memcpy(&pv, &p, sizeof(V));
-      out = _mm512_scalef_ps(pv, n);
-      V result;
-      std::memcpy(&result, &out, sizeof(V));
-      return result;
-    }
-#endif
     x = Select(x > 88.3762626647949f, Splat(88.3762626647949f), x);
     x = Select(x < -87.3365447504019f, Splat(-87.3365447504019f), x);
     const V t = x * 1.44269504088896341f + 12582912.0f;
@@ -172,7 +120,6 @@ struct Lanes<1> {
   static void Store(float* p, V v) { *p = v; }
   static V Splat(float f) { return f; }
   static V Select(I mask, V a, V b) { return mask ? a : b; }
-  static V Recip(V x) { return 1.0f / x; }
   static V Exp(V x) { return std::exp(x); }
 };
 
@@ -190,14 +137,14 @@ enum Act : int64_t { kNone = 0, kSilu = 1, kRelu6 = 2 };
 // act(a) and act'(a), as torch computes them (relu6's derivative: 1 on (0, 6), else 0)
 template <typename L>
 inline typename L::V Activate(Act act, typename L::V a) {
-  if (act == kSilu) return a * L::Recip(1.0f + L::Exp(-a));
+  if (act == kSilu) return a / (1.0f + L::Exp(-a));
   if (act == kRelu6) return L::Select(a < 0.0f, L::Splat(0.0f), L::Select(a > 6.0f, L::Splat(6.0f), a));
   return a;
 }
 template <typename L>
 inline typename L::V ActivationGrad(Act act, typename L::V a) {
   if (act == kSilu) {
-    const typename L::V s = L::Recip(1.0f + L::Exp(-a));
+    const typename L::V s = 1.0f / (1.0f + L::Exp(-a));
     return s * (1.0f + a * (1.0f - s));
   }
   return L::Select((a > 0.0f) & (a < 6.0f), L::Splat(1.0f), L::Splat(0.0f));
