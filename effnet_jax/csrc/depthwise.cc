@@ -310,10 +310,27 @@ class InputRows {
   int64_t left_ = 0, width_ = 0;
 };
 
-// One output row y[n, oy, :, :]. Output positions whose taps all lie inside the image go kTile at a time: each
-// block of channels keeps kTile sums in registers, and each kernel tap is loaded once for all of them (independent
-// sums, fewer loads than one position at a time, whose single chain of multiply-adds waits on each add); the
-// positions near the left and right edges go one at a time, over the taps that lie inside.
+// One output row y[n, oy, :, :]. Output positions whose taps all lie inside the image (with padded rows: all of
+// them) go kTile at a time: each block of channels keeps kTile sums in registers, and each kernel tap is loaded once
+// for all of them (independent sums, fewer loads than one position at a time, whose single chain of multiply-adds
+// waits on each add). For the common kernel widths and strides (KW, S known at compile time) the tap loops unroll and
+// positions that share an input column load it once. Positions near the left and right edges of unpadded rows go
+// one at a time, over the taps that lie inside.
+template <int64_t KW, int64_t S, typename L>
+inline void TileSums(const float* const* in, int64_t ilo, int64_t ihi, const float* k, int64_t kw, int64_t s,
+                     int64_t c, int64_t c0, int64_t x0, float* out, int64_t valid) {
+  const int64_t taps = KW ? KW : kw, stride = S ? S : s;
+  typename L::V acc[kTile] = {};
+  for (int64_t i = ilo; i < ihi; ++i) {
+    const float* row = in[i] + x0 * c + c0;
+    const float* ki = k + i * taps * c + c0;
+    for (int64_t j = 0; j < taps; ++j) {
+      const auto kv = L::Load(ki + j * c);
+      for (int64_t t = 0; t < kTile; ++t) acc[t] += L::Load(row + (t * stride + j) * c) * kv;
+    }
+  }
+  for (int64_t t = 0; t < valid; ++t) L::Store(out + t * c, acc[t]);
+}
 
 void ForwardRow(const Problem& p, InputRows& rows, float* y, int64_t n, int64_t oy) {
   const int64_t c = p.c, s = p.stride;
@@ -327,17 +344,15 @@ void ForwardRow(const Problem& p, InputRows& rows, float* y, int64_t n, int64_t 
     const int64_t x0 = ox * s - p.pad_w;
     if (padded || (x0 >= 0 && (ox + kTile - 1) * s - p.pad_w + p.kw <= p.w)) {
       const int64_t valid = std::min(kTile, p.ow - ox);  // (padded rows: the last tile may reach past the row)
+      float* o = out + ox * c;
       ForEachChannelBlock(c, [&](auto lanes, int64_t c0) {
         using L = decltype(lanes);
-        typename L::V acc[kTile] = {};
-        for (int64_t i = ilo; i < ihi; ++i) {
-          const float* row = in[i] + x0 * c + c0;
-          for (int64_t j = 0; j < p.kw; ++j) {
-            const auto kv = L::Load(p.k + (i * p.kw + j) * c + c0);
-            for (int64_t t = 0; t < kTile; ++t) acc[t] += L::Load(row + (t * s + j) * c) * kv;
-          }
-        }
-        for (int64_t t = 0; t < valid; ++t) L::Store(out + (ox + t) * c + c0, acc[t]);
+        const int64_t kw = p.kw;
+        if (kw == 3 && s == 1) return TileSums<3, 1, L>(in, ilo, ihi, p.k, kw, s, c, c0, x0, o + c0, valid);
+        if (kw == 3 && s == 2) return TileSums<3, 2, L>(in, ilo, ihi, p.k, kw, s, c, c0, x0, o + c0, valid);
+        if (kw == 5 && s == 1) return TileSums<5, 1, L>(in, ilo, ihi, p.k, kw, s, c, c0, x0, o + c0, valid);
+        if (kw == 5 && s == 2) return TileSums<5, 2, L>(in, ilo, ihi, p.k, kw, s, c, c0, x0, o + c0, valid);
+        TileSums<0, 0, L>(in, ilo, ihi, p.k, kw, s, c, c0, x0, o + c0, valid);
       });
       ox += kTile;
       continue;
