@@ -443,7 +443,6 @@ class DepthwiseConv(nn.Module):
             x = activation(act, not inference)(bn(x, inference))
         return depthwise_conv(x.astype(self.dtype), k.astype(self.dtype), self.stride, pads, impl)
 
-
     def _with_output_bn_act(self, x, k, inference, bn_act, out_bn_act, pool, expand, expand_conv):
         out_bn, out_act = out_bn_act
         impl = resolve_depthwise_impl(self.impl, self.dtype, inference, output_fused=True)
@@ -491,7 +490,7 @@ def fused_depthwise_inference(z, expand, in_affine, kernel, out_affine, act, out
     out = (kernel * mul, bias - mean * mul, stride, padding, act, out_act)
     if expand is not None:
         m, s, b = in_affine
-        geometry = (expand.shape[0], *expand_conv) if expand_conv is not None else (1, 1, ((0, 0), (0, 0)))
+        geometry = (expand.shape[0], *expand_conv) if expand_conv is not None else None  # None: 1×1
         y, sums = native.inference(z, None, None, b - m * s, *out, expand=(expand * s).reshape(-1, s.shape[0]),
                                    expand_geometry=geometry)
     else:

@@ -287,14 +287,14 @@ def backward(z, mean, scale, bias, kernel, g, stride: int, padding, act: str | N
 
 
 def inference(z, mean, scale, bias, kernel, out_bias, stride: int, padding, act: str | None, out_act: str | None,
-              expand=None, expand_geometry=(1, 1, ((0, 0), (0, 0)))):
+              expand=None, expand_geometry=None):
     """`_inference_call`, the kernels built and registered first, partitioned over a sharded batch: (y, y's sums over
     positions (N, C)). With `expand` (k·k·Cin, C): `_expand_inference_call` of x = z, `expand_geometry` = (k,
-    stride, ((top, bottom), (left, right))) of that convolution (mean, scale unused: the caller folds the
+    stride, ((top, bottom), (left, right))) of that convolution, None for a 1×1 one (mean, scale unused: the caller folds the
     BatchNorm into `expand` and `bias`). No derivative (`layers.fused_depthwise_inference` has one)."""
     require()
     if expand is not None:
-        return _arrays_only(_expand_inference, stride, padding, (act, out_act, expand_geometry))(
+        return _arrays_only(_expand_inference, stride, padding, (act, out_act, expand_geometry or _NO_EXPANSION))(
             z, expand, bias, kernel, out_bias)
     return _arrays_only(_inference, stride, padding, (act, out_act, _NO_EXPANSION))(
         z, mean, scale, bias, kernel, out_bias)
