@@ -15,7 +15,7 @@ convolution's output once (figures: docs/performance.md). `layers` uses it for `
 It is compiled on first use, not at install: with the system's C++ compiler (`$CXX`, else c++, g++ or clang++)
 against the XLA FFI headers that jaxlib ships (`jax.ffi.include_dir()`), for this machine's CPU (`-march=native`),
 into a cache keyed by the source, jax's version, the compiler and the CPU (`kernels/` in the project's cache:
-`$EFFNET_JAX_CACHE`, else `$XDG_CACHE_HOME/effnet_jax`, else ~/.cache/effnet_jax), in about 4 s. Without a
+`$EFFNET_JAX_CACHE`, else `$XDG_CACHE_HOME/effnet_jax`, else ~/.cache/effnet_jax), in about 7 s. Without a
 compiler, 'auto' falls back to the shifted sum with one warning naming what failed; `EFFNET_JAX_NATIVE=0` turns
 the kernels off.
 
