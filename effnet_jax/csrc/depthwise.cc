@@ -172,12 +172,12 @@ constexpr int64_t kPix = 6, kBlk = 4;
 template <typename L, int64_t P, int64_t B>
 inline void ExpandTile(const float* x, const float* w, int64_t ws, const float* b, Act act, int64_t cin, int64_t c,
                        float* out, int64_t c0) {
+  constexpr int64_t kW = sizeof(typename L::V) / sizeof(float);
   typename L::V acc[P][B];
   for (int64_t q = 0; q < B; ++q) {
-    const auto bias = L::Load(b + c0 + q * sizeof(typename L::V) / sizeof(float));
+    const auto bias = L::Load(b + c0 + q * kW);
     for (int64_t t = 0; t < P; ++t) acc[t][q] = bias;
   }
-  constexpr int64_t kW = sizeof(typename L::V) / sizeof(float);
   for (int64_t i = 0; i < cin; ++i) {
     typename L::V wv[B];
     for (int64_t q = 0; q < B; ++q) wv[q] = L::Load(w + i * ws + q * kW);
