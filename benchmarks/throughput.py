@@ -79,8 +79,9 @@ from effnet_jax import data as data_lib
 from effnet_jax import optim, variants
 from effnet_jax.errors import ConfigError
 from effnet_jax.host import with_fast_malloc
+from effnet_jax.kernels import autotune
 from effnet_jax.models import count_flops, random_variables
-from effnet_jax.layers import CONV_IMPLS, DEPTHWISE_IMPLS
+from effnet_jax.kernels import CONV_IMPLS, DEPTHWISE_IMPLS
 from effnet_jax.mesh import Mesh
 from effnet_jax.steps import create_train_state, jit_eval_step, jit_train_step
 from effnet_jax.train import TrainConfig, augment_config, build_model
@@ -394,12 +395,15 @@ def bench_row(variant: str, resolution: int, batch_size: int, mode: str, s: dict
 def print_table(rows: list[dict]) -> None:
     def f(v, spec):
         return "-" if v is None else format(v, spec)
-    print(f"{'variant':<8}{'px':>5}{'batch':>6}{'mode':>6}{'GFLOPs':>8}{'JAX img/s':>11}{'torch img/s':>12}"
-          f"{'compiled':>10}{'JAX/torch':>10}{'JAX compile s':>14}{'peak MB':>9}")
+    print(f"{'variant':<8}{'px':>5}{'batch':>6}{'mode':>6}{'depthwise':>10}{'GFLOPs':>8}{'JAX img/s':>11}"
+          f"{'torch img/s':>12}{'compiled':>10}{'JAX/torch':>10}{'JAX compile s':>14}{'peak MB':>9}")
     for r in rows:
-        print(f"{r['variant']:<8}{r['resolution']:>5}{r['batch_size']:>6}{r['mode']:>6}{r['gflops']:>8.3f}"
-              f"{f(r['jax_img_s'], '.1f'):>11}{f(r['torch_img_s'], '.1f'):>12}{f(r['torch_compile_img_s'], '.1f'):>10}"
-              f"{f(r['ratio'], '.2f'):>10}{r['compile_s']:>14.1f}{r['peak_rss_mb']:>9.0f}")
+        print(f"{r['variant']:<8}{r['resolution']:>5}{r['batch_size']:>6}{r['mode']:>6}{r['depthwise_impl']:>10}"
+              f"{r['gflops']:>8.3f}{f(r['jax_img_s'], '.1f'):>11}{f(r['torch_img_s'], '.1f'):>12}"
+              f"{f(r['torch_compile_img_s'], '.1f'):>10}{f(r['ratio'], '.2f'):>10}{r['compile_s']:>14.1f}"
+              f"{r['peak_rss_mb']:>9.0f}")
+        if r.get("plan"):
+            print(f"{'':<8}plan: {r['plan']}")
     errors = {r["torch_compile_error"] for r in rows if r["torch_compile_error"]}
     for e in sorted(errors):
         print(f"torch.compile: {e}")
@@ -411,6 +415,13 @@ def print_table(rows: list[dict]) -> None:
             print(f"{'kind':<36}{'calls':>7}{'ms/step':>10}{'share':>7}")
             for kind, n, ms in r["profile"][:PROFILE_ROWS]:
                 print(f"{kind:<36}{n:>7.0f}{ms:>10.1f}{ms / total:>7.0%}")
+
+
+def _impls(value: str) -> list[str]:
+    impls = value.split(",")
+    if bad := [i for i in impls if i not in DEPTHWISE_IMPLS]:
+        raise argparse.ArgumentTypeError(f"{bad} not among {DEPTHWISE_IMPLS}")
+    return impls
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -439,7 +450,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--depth", type=float, default=None, help="custom depth coefficient (both sides; for tests)")
     p.add_argument("--conv-impl", default=None, choices=CONV_IMPLS,
                    help="JAX: 1x1 convolutions and the stem as matrix products or XLA convolutions (create_model)")
-    p.add_argument("--depthwise-impl", default=None, choices=DEPTHWISE_IMPLS, help="JAX (create_model)")
+    p.add_argument("--depthwise-impl", default=None, type=_impls,
+                   help="JAX (create_model): one of auto, native, shift, xla, or a comma list, each timed in this "
+                        "run (a row each; torch once); an 'auto' row says which forms the planner picked ('plan')")
     p.add_argument("--devices", default="1", choices=("1", "all"),
                    help="JAX: the step's mesh over one device, or over all of --device-kind's, the batch sharded "
                         "(on a CPU, one device per core: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
@@ -479,11 +492,17 @@ def main(argv=None) -> list[dict]:
     for variant in args.variant.split(","):
         for res, bs in itertools.product(args.resolution.split(","), args.batch_size.split(",")):
             resolution = side(variant, res)
-            s = jax_setup(variant, resolution, int(bs), args)
-            for mode in modes:
-                rows.append(bench_row(variant, resolution, int(bs), mode, s, args))
-                log(json.dumps(rows[-1]))
-            del s
+            for i, impl in enumerate(args.depthwise_impl or [None]):
+                a = argparse.Namespace(**{**vars(args), "depthwise_impl": impl,
+                                          "compare": args.compare if i == 0 else "none"})
+                s = jax_setup(variant, resolution, int(bs), a)
+                for mode in modes:
+                    with autotune.recording() as plan:
+                        rows.append(bench_row(variant, resolution, int(bs), mode, s, a))
+                    rows[-1]["depthwise_impl"] = impl or "auto"
+                    rows[-1]["plan"] = dict(collections.Counter(d.form for d in plan)) or None
+                    log(json.dumps(rows[-1]))
+                del s
     log(f"jax {jax.__version__} ({len(args.jax_devices)} × {args.jax_device.platform}: {args.jax_device.device_kind}), "
         f"{platform.processor() or platform.machine()}, {cpu_threads()} usable cores")
     print_table(rows)

@@ -7,9 +7,8 @@
   (`effnet_jax.native`) that can also apply the expansion's BatchNorm and activation in front
   (`bn_act_depthwise_conv`, training), and in inference mode run the whole front of an MBConv block in one pass:
   the 1×1 expansion, its BatchNorm and activation, the convolution, its BatchNorm and activation, and SE's pooling
-  (`fused_depthwise_inference`). On CPU XLA's grouped convolution is several times slower than the shifted sum
-  (jax#13800, jax#23713), and the kernels faster still (figures in docs/performance.md), so 'auto' picks 'native'
-  there (else 'shift') and the cuDNN/TPU grouped convolution elsewhere.
+  (`fused_depthwise_inference`). Which form a unit runs is the planner's choice (`effnet_jax.kernels`: on CPU
+  measured per block on the machine, XLA's grouped convolution on GPU and TPU), not the layer's.
 * `BatchNorm`: batch statistics in float32 whatever the compute dtype, and running statistics updated
   exactly as PyTorch does (running_var from the *unbiased* batch variance), so a JAX training step equals a
   PyTorch one.
@@ -29,6 +28,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from effnet_jax import native
+from effnet_jax.kernels import planner
+from effnet_jax.kernels.planner import (CONV_IMPLS, DEPTHWISE_IMPLS, resolve_conv_impl,  # noqa: F401 (the API)
+                                        resolve_depthwise_impl)
 
 Dtype = Any
 
@@ -54,13 +56,9 @@ def activation(name: str, train: bool) -> Callable[[jax.Array], jax.Array]:
     17 ms is the memory pass; B0 224 px eval +5–12 %). Differentiated, that form measured slower than autodiff of
     `jax.nn.silu` (B0 32 and 64 px train step, one core: −11 %), so training keeps it, as do other backends.
     Figures: benchmarks/results/speed.md, 2026-12-05 20:20."""
-    if name == "silu" and not train and jax.default_backend() == "cpu":
+    if name == "silu" and planner.silu_as_tanh(train):
         return _silu_tanh
     return ACTIVATIONS[name]
-
-
-DEPTHWISE_IMPLS = ("auto", "native", "shift", "xla")
-CONV_IMPLS = ("auto", "dot", "xla")
 
 
 def conv_padding(mode: str, size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -77,34 +75,6 @@ def conv_padding(mode: str, size: int, kernel: int, stride: int) -> tuple[int, i
         total = max((out - 1) * stride + kernel - size, 0)
         return total // 2, total - total // 2
     raise ValueError(f"padding must be 'symmetric' or 'same', got {mode!r}")
-
-
-def _resolve_impl(name: str, impl: str, choices: tuple[str, ...], on_cpu: str) -> str:
-    """`impl` checked against `choices`; 'auto' is `on_cpu` on XLA's CPU backend and 'xla' elsewhere."""
-    if impl not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {impl!r}")
-    if impl == "auto":
-        return on_cpu if jax.default_backend() == "cpu" else "xla"
-    return impl
-
-
-def resolve_depthwise_impl(impl: str, dtype: Dtype = jnp.float32, inference: bool = False,
-                           output_fused: bool = False) -> str:
-    """The depthwise form to run. 'auto' on XLA's CPU backend: the C++ kernels of `effnet_jax.native` where they
-    build (float32), else the shifted sum; but in inference mode (evaluation, frozen units) the kernels only where
-    they also run what follows the convolution (`output_fused`: `DepthwiseConv(out_bn_act=...)`), since XLA fuses
-    the shifted sum with the BatchNorm and activation on either side (B0 224 px eval: the bare kernels 0.82× of
-    it). Elsewhere XLA's grouped convolution. An explicit 'native' that cannot run raises."""
-    if impl == "native":
-        native.require()
-        if jnp.dtype(dtype) != jnp.float32:
-            raise ValueError(f"depthwise_impl='native' computes in float32 only, not {jnp.dtype(dtype).name}")
-        return impl
-    impl = _resolve_impl("depthwise_impl", impl, DEPTHWISE_IMPLS, "auto-cpu")
-    if impl == "auto-cpu":
-        fits = (not inference or output_fused) and jnp.dtype(dtype) == jnp.float32
-        return "native" if fits and native.available() else "shift"
-    return impl
 
 
 def _taps(xp: jax.Array, kh: int, kw: int, stride: int, oh: int, ow: int):
@@ -151,37 +121,19 @@ def _shifted_fwd(x, kernel, stride, padding):
     # where the kernel gradient loops over the stored padded input (`_kernel_grad`), the backward pass keeps this
     # one instead of padding x again (B0 224 px train 15.7 -> 16.1 img/s); below that size the unrolled sums fuse
     # the pad, and keeping the larger padded copy measured slower (B0 32 px train 520 -> 452)
-    return out, (xp if _dk_loops(out.size) else x, kernel)
+    return out, (xp if planner.dk_loops(out.size) else x, kernel)
 
 
 def _shifted_bwd(stride, padding, residuals, g):
     x_or_xp, kernel = residuals
     (ph, ph_hi), (pw, pw_hi) = padding
     # the forward kept the padded input where the kernel gradient loops (g has the output's size)
-    xp = x_or_xp if _dk_loops(g.size) else _pad_hw(x_or_xp, padding)
+    xp = x_or_xp if planner.dk_loops(g.size) else _pad_hw(x_or_xp, padding)
     h, w = xp.shape[1] - ph - ph_hi, xp.shape[2] - pw - pw_hi
     dk = _kernel_grad(xp, g, kernel.shape[0], kernel.shape[1], stride)
     # only x's unpadded region [pad_low, pad_low + size) of the padded input's cotangent is needed
     dx = _padded_input_grad(g, kernel, stride, *xp.shape[1:3])[:, ph:ph + h, pw:pw + w]
     return dx, dk.astype(kernel.dtype)
-
-
-# windows (batch × output positions × channels) smaller than this: the kernel gradient's taps unrolled
-LOOP_MIN_ELEMENTS = 1 << 19
-
-
-def _dk_loops(window_size: int) -> bool:
-    """Whether the kernel gradient loops over the taps of the stored padded input (`_kernel_grad`); the forward
-    pass keeps that padded input for the backward exactly then."""
-    return window_size >= LOOP_MIN_ELEMENTS
-
-
-def _dk_one_pass(taps: int, stride: int, sample_size: int) -> bool:
-    """Whether the unrolled kernel gradient sums its k·k products in one variadic reduction (one pass over g and the
-    padded input, k·k accumulators) rather than k·k reductions (a pass each). Probe, one core: 2–4× faster for 5×5
-    kernels and for 3×3 stride-1 ones on small samples (16×16×144 5×5 at batch 16: 15.0 → 3.9 ms; 8×8×144 3×3 at
-    64: 4.1 → 1.9 ms); slower for 3×3 on larger samples (32×32×64: 9.3 → 19.8 ms) and with stride 2."""
-    return taps >= 25 or (stride == 1 and sample_size < 1 << 15)
 
 
 def _kernel_grad(xp: jax.Array, g: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
@@ -194,9 +146,9 @@ def _kernel_grad(xp: jax.Array, g: jax.Array, kh: int, kw: int, stride: int) -> 
     Measured: 1.4–3× faster dk from 1M elements per window up (benchmarks/results/speed.md, 2026-12-05); below
     LOOP_MIN_ELEMENTS the loop's per-iteration cost dominates and the unrolled sums stay (4× faster on 2×2 maps)."""
     n, oh, ow, c = g.shape
-    if not _dk_loops(g.size):
+    if not planner.dk_loops(g.size):
         products = [(tap * g).astype(jnp.float32) for _, _, tap in _taps(xp, kh, kw, stride, oh, ow)]
-        if _dk_one_pass(kh * kw, stride, oh * ow * c):
+        if planner.dk_one_pass(kh * kw, stride, oh * ow * c):
             zero = jnp.zeros((), jnp.float32)
             # over positions per sample, then over the batch: a batch-sharded step then reduces one (k·k, N, C) stack
             # across devices, where the variadic reduction over the batch made XLA all-gather each of its k·k sums
@@ -249,22 +201,6 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int,
     return shifted_depthwise_conv(x, kernel, stride, tuple(tuple(p) for p in padding))
 
 
-def resolve_conv_impl(impl: str) -> str:
-    return _resolve_impl("conv_impl", impl, CONV_IMPLS, "dot")
-
-
-# 'dot' computes a k×k convolution as patches × matrix only while the patches stay small (the stem's 3 input
-# channels: 27 values per pixel); wider k×k convolutions stay convolutions.
-PATCH_DOT_MAX_DEPTH = 64
-# in inference mode the C++ kernel computes an MBConv block's 1×1 expansion itself (`fused_depthwise_inference`) where
-# the block's input rows are at least this wide: it multiplies one row at a time, 6 pixels to a tile, and on
-# narrower rows XLA's GEMM over the whole batch is faster (B4–B6 at 64 px, eval: 0.8–0.9× with every block's)
-FUSED_EXPANSION_MIN_WIDTH = 12
-# in inference mode a 1×1 convolution of at most this many input channels is a fused sum of products (`conv`); at 24
-# (B0's 56 px expansions) the GEMM measured faster (probe, one core: 10.1 against 15.2 ms)
-POINTWISE_SUM_MAX_DEPTH = 16
-
-
 def _matmul_2d(x: jax.Array, w: jax.Array) -> jax.Array:
     """NHWC `x` times a (Cin, Cout) matrix, as the product of the (N·H·W, Cin) matrix: so the weight gradient is a
     plain 2-D transposed-operand product. Written on the 4-D array, its gradient's contraction over (N, H, W) made
@@ -296,35 +232,31 @@ def _tap_products(xp: jax.Array, kernel: jax.Array, stride: int, oh: int, ow: in
 
 def conv(x: jax.Array, kernel: jax.Array, stride: int, padding, impl: str, in_scale: jax.Array | None = None,
          inference: bool = False) -> jax.Array:
-    """Convolution (groups=1) of NHWC `x` with an HWIO kernel. impl 'xla': `lax.conv_general_dilated`. impl 'dot':
-    the same sums as a matrix product where XLA's CPU backend runs that faster (its dots go to the GEMM library,
-    its convolutions to Eigen's spatial convolution): a 1×1 stride-1 convolution is `x @ kernel[0, 0]`; a k×k one
-    with at most PATCH_DOT_MAX_DEPTH values per patch is the (N, OH, OW, kh·kw·Cin) patches times the kernel
-    reshaped to (kh·kw·Cin, Cout), or, with `inference` (no gradient will be taken: evaluation, a frozen unit),
-    the elementwise sum of `_tap_products`, which skips writing the patches (B0 224 px stem + BatchNorm + SiLU +
-    pad, one core: 27–28 → 17–19 ms); likewise, with `inference`, a 1×1 one with at most POINTWISE_SUM_MAX_DEPTH
-    input channels (B0's and Lite0's first expansion, 16 → 96 channels at 112 px: its 77 MB output is written once,
-    by the pass that applies BatchNorm and the activation and pads it). Other shapes fall back to 'xla'. `inference`
-    only picks the computation: the result is the same sums, and differentiable either way.
+    """Convolution (groups=1) of NHWC `x` with an HWIO kernel, in the form `kernels.conv_form` picks for `impl`
+    ('xla': `lax.conv_general_dilated`; 'dot': the same sums as a matrix product or a fused sum of products where
+    XLA's CPU backend runs that faster, its dots going to the GEMM library and its convolutions to Eigen's spatial
+    convolution). `inference` (no gradient will be taken: evaluation, a frozen unit) only picks the computation:
+    the result is the same sums, and differentiable either way.
 
     `in_scale` (N, Cin), optional: per-sample factors of x's channels (squeeze-excitation's gate); the result is the
-    convolution of x · in_scale. impl 'dot' folds them into per-sample 1×1 weights (`_scaled_matmul`) where the map
-    has at least as many positions as x has channels (the early, large blocks); elsewhere x is scaled first."""
+    convolution of x · in_scale, with the factors folded into per-sample 1×1 weights (`_scaled_matmul`) where the
+    planner says so, else applied to x first."""
     kh, kw, cin, cout = kernel.shape
-    pointwise = kh == kw == 1 and stride == 1 and not any(any(p) for p in padding)
-    if impl == "dot" and pointwise and in_scale is not None and x.shape[1] * x.shape[2] >= cin:
+    form = planner.conv_form(impl, kernel.shape, stride, padding, x.shape, in_scale is not None, inference)
+    if form == "scaled_matmul":
         return _scaled_matmul(x, in_scale, kernel[0, 0])
     if in_scale is not None:
         x = x * in_scale[:, None, None, :]
-    if impl == "dot" and pointwise and inference and cin <= POINTWISE_SUM_MAX_DEPTH:
-        return _tap_products(x, kernel, 1, x.shape[1], x.shape[2])
-    if impl == "dot" and pointwise:
+    if form == "matmul":
         return _matmul_2d(x, kernel[0, 0])
-    if impl == "dot" and kh * kw * cin <= PATCH_DOT_MAX_DEPTH:
+    if form in ("tap_products", "patches"):
         xp = _pad_hw(x, padding)
         oh = (xp.shape[1] - kh) // stride + 1
         ow = (xp.shape[2] - kw) // stride + 1
-        if inference:
+        if form == "tap_products":
+            # B0 224 px stem + BatchNorm + SiLU + pad, one core: 27–28 -> 17–19 ms against the patches; B0's first
+            # expansion at 112 px: its 77 MB output written once, by the pass that applies BatchNorm and the
+            # activation and pads it
             return _tap_products(xp, kernel, stride, oh, ow)
         patches = jnp.concatenate([tap for _, _, tap in _taps(xp, kh, kw, stride, oh, ow)], axis=-1)
         return _matmul_2d(patches, kernel.reshape(kh * kw * cin, cout))

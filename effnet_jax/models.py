@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import variants
-from .layers import (FUSED_EXPANSION_MIN_WIDTH, BatchNorm, Conv, DepthwiseConv, DropPath, SqueezeExcite,
-                     activation, conv_padding, resolve_depthwise_impl)
+from .kernels import planner
+from .layers import BatchNorm, Conv, DepthwiseConv, DropPath, SqueezeExcite, activation, conv_padding
 from .variants import BlockConfig, ModelConfig
 
 Dtype = Any
@@ -86,30 +86,33 @@ class MBConv(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool, stem=None):
-        """`stem` (inference only; `EfficientNet` decides): (the model's stem kernel, its stride, its padding, its
-        BatchNorm module): x is the image, and this block's depthwise kernel computes the stem, its BatchNorm and
-        activation in the same pass (a first block without expansion or shortcut)."""
+        """`stem` (inference only; `EfficientNet` decides, with the planner): (the model's stem kernel, its stride,
+        its padding, its BatchNorm module): x is the image, and this block's depthwise kernel computes the stem, its
+        BatchNorm and activation in the same pass (a first block without expansion or shortcut)."""
         cfg = self.cfg
         bn = lambda name: BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype, name=name)  # noqa: E731
+        form = "native" if stem is not None else planner.block_depthwise_form(self, x.shape, train)
         shortcut = x
-        dw = DepthwiseConv(cfg.kernel, cfg.stride, self.padding, self.depthwise_impl, self.dtype, name="dw_conv")
+        # expand: its BatchNorm and activation run in front of the depthwise convolution, which may also compute
+        # the expansion itself (or the stem) in the same pass, where the planner says so
         bn_act = expand = expand_conv = None
         if stem is not None:
             expand, expand_conv, bn_act = stem[0], stem[1:3], (stem[3], self.activation)
         elif cfg.expand_channels != cfg.in_channels:
             conv = Conv(cfg.expand_channels, dtype=self.dtype, impl=self.conv_impl, name="expand_conv")
-            if (not train and x.shape[2] >= FUSED_EXPANSION_MIN_WIDTH
-                    and resolve_depthwise_impl(self.depthwise_impl, self.dtype, True, True) == "native"):
-                expand = conv(x, kernel_only=True)[0, 0]  # the depthwise kernel computes the expansion too
+            if planner.fuses_expansion(form, train, x.shape[2]):
+                expand = conv(x, kernel_only=True)[0, 0]
             else:
                 x = conv(x, inference=not train)
             bn_act = (bn("expand_bn"), self.activation)
-        # the expansion's BatchNorm and activation before the depthwise convolution, its own after it and SE's
-        # pooling, which the depthwise convolution may run itself
+        # depthwise -> BN -> act, and SE's pooling
+        dw = DepthwiseConv(cfg.kernel, cfg.stride, self.padding, form, self.dtype, name="dw_conv")
         x, pooled = dw(x, inference=not train, bn_act=bn_act, out_bn_act=(bn("dw_bn"), self.activation),
                        pool=bool(cfg.se_channels), expand=expand, expand_conv=expand_conv)
+        # SE: its gate is applied by the projection
         gate = SqueezeExcite(cfg.se_channels, "silu", self.dtype, name="se")(x, pooled) \
             if cfg.se_channels else None
+        # project -> BN, and the residual
         x = Conv(cfg.out_channels, dtype=self.dtype, impl=self.conv_impl, name="project_conv")(x, gate)
         x = bn("project_bn")(x, not train)
         if cfg.residual:
@@ -173,10 +176,15 @@ class EfficientNet(nn.Module):
         stem = Conv(cfg.stem_channels, 3, cfg.stem_stride, cfg.padding, self.dtype, self.conv_impl, name="stem")
         first = cfg.blocks[0]
         # in inference mode the first block's depthwise kernel may compute the stem itself (its output never
-        # written out), where that block has no expansion and no shortcut, and no intermediates are being kept
-        if (not trains(1) and not first.fused and first.expand_channels == first.in_channels and not first.residual
-                and not self.is_mutable_collection("intermediates")
-                and resolve_depthwise_impl(self.depthwise_impl, self.dtype, True, True) == "native"):
+        # written out), where the planner picks the kernels for that block and no intermediates are being kept
+        if first.fused or trains(1) or self.is_mutable_collection("intermediates"):
+            first_form = None
+        else:
+            stem_out = (x.shape[0], *(-(-s // cfg.stem_stride) for s in x.shape[1:3]), cfg.stem_channels)
+            first_form = planner.block_depthwise_form(self._block(0, parent=None, name="blocks_0"), stem_out,
+                                                       False) if not self.is_initializing() \
+                else None
+        if first_form and planner.fuses_stem(first_form, trains(1), first, False):
             pads = tuple(conv_padding(cfg.padding, s, 3, cfg.stem_stride) for s in x.shape[1:3])
             fused_stem = (stem(x, kernel_only=True), cfg.stem_stride, pads, bn("stem_bn"))
         else:
@@ -189,9 +197,7 @@ class EfficientNet(nn.Module):
                 x = FusedMBConv(block, cfg.activation, cfg.padding, cfg.bn_momentum, cfg.bn_epsilon, self.dtype,
                                 self.conv_impl, name=f"blocks_{i}")(x, trains(i + 1))
             else:
-                x = MBConv(block, cfg.activation, cfg.padding, cfg.bn_momentum, cfg.bn_epsilon,
-                           self.depthwise_impl, self.dtype, self.conv_impl, name=f"blocks_{i}")(
-                    x, trains(i + 1), fused_stem if i == 0 else None)
+                x = self._block(i, name=f"blocks_{i}")(x, trains(i + 1), fused_stem if i == 0 else None)
             if i + 1 == len(cfg.blocks) or cfg.blocks[i + 1].stage != block.stage:
                 self.sow("intermediates", f"stage{block.stage}", x)
         x = Conv(cfg.head_channels, dtype=self.dtype, impl=self.conv_impl, name="head")(x)
@@ -203,6 +209,11 @@ class EfficientNet(nn.Module):
         x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
         x = nn.Dense(self.num_classes, kernel_init=_classifier_init, dtype=self.dtype, name="classifier")(x)
         return x.astype(jnp.float32)
+
+    def _block(self, i: int, **kw) -> MBConv:
+        cfg = self.config
+        return MBConv(cfg.blocks[i], cfg.activation, cfg.padding, cfg.bn_momentum, cfg.bn_epsilon, self.depthwise_impl,
+                      self.dtype, self.conv_impl, **kw)
 
 
 _CONFIG_OVERRIDES = ("drop_rate", "drop_path_rate", "stem_stride", "padding", "width", "depth", "resolution",

@@ -6,9 +6,14 @@ xdist's default order (most tests first) left test_resilience.py for last and on
 
 Fixtures shared by the test files are here too; plain helpers (importable) are in helpers.py."""
 
+import os
 import pathlib
 
 import pytest
+
+# The planner's fixed rule throughout the suite: measuring each unit's forms on first use would make the tests'
+# forms depend on the machine's timings and cost a compile per candidate; tests/test_planner.py turns it on.
+os.environ.setdefault("EFFNET_JAX_AUTOTUNE", "0")
 
 from helpers import CIFAR_TAR
 

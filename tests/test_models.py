@@ -12,6 +12,7 @@ import pytest
 
 import effnet_jax
 from effnet_jax import layers, variants
+from effnet_jax.kernels import planner
 from effnet_jax.models import count_flops, count_params, param_shapes, random_variables
 
 torch = pytest.importorskip("torch")
@@ -178,9 +179,9 @@ def test_stem_stride_override_for_small_inputs():
 @pytest.mark.parametrize("kernel,stride,size", [(3, 1, 9), (3, 2, 9), (5, 2, 10), (5, 1, 7), (3, 2, 8)])
 def test_depthwise_impls_agree_with_torch(padding, kernel, stride, size, dk_loop, monkeypatch):
     # 'shift' computes its kernel gradient unrolled on small windows and as a loop over the taps on large ones,
-    # where the backward pass keeps the forward's padded input (layers.LOOP_MIN_ELEMENTS): both forms, on these
-    # small shapes; unrolled, the 3×3 stride-2 cases sum tap by tap, the others in one pass (layers._dk_one_pass)
-    monkeypatch.setattr(layers, "LOOP_MIN_ELEMENTS", 0 if dk_loop else 1 << 62)
+    # where the backward pass keeps the forward's padded input (planner.LOOP_MIN_ELEMENTS): both forms, on these
+    # small shapes; unrolled, the 3×3 stride-2 cases sum tap by tap, the others in one pass (planner.dk_one_pass)
+    monkeypatch.setattr(planner, "LOOP_MIN_ELEMENTS", 0 if dk_loop else 1 << 62)
     rng = np.random.RandomState(kernel * 10 + stride + size)
     x = rng.randn(2, size, size + 1, 6).astype(np.float32)
     w = rng.randn(kernel, kernel, 1, 6).astype(np.float32)

@@ -1,0 +1,176 @@
+"""Every choice of computational form, in one place: which depthwise form (C++ kernels, shifted sum, XLA's grouped
+convolution) and which convolution form (matrix product, patches, tap products, XLA's convolution) a unit runs,
+from (unit, mode, backend, dtype, machine). The blocks in `models` and `layers` ask; they never decide.
+
+* Off XLA's CPU backend (GPU, TPU) 'auto' is XLA's own forms (cuDNN / the TPU convolution).
+* On CPU an MBConv block's depthwise form is measured on the machine (`autotune`): each candidate times the whole
+  block (expansion, BatchNorms, activations, SE, projection: what XLA fuses around the convolution) in the
+  block's mode and shape, the fastest is kept and cached beside the kernels. `EFFNET_JAX_AUTOTUNE=0`, or a unit
+  traced while the model initializes, uses the fixed rule (`fixed_depthwise_form`).
+* The thresholds below are fixed rules measured once (figures: benchmarks/results/speed.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from effnet_jax import native
+from effnet_jax.kernels import autotune
+
+Dtype = Any
+
+DEPTHWISE_IMPLS = ("auto", "native", "shift", "xla")
+CONV_IMPLS = ("auto", "dot", "xla")
+
+# 'dot' computes a k×k convolution as patches × matrix only while the patches stay small (the stem's 3 input
+# channels: 27 values per pixel); wider k×k convolutions stay convolutions.
+PATCH_DOT_MAX_DEPTH = 64
+# in inference mode the C++ kernel computes an MBConv block's 1×1 expansion itself (`fused_depthwise_inference`)
+# where the block's input rows are at least this wide: it multiplies one row at a time, a few pixels to a tile, and
+# on narrower rows XLA's GEMM over the whole batch is faster (B4–B6 at 64 px, eval: 0.8–0.9× with every block's)
+FUSED_EXPANSION_MIN_WIDTH = 12
+# in inference mode a 1×1 convolution of at most this many input channels is a fused sum of products (`conv`); at 24
+# (B0's 56 px expansions) the GEMM measured faster (probe, one core: 10.1 against 15.2 ms)
+POINTWISE_SUM_MAX_DEPTH = 16
+# the shifted sum's kernel gradient: windows (batch × output positions × channels) of at least this many elements
+# loop over the taps of the stored padded input (`layers._kernel_grad`); smaller ones are unrolled
+LOOP_MIN_ELEMENTS = 1 << 19
+
+
+def _checked(name: str, impl: str, choices: tuple[str, ...]) -> str:
+    if impl not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {impl!r}")
+    return impl
+
+
+def on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def resolve_depthwise_impl(impl: str, dtype: Dtype = jnp.float32, inference: bool = False,
+                           output_fused: bool = False) -> str:
+    """The depthwise form of a bare `DepthwiseConv` (no planner measurement: a unit that is not a whole block).
+    'auto' on XLA's CPU backend: the C++ kernels where they build (float32), but in inference mode only where they
+    also run what follows the convolution (`output_fused`), since XLA fuses the shifted sum with the BatchNorm and
+    activation on either side (B0 224 px eval: the bare kernels 0.82× of it); else the shifted sum. Elsewhere
+    XLA's grouped convolution. An explicit 'native' that cannot run raises."""
+    _checked("depthwise_impl", impl, DEPTHWISE_IMPLS)
+    if impl == "native":
+        native.require()
+        if jnp.dtype(dtype) != jnp.float32:
+            raise ValueError(f"depthwise_impl='native' computes in float32 only, not {jnp.dtype(dtype).name}")
+        return impl
+    if impl != "auto":
+        return impl
+    if not on_cpu():
+        return "xla"
+    fits = (not inference or output_fused) and jnp.dtype(dtype) == jnp.float32
+    return "native" if fits and native.available() else "shift"
+
+
+def depthwise_candidates(dtype: Dtype) -> tuple[str, ...]:
+    """The depthwise forms a block can run on CPU here: the kernels where they build (float32), the shifted sum,
+    XLA's grouped convolution."""
+    kernels = ("native",) if jnp.dtype(dtype) == jnp.float32 and native.available() else ()
+    return (*kernels, "shift", "xla")
+
+
+def fixed_depthwise_form(dtype: Dtype) -> str:
+    """The CPU form without measuring (`EFFNET_JAX_AUTOTUNE=0`, initialization): the C++ kernels where they build,
+    else the shifted sum."""
+    return depthwise_candidates(dtype)[0]
+
+
+def block_depthwise_form(block, x_shape: tuple[int, ...], train: bool) -> str:
+    """The depthwise form of MBConv `block` (an unbound or bound `models.MBConv`) on input of `x_shape`, in training
+    (`train`) or inference mode: its explicit `depthwise_impl`, XLA's off CPU, else the fastest form measured on this
+    machine for this block's configuration, shape, mode and dtype (`autotune.choose`, cached), or the fixed rule."""
+    impl = block.depthwise_impl
+    if impl != "auto":
+        return resolve_depthwise_impl(impl, block.dtype)
+    if not on_cpu():
+        return "xla"
+    candidates = depthwise_candidates(block.dtype)
+    fixed = candidates[0]
+    if block.scope is not None and block.is_initializing():
+        return fixed  # the form does not change the parameters; nothing worth measuring at init's dummy shape
+    unit = autotune.Unit("mbconv", _block_signature(block), tuple(x_shape), "train" if train else "inference",
+                         jnp.dtype(block.dtype).name)
+    return autotune.choose(unit, candidates, fixed, lambda form: autotune.time_module(
+        block.clone(parent=None, depthwise_impl=form, name=None), x_shape, train), name=block.name)
+
+
+def _block_signature(block) -> str:
+    c = block.cfg
+    return (f"k{c.kernel} s{c.stride} {c.in_channels}>{c.expand_channels}>{c.out_channels} se{c.se_channels} "
+            f"res{int(c.residual)} dp{c.drop_path_rate > 0:d} {block.activation} {block.padding}")
+
+
+def fuses_expansion(form: str, train: bool, width: int) -> bool:
+    """Whether the depthwise kernel computes the block's 1×1 expansion too (inference, the kernels, rows wide
+    enough for its tiles)."""
+    return form == "native" and not train and width >= FUSED_EXPANSION_MIN_WIDTH
+
+
+def fuses_stem(block_form: str, trains: bool, first_block, keeping_intermediates: bool) -> bool:
+    """Whether the first block's depthwise kernel computes the stem too (its output never written out): in
+    inference, with the kernels, a first block without expansion or shortcut, no intermediates kept."""
+    return (block_form == "native" and not trains and not first_block.fused and not first_block.residual
+            and first_block.expand_channels == first_block.in_channels and not keeping_intermediates)
+
+
+def resolve_conv_impl(impl: str) -> str:
+    """'auto': 'dot' (`conv_form`'s matrix forms) on XLA's CPU backend, whose dots go to its GEMM library and
+    convolutions to Eigen's slower spatial convolution; 'xla' elsewhere."""
+    _checked("conv_impl", impl, CONV_IMPLS)
+    if impl == "auto":
+        return "dot" if on_cpu() else "xla"
+    return impl
+
+
+def conv_form(impl: str, kernel_shape: tuple[int, ...], stride: int, padding, x_shape: tuple[int, ...],
+              scaled: bool, inference: bool) -> str:
+    """How `layers.conv` computes a convolution (groups=1) under `impl` ('dot' or 'xla'):
+
+    * 'scaled_matmul': a 1×1 one of x · per-sample channel factors (`scaled`: SE's gate) as one product per sample
+      with scaled weights, where the map has at least as many positions as x has channels (the early blocks);
+    * 'tap_products': a 1×1 one in inference of at most POINTWISE_SUM_MAX_DEPTH input channels, or a k×k one of at
+      most PATCH_DOT_MAX_DEPTH values per patch in inference: one fused elementwise sum, its output written once;
+    * 'matmul': other 1×1 stride-1 ones, `x @ kernel[0, 0]`;
+    * 'patches': k×k ones with small patches, in training: patches × the reshaped kernel;
+    * 'xla': `lax.conv_general_dilated` (other shapes, and impl 'xla')."""
+    kh, kw, cin, _ = kernel_shape
+    if impl != "dot":
+        return "xla"
+    pointwise = kh == kw == 1 and stride == 1 and not any(any(p) for p in padding)
+    if pointwise and scaled and x_shape[1] * x_shape[2] >= cin:
+        return "scaled_matmul"
+    if pointwise:
+        return "tap_products" if inference and cin <= POINTWISE_SUM_MAX_DEPTH else "matmul"
+    if kh * kw * cin <= PATCH_DOT_MAX_DEPTH:
+        return "tap_products" if inference else "patches"
+    return "xla"
+
+
+def silu_as_tanh(train: bool) -> bool:
+    """Whether SiLU is computed as x/2 · (1 + tanh(x/2)) (`layers.activation`): in inference mode on XLA's CPU backend,
+    where the logistic is an exponential and a division and tanh a rational polynomial (B0 224 px eval +5–12 %);
+    differentiated, that form measured slower than autodiff of `jax.nn.silu` (B0 train step −11 %)."""
+    return not train and on_cpu()
+
+
+def dk_loops(window_size: int) -> bool:
+    """Whether the shifted sum's kernel gradient loops over the taps of the stored padded input
+    (`layers._kernel_grad`); its forward pass keeps that padded input for the backward exactly then."""
+    return window_size >= LOOP_MIN_ELEMENTS
+
+
+def dk_one_pass(taps: int, stride: int, sample_size: int) -> bool:
+    """Whether the unrolled kernel gradient sums its k·k products in one variadic reduction (one pass over g and the
+    padded input, k·k accumulators) rather than k·k reductions (a pass each). Probe, one core: 2–4× faster for 5×5
+    kernels and for 3×3 stride-1 ones on small samples (16×16×144 5×5 at batch 16: 15.0 → 3.9 ms; 8×8×144 3×3 at
+    64: 4.1 → 1.9 ms); slower for 3×3 on larger samples (32×32×64: 9.3 → 19.8 ms) and with stride 2."""
+    return taps >= 25 or (stride == 1 and sample_size < 1 << 15)

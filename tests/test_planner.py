@@ -1,0 +1,150 @@
+"""The planner (`effnet_jax.kernels`): it keeps the fastest measured form, caches the plan per machine and kernel
+source, measures again when the plan file is damaged or foreign, and its switches work. The suite runs with
+`EFFNET_JAX_AUTOTUNE=0` (conftest.py); these tests turn measuring on where they need it."""
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import effnet_jax
+from effnet_jax import native
+from effnet_jax.kernels import autotune, planner
+from effnet_jax.kernels.__main__ import main as plan_main
+
+UNIT = autotune.Unit("mbconv", "k3 s1 16>96>24 test", (2, 8, 8, 16), "train", "float32")
+FORMS = ("native", "shift", "xla")
+
+
+@pytest.fixture
+def tuning(tmp_path, monkeypatch):
+    """Measuring on, into a cache of the test's own, with an empty in-process memo."""
+    monkeypatch.setenv("EFFNET_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv(autotune.OPT_OUT, "1")
+    monkeypatch.setattr(autotune, "_memo", {})
+    monkeypatch.setattr(autotune, "_announced", False)
+    return tmp_path
+
+
+def fake_build(seconds: dict[str, float], calls: list[str]):
+    """Candidates that take `seconds[form]` per call; `calls` lists each form built."""
+    def build(form):
+        calls.append(form)
+        return lambda: time.sleep(seconds[form])
+    return build
+
+
+def test_keeps_the_fastest_of_a_table_of_timings_and_caches_it(tuning):
+    calls = []
+    build = fake_build({"native": 0.03, "shift": 0.01, "xla": 0.06}, calls)
+    assert autotune.choose(UNIT, FORMS, "native", build) == "shift"
+    assert sorted(calls) == sorted(FORMS)
+    entry = json.loads(autotune.plan_path().read_text())["units"][UNIT.key]
+    assert entry["form"] == "shift"
+    assert entry["ms"]["shift"] < entry["ms"]["native"] < entry["ms"]["xla"]
+    assert 9 <= entry["ms"]["shift"] <= 30  # 10 ms each: the timings are real
+    # a new process (empty memo) reads the plan file and measures nothing
+    autotune._memo.clear()
+    with autotune.recording() as decisions:
+        assert autotune.choose(UNIT, FORMS, "native", fake_build({}, calls)) == "shift"
+    assert len(calls) == 3 and decisions[0].source == "cached"
+
+
+def test_picks_by_timing_whatever_the_order(tuning, monkeypatch):
+    table = {"native": 5.0, "shift": 7.5, "xla": 1.25}
+    monkeypatch.setattr(autotune, "_time_candidates", lambda candidates, build: {f: table[f] for f in candidates})
+    assert autotune.choose(UNIT, FORMS, "native", None) == "xla"
+    assert autotune.choose(autotune.Unit("mbconv", "other", (1,), "inference", "float32"), ("native", "shift"),
+                           "shift", None) == "native"
+
+
+def test_a_form_that_fails_is_not_chosen(tuning):
+    def build(form):
+        if form == "native":
+            raise RuntimeError("no compiler")
+        return lambda: time.sleep(0.002)
+    assert autotune.choose(UNIT, FORMS, "native", build) in ("shift", "xla")
+
+
+def test_the_cache_key_changes_with_the_kernel_source(tuning, monkeypatch):
+    before = autotune.plan_path()
+    calls = []
+    autotune.choose(UNIT, FORMS, "native", fake_build(dict.fromkeys(FORMS, 0.001), calls))
+    monkeypatch.setattr(autotune, "kernel_source_hash", lambda: "0123456789abcdef")
+    assert autotune.plan_path() != before
+    autotune.choose(UNIT, FORMS, "native", fake_build(dict.fromkeys(FORMS, 0.001), calls))
+    assert len(calls) == 6  # measured again for the new source
+    # the real hash follows the packaged source
+    monkeypatch.undo()
+    assert autotune.machine()["kernels"] == autotune.kernel_source_hash() != "0123456789abcdef"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "garbage"])
+def test_a_damaged_or_foreign_plan_file_is_measured_again(tuning, damage, caplog):
+    calls = []
+    autotune.choose(UNIT, FORMS, "native", fake_build({"native": 0.001, "shift": 0.004, "xla": 0.004}, calls))
+    path = autotune.plan_path()
+    text = path.read_text()
+    data = json.loads(text)
+    if damage == "truncated":
+        path.write_text(text[: len(text) // 2])
+    elif damage == "foreign":
+        data["machine"]["cpu_id"] = "another"
+        data["units"][UNIT.key]["form"] = "xla"  # a plan made elsewhere is not trusted
+        path.write_text(json.dumps(data))
+    else:
+        path.write_bytes(b"\x00\xff" * 10)
+    autotune._memo.clear()
+    assert autotune.choose(UNIT, FORMS, "native", fake_build({"native": 0.001, "shift": 0.004, "xla": 0.004},
+                                                             calls)) == "native"
+    assert len(calls) == 6
+    assert "measuring again" in caplog.text
+    assert json.loads(path.read_text())["units"][UNIT.key]["form"] == "native"  # rewritten whole
+
+
+def test_autotune_off_keeps_the_fixed_rule(tuning, monkeypatch):
+    monkeypatch.setenv(autotune.OPT_OUT, "0")
+    assert autotune.choose(UNIT, FORMS, "native", lambda form: pytest.fail("measured")) == "native"
+    assert not autotune.plan_path().exists()
+
+
+def test_native_off_leaves_the_kernels_out_of_the_candidates(monkeypatch):
+    monkeypatch.setenv(native.OPT_OUT, "0")
+    assert planner.depthwise_candidates(jnp.float32) == ("shift", "xla")
+    assert planner.fixed_depthwise_form(jnp.float32) == "shift"
+    assert planner.depthwise_candidates(jnp.bfloat16) == ("shift", "xla")
+
+
+def test_a_model_measured_on_first_use_then_planned_from_the_cache(tuning, capfd):
+    """End to end on B0 at 32 px, eval: the first trace measures (one line on stderr) and writes the plan, whose
+    forms give the same logits as the fixed rule's; a second trace measures nothing."""
+    model = effnet_jax.create_model("b0", num_classes=10, stem_stride=1)
+    variables = effnet_jax.models.random_variables(model, 32)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3), np.float32))
+    with autotune.recording() as first:
+        tuned = jax.jit(lambda v, x: model.apply(v, x))(variables, x)
+    err = capfd.readouterr().err
+    assert err.count("effnet_jax: measuring") == 1 and str(autotune.plan_path()) in err
+    assert {d.source for d in first} == {"measured", "cached"} and all(d.ms for d in first)
+    assert all(d.form == min(d.ms, key=d.ms.get) for d in first)
+    with autotune.recording() as second:
+        jax.jit(lambda v, x: model.apply(v, x) * 1.0)(variables, x)
+    assert [d.form for d in second] == [d.form for d in first] and {d.source for d in second} == {"cached"}
+    fixed = effnet_jax.create_model("b0", num_classes=10, stem_stride=1, depthwise_impl="shift")
+    np.testing.assert_allclose(np.asarray(tuned), np.asarray(jax.jit(fixed.apply)(variables, x)), atol=1e-4)
+
+
+def test_plan_command_prints_each_units_form_and_timings(tuning, capsys):
+    """`python -m effnet_jax.kernels plan` in train mode with frozen units: both modes measured."""
+    assert plan_main(["plan", "--variant", "lite0", "--resolution", "32", "--batch", "2", "--mode", "train",
+                      "--freeze", "2", "--stem-stride", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU:" in out and str(autotune.plan_path()) in out
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith("blocks_")]
+    assert len(rows) == len(effnet_jax.create_model("lite0").config.blocks)
+    assert {r[2] for r in rows} == {"train", "inference"}
+    assert all(r[3] in FORMS for r in rows)
+    assert "shift ms" in out and "xla ms" in out
