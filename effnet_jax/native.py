@@ -13,11 +13,17 @@ convolution's output once (figures: docs/performance.md). `layers` uses it for `
 `forward` and `backward`) and `layers.fused_depthwise_inference` (on `inference`).
 
 It is compiled on first use, not at install: with the system's C++ compiler (`$CXX`, else c++, g++ or clang++)
-against the XLA FFI headers that jaxlib ships (`jax.ffi.include_dir()`), for this machine's CPU (`-march=native`),
-into a cache keyed by the source, jax's version, the compiler and the CPU (`kernels/` in the project's cache:
-`$EFFNET_JAX_CACHE`, else `$XDG_CACHE_HOME/effnet_jax`, else ~/.cache/effnet_jax), in about 7 s. Without a
-compiler, 'auto' falls back to the shifted sum with one warning naming what failed; `EFFNET_JAX_NATIVE=0` turns
-the kernels off.
+against the XLA FFI headers that jaxlib ships (`jax.ffi.include_dir()`), for this machine's CPU (`-march=native`;
+`$EFFNET_JAX_NATIVE_MARCH` names another target, e.g. x86-64-v3 to build an AVX2 machine's form on an AVX-512
+one, x86-64 for the generic SSE2 one), into a cache keyed by the source, jax's version, the compiler, the CPU and
+that target (`kernels/` in the project's cache: `$EFFNET_JAX_CACHE`, else `$XDG_CACHE_HOME/effnet_jax`, else
+~/.cache/effnet_jax), in about 7 s. Without a compiler, 'auto' falls back to the shifted sum with one warning
+naming what failed; `EFFNET_JAX_NATIVE=0` turns the kernels off.
+
+The kernels compute in vectors as wide as the target's registers (16 floats with AVX-512, 8 with AVX2, 4 with SSE2
+or NEON), and the expansion's register tile (pixels × vectors of channels) is sized to the target's register count:
+a form meant for wider or more registers spills its sums to memory and loses to the shifted sum. `form()` says
+which form the loaded library was compiled in.
 
 The operations are JAX functions of NHWC float32 arrays: jit-able, differentiable in reverse mode (custom VJPs),
 vmap-able (one call per mapped element), and partitioned over the batch when it is sharded over several devices
@@ -50,6 +56,7 @@ from effnet_jax.data.cache import CACHE_ENV_VAR as CACHE_ENV, cache_root
 log = logging.getLogger(__name__)
 
 OPT_OUT = "EFFNET_JAX_NATIVE"
+MARCH_ENV = "EFFNET_JAX_NATIVE_MARCH"  # the compiler's -march (default 'native')
 FORWARD = "effnet_jax_depthwise_forward"
 BACKWARD = "effnet_jax_depthwise_backward"
 INFERENCE = "effnet_jax_depthwise_inference"
@@ -81,6 +88,12 @@ def _cpu_id() -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
+def _march() -> str:
+    """The target the kernels are compiled for, as the compiler's -march: `$EFFNET_JAX_NATIVE_MARCH`, else 'native'
+    (this machine's CPU)."""
+    return os.environ.get(MARCH_ENV, "").strip() or "native"
+
+
 def _flags(include: str) -> list[str]:
     return ["-O3", "-std=c++17", "-shared", "-fPIC", "-I", include]
 
@@ -97,8 +110,9 @@ def build(force: bool = False) -> Path:
     except OSError as e:
         raise NativeUnavailable(f"effnet_jax/csrc/depthwise.cc is missing from the installation ({e})") from None
     include = jax.ffi.include_dir()
+    target = _march()
     key = hashlib.sha256(b"\0".join([source, jax.__version__.encode(), cxx.encode(), _cpu_id().encode(),
-                                     " ".join(_flags("")).encode()])).hexdigest()[:20]
+                                     " ".join(_flags("")).encode(), f"-march={target}".encode()])).hexdigest()[:20]
     out = cache_dir() / f"depthwise-{key}.so"
     if out.exists() and not force:
         return out
@@ -107,17 +121,18 @@ def build(force: bool = False) -> Path:
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             src = Path(tmp) / "depthwise.cc"
             src.write_bytes(source)
-            _compile(cxx, include, src, Path(tmp) / out.name)
+            _compile(cxx, include, src, Path(tmp) / out.name, target)
             os.replace(Path(tmp) / out.name, out)  # atomic: concurrent builds (test workers, processes) land whole
     except OSError as e:
         raise NativeUnavailable(f"cannot write the kernel cache {out.parent} ({e}); set ${CACHE_ENV}") from None
     return out
 
 
-def _compile(cxx: str, include: str, src: Path, lib: Path) -> None:
+def _compile(cxx: str, include: str, src: Path, lib: Path, target: str) -> None:
     error = ""
-    # -march=native where the compiler knows it (GCC, Clang on x86 and recent Arm), else its default target
-    for arch in (["-march=native"], []):
+    # -march=native where the compiler knows it (GCC, Clang on x86 and recent Arm), else its default target; a
+    # target named in $EFFNET_JAX_NATIVE_MARCH, or the error
+    for arch in ([f"-march={target}"], []) if target == "native" else ([f"-march={target}"],):
         try:
             done = subprocess.run([cxx, *arch, *_flags(include), str(src), "-o", str(lib)], capture_output=True,
                                   text=True, timeout=COMPILE_TIMEOUT_S)
@@ -127,16 +142,30 @@ def _compile(cxx: str, include: str, src: Path, lib: Path) -> None:
             return
         lines = done.stderr.strip().splitlines()
         error = next((ln for ln in lines if "error" in ln), lines[-1] if lines else f"exit {done.returncode}")
-    raise NativeUnavailable(f"{cxx} could not compile effnet_jax/csrc/depthwise.cc: {error.strip()}")
+    asked = "" if target == "native" else f" for -march={target} (${MARCH_ENV})"
+    raise NativeUnavailable(f"{cxx} could not compile effnet_jax/csrc/depthwise.cc{asked}: {error.strip()}")
 
 
 @functools.cache
-def _load() -> None:
-    """Build (or find in the cache), load and register the kernels, once per process."""
+def _load() -> tuple[ctypes.CDLL, str]:
+    """Build (or find in the cache), load and register the kernels, once per process: (the library, its -march)."""
+    target = _march()
     lib = ctypes.cdll.LoadLibrary(str(build()))
     for name, symbol in ((FORWARD, lib.EffnetDepthwiseForward), (BACKWARD, lib.EffnetDepthwiseBackward),
                          (INFERENCE, lib.EffnetDepthwiseInference)):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
+    return lib, target
+
+
+def form() -> dict:
+    """The form of the loaded kernels (built and loaded first): {'march': the -march they were built for ('native'
+    unless `$EFFNET_JAX_NATIVE_MARCH` says otherwise), 'lanes': floats per vector, 'tile': the expansion's register
+    tile as (pixels, vectors)}, as the library reports them. (Where the compiler refuses -march=native, 'native' is
+    its default target: 'lanes' says what that is.)"""
+    lib, target = _load()
+    values = (ctypes.c_int * 3)()
+    lib.EffnetKernelForm(values)
+    return {"march": target, "lanes": values[0], "tile": (values[1], values[2])}
 
 
 @functools.cache

@@ -3,6 +3,7 @@ found, refused and partitioned."""
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -293,3 +294,78 @@ def test_vmap_maps_one_call_per_element():
         lambda a, impl=impl: jnp.sum(jnp.sin(layers.depthwise_conv(a, k, 2, pads, impl))))))(x)
         for impl in ("native", "shift")}
     np.testing.assert_allclose(grads["native"], grads["shift"], atol=1e-5)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {w for ln in f if ln.startswith(("flags", "Features")) for w in ln.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+_GENERIC = {"x86_64": "x86-64", "aarch64": "armv8-a", "arm64": "armv8-a"}.get(platform.machine())
+# (march, the lanes its form computes in, the CPU flags it needs)
+FORMS = [("x86-64-v4", 16, {"avx512f"}), ("x86-64-v3", 8, {"avx2", "fma"}), (_GENERIC, 4, set())]
+
+# In each form: forward and backward of the fused BatchNorm + activation + depthwise convolution (channels 24, 40,
+# 21: whole vectors, narrower blocks, single channels), and the inference pass with the 1×1 expansion (widths 13 to
+# 18: the expansion's pixel tiles and their remainders; channels 20 to 120: its tile groups, the 64-wide ones of the
+# 16-lane form included, the tile of the blocks left, the narrower ones) and its pooled sums, against the shifted
+# sum and XLA's operations.
+FORM_CHECK = """
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from effnet_jax import layers, native
+    print(json.dumps(native.form()))
+    rng = np.random.RandomState(0)
+    acts = {"silu": jax.nn.silu, "relu6": jax.nn.relu6}
+    close = lambda a, b, atol, msg: np.testing.assert_allclose(a, b, atol=atol, rtol=1e-5, err_msg=msg)
+
+    def with_grads(f, *args):
+        y, vjp = jax.vjp(f, *args)
+        return (y, *vjp(jnp.cos(y)))
+
+    # jitted: op by op, the shapes' many small compilations would take longer than the checks
+    with_grads = jax.jit(with_grads, static_argnums=0)
+    inference = jax.jit(layers.fused_depthwise_inference, static_argnums=(5, 6, 7, 8, 9))
+    reference = jax.jit(layers._depthwise_inference_reference, static_argnums=(5, 6, 7, 8, 9, 10))
+
+    for k, s, size, c, act in [(3, 1, 12, 24, "silu"), (5, 2, 13, 40, "relu6"), (3, 2, 14, 21, "silu")]:
+        z = (rng.randn(2, size, size, c) * 2 + 0.5).astype(np.float32)
+        gamma, beta = (1 + 0.3 * rng.randn(c)).astype(np.float32), (0.5 * rng.randn(c)).astype(np.float32)
+        w = rng.randn(k, k, 1, c).astype(np.float32)
+        pads = tuple(layers.conv_padding("same", size, k, s) for _ in range(2))
+        got = with_grads(lambda *a: layers.bn_act_depthwise_conv(*a, 1e-3, act, s, pads)[0], z, gamma, beta, w)
+        want = with_grads(lambda z, g, b, w: layers.shifted_depthwise_conv(
+            acts[act](layers.batch_norm_train(z, g, b, 1e-3)[0]), w, s, pads), z, gamma, beta, w)
+        for what, g, ref in zip(("y", "dz", "dscale", "dbias", "dkernel"), got, want):
+            close(g, ref, 1e-5 if what == "y" else 1e-4, f"train {what}, {k}x{k} /{s}, {size} px, {c} channels")
+    for k, s, size, c, cin, act in [(3, 1, 12, 24, 8, "silu"), (5, 2, 16, 40, 16, "relu6"), (3, 1, 17, 20, 6, "silu"),
+                                   (3, 2, 14, 72, 24, "silu"), (5, 1, 15, 120, 40, "relu6")]:
+        x = (rng.randn(2, size, size + 1, cin) * 2 + 0.5).astype(np.float32)
+        e = (rng.randn(cin, c) / np.sqrt(cin)).astype(np.float32)
+        bn = lambda: ((rng.randn(c) * 0.5).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32),
+                      (0.5 * rng.randn(c)).astype(np.float32))  # folded: (mean, multiplier, bias)
+        w, bn_in, bn_out = rng.randn(k, k, 1, c).astype(np.float32), bn(), bn()
+        pads = tuple(layers.conv_padding("same", n, k, s) for n in x.shape[1:3])
+        args = (x, e, bn_in, w, bn_out, act, act, s, pads, True)
+        got, want = inference(*args), reference(*args, None)
+        where = f"{k}x{k} /{s}, {size} px, {cin} -> {c} channels"
+        close(got[0], want[0], 2e-5, f"inference y, {where}")
+        close(got[1], want[1], 1e-5, f"inference pooled, {where}")
+"""
+
+
+@pytest.mark.parametrize("march,lanes,needs", [
+    pytest.param(m, lanes, needs, id=f"{m}", marks=pytest.mark.skipif(
+        m is None or not needs <= _cpu_flags(), reason=f"this CPU cannot run the {lanes}-lane form ({m})"))
+    for m, lanes, needs in FORMS])
+def test_every_form_this_cpu_runs_equals_the_shifted_sum(tmp_path, march, lanes, needs):
+    """Each form of the kernels ($EFFNET_JAX_NATIVE_MARCH: AVX-512's 16 lanes, AVX2's 8, the generic 4) reports its
+    lanes through `native.form()` and computes the numbers of the shifted sum: training's forward and backward, and
+    the inference pass with the expansion."""
+    r = _python(FORM_CHECK, EFFNET_JAX_NATIVE_MARCH=march, EFFNET_JAX_CACHE=str(tmp_path / "cache"))
+    assert r.returncode == 0, r.stdout[:200] + r.stderr[-4000:]
+    form = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith('{"march"')))
+    assert form["march"] == march and form["lanes"] == lanes, form

@@ -70,8 +70,44 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, const Body& body) {
   state->cv.wait(lock, [&] { return state->done.load() == tasks; });
 }
 
-// W channels of float32 in one register (GCC/Clang vector extension): 16 is one AVX-512 vector, 8 one AVX
-// vector; W = 1 is a plain float, for channel counts that are not multiples of 8.
+// The build target's form: kLanes channels of float32 per vector register (16: AVX-512, 8: AVX2 with FMA, 4: SSE2,
+// NEON and the rest), and the expansion's register tile, kPix pixels times kBlk vectors of channels (ExpandTile),
+// sized to the target's vector registers: a tile whose sums do not fit in them spills to memory (a vector wider
+// than the target's registers is split in several, each counting). -DEFFNET_LANES, -DEFFNET_TILE_PIX and
+// -DEFFNET_TILE_VECS override them.
+#if defined(__AVX512F__)
+#define EFFNET_DEFAULT_LANES 16
+#define EFFNET_DEFAULT_PIX 6
+#define EFFNET_DEFAULT_VECS 4  // 24 sums, 4 weights, 1 broadcast of 32 registers
+#elif (defined(__AVX2__) || defined(__AVX__)) && defined(__FMA__)
+#define EFFNET_DEFAULT_LANES 8
+#define EFFNET_DEFAULT_PIX 4
+#define EFFNET_DEFAULT_VECS 3  // 12 sums, 3 weights, 1 broadcast: the 16 registers (as fast as 6 x 2, 3 x 4 or faster)
+#elif defined(__aarch64__)
+#define EFFNET_DEFAULT_LANES 4
+#define EFFNET_DEFAULT_PIX 6
+#define EFFNET_DEFAULT_VECS 4  // of 32 registers
+#else
+#define EFFNET_DEFAULT_LANES 4
+#define EFFNET_DEFAULT_PIX 6
+#define EFFNET_DEFAULT_VECS 2  // of 16 registers (x86's SSE: no FMA, a product's temporary too)
+#endif
+#ifndef EFFNET_LANES
+#define EFFNET_LANES EFFNET_DEFAULT_LANES
+#endif
+#ifndef EFFNET_TILE_PIX
+#define EFFNET_TILE_PIX EFFNET_DEFAULT_PIX
+#endif
+#ifndef EFFNET_TILE_VECS
+#define EFFNET_TILE_VECS EFFNET_DEFAULT_VECS
+#endif
+constexpr int kLanes = EFFNET_LANES;
+constexpr int64_t kPix = EFFNET_TILE_PIX, kBlk = EFFNET_TILE_VECS;
+static_assert(kLanes >= 4 && (kLanes & (kLanes - 1)) == 0, "EFFNET_LANES: a power of two, at least 4");
+static_assert(kPix >= 1 && kBlk >= 1, "EFFNET_TILE_PIX, EFFNET_TILE_VECS: at least 1");
+
+// W channels of float32 in one register (GCC/Clang vector extension): W = kLanes, or narrower for the channels
+// left after the kLanes-wide blocks; W = 1 is a plain float, for the last few channels.
 template <int W>
 struct Lanes {
   typedef float V __attribute__((vector_size(W * sizeof(float))));
@@ -123,13 +159,26 @@ struct Lanes<1> {
   static V Exp(V x) { return std::exp(x); }
 };
 
-// block(Lanes<W>, c0) for consecutive channel blocks covering [0, c): 16 wide, then 8, then one at a time.
+// The widths below W that the channels left after W-wide blocks take: W / 2, ..., down to 4, then 1.
+constexpr int Narrower(int w) { return w > 4 ? w / 2 : 1; }
+
+// block(Lanes<W>, c0) for the channel blocks of [c0, c) from W wide on: W-wide ones, then one block of each
+// narrower width that fits, then one channel at a time.
+template <int W, typename Block>
+inline void ChannelBlocksFrom(int64_t c0, int64_t c, const Block& block) {
+  if constexpr (W == 1) {
+    for (; c0 < c; ++c0) block(Lanes<1>(), c0);
+  } else {
+    for (; c0 + W <= c; c0 += W) block(Lanes<W>(), c0);
+    ChannelBlocksFrom<Narrower(W)>(c0, c, block);
+  }
+}
+
+// block(Lanes<W>, c0) for consecutive channel blocks covering [0, c): kLanes wide, then narrower, then one at a
+// time.
 template <typename Block>
 inline void ForEachChannelBlock(int64_t c, const Block& block) {
-  int64_t c0 = 0;
-  for (; c0 + 16 <= c; c0 += 16) block(Lanes<16>(), c0);
-  for (; c0 + 8 <= c; c0 += 8) block(Lanes<8>(), c0);
-  for (; c0 < c; ++c0) block(Lanes<1>(), c0);
+  ChannelBlocksFrom<kLanes>(0, c, block);
 }
 
 enum Act : int64_t { kNone = 0, kSilu = 1, kRelu6 = 2 };
@@ -164,11 +213,9 @@ struct Problem {
 };
 
 // act(x @ w + b) for the `pixels` pixels of one row: x (pixels, cin), w (cin, c), out (pixels, c). A tile of kPix
-// pixels times kBlk blocks of channels keeps its sums in registers; each weight vector is loaded once per tile,
-// each input value broadcast once per block group.
-constexpr int64_t kPix = 6, kBlk = 4;
-
-// (w: the weights of channels c0.. at row i of the input channels at w + i * ws)
+// pixels times kBlk blocks of kLanes channels keeps its sums in registers; each weight vector is loaded once per
+// tile, each input value broadcast once per block group.
+// (ExpandTile: P pixels times B blocks; w: the weights of channels c0.. at row i of the input channels at w + i * ws)
 template <typename L, int64_t P, int64_t B>
 inline void ExpandTile(const float* x, const float* w, int64_t ws, const float* b, Act act, int64_t cin, int64_t c,
                        float* out, int64_t c0) {
@@ -192,20 +239,35 @@ inline void ExpandTile(const float* x, const float* w, int64_t ws, const float* 
 
 // w: the (cin, c) weights; packed: the same, kGroup channels at a time, as (c / kGroup, cin, kGroup), so that a
 // tile's weights are read in order
-constexpr int64_t kGroup = 16 * kBlk;
+constexpr int64_t kGroup = kLanes * kBlk;
+
+// The channels [c0, c) left after the kGroup-wide tiles, fewer than kBlk kLanes-wide blocks and the rest: the
+// blocks as one tile of B < kBlk vectors (each input value then multiplies B weight vectors), then the narrower
+// widths of ForEachChannelBlock one vector at a time.
+template <typename L, int64_t P, int64_t B>
+inline void ExpandRest(const float* x, const float* w, const float* b, Act act, int64_t cin, int64_t c, float* out,
+                       int64_t c0) {
+  if constexpr (B > 0) {
+    if (c0 + B * kLanes <= c) {
+      ExpandTile<L, P, B>(x, w + c0, c, b, act, cin, c, out, c0);
+      c0 += B * kLanes;
+    } else {
+      return ExpandRest<L, P, B - 1>(x, w, b, act, cin, c, out, c0);
+    }
+  }
+  ChannelBlocksFrom<Narrower(kLanes)>(c0, c, [&](auto lanes, int64_t c1) {
+    ExpandTile<decltype(lanes), P, 1>(x, w + c1, c, b, act, cin, c, out, c1);
+  });
+}
 
 template <int64_t P>
 inline void ExpandPixels(const float* x, const float* w, const float* packed, const float* b, Act act, int64_t cin,
                          int64_t c, float* out) {
+  using L = Lanes<kLanes>;
   int64_t c0 = 0;
   for (; c0 + kGroup <= c; c0 += kGroup)
-    ExpandTile<Lanes<16>, P, kBlk>(x, packed + c0 * cin, kGroup, b, act, cin, c, out, c0);
-  // the remaining 16-wide blocks as one tile too (each input value then multiplies 2 or 3 weight vectors)
-  if (c0 + 48 <= c) ExpandTile<Lanes<16>, P, 3>(x, w + c0, c, b, act, cin, c, out, c0), c0 += 48;
-  if (c0 + 32 <= c) ExpandTile<Lanes<16>, P, 2>(x, w + c0, c, b, act, cin, c, out, c0), c0 += 32;
-  for (; c0 + 16 <= c; c0 += 16) ExpandTile<Lanes<16>, P, 1>(x, w + c0, c, b, act, cin, c, out, c0);
-  for (; c0 + 8 <= c; c0 += 8) ExpandTile<Lanes<8>, P, 1>(x, w + c0, c, b, act, cin, c, out, c0);
-  for (; c0 < c; ++c0) ExpandTile<Lanes<1>, P, 1>(x, w + c0, c, b, act, cin, c, out, c0);
+    ExpandTile<L, P, kBlk>(x, packed + c0 * cin, kGroup, b, act, cin, c, out, c0);
+  ExpandRest<L, P, kBlk - 1>(x, w, b, act, cin, c, out, c0);
 }
 
 std::vector<float> PackExpansion(const float* w, int64_t cin, int64_t c) {
@@ -216,18 +278,21 @@ std::vector<float> PackExpansion(const float* w, int64_t cin, int64_t c) {
   return packed;
 }
 
+// The last `pixels` (< P) pixels of a row as one tile.
+template <int64_t P>
+inline void ExpandLast(const float* x, const float* w, const float* packed, const float* b, Act act, int64_t pixels,
+                       int64_t cin, int64_t c, float* out) {
+  if constexpr (P > 1) {
+    if (pixels == P - 1) return ExpandPixels<P - 1>(x, w, packed, b, act, cin, c, out);
+    ExpandLast<P - 1>(x, w, packed, b, act, pixels, cin, c, out);
+  }
+}
+
 void ExpandRow(const float* x, const float* w, const float* packed, const float* b, Act act, int64_t pixels,
                int64_t cin, int64_t c, float* out) {
   int64_t px = 0;
   for (; px + kPix <= pixels; px += kPix) ExpandPixels<kPix>(x + px * cin, w, packed, b, act, cin, c, out + px * c);
-  x += px * cin, out += px * c;
-  switch (pixels - px) {  // the last few pixels as one tile too
-    case 5: return ExpandPixels<5>(x, w, packed, b, act, cin, c, out);
-    case 4: return ExpandPixels<4>(x, w, packed, b, act, cin, c, out);
-    case 3: return ExpandPixels<3>(x, w, packed, b, act, cin, c, out);
-    case 2: return ExpandPixels<2>(x, w, packed, b, act, cin, c, out);
-    case 1: return ExpandPixels<1>(x, w, packed, b, act, cin, c, out);
-  }
+  ExpandLast<kPix>(x + px * cin, w, packed, b, act, pixels - px, cin, c, out + px * c);  // the last few, one tile
 }
 
 // The taps [lo, hi) (of `taps` along one axis) whose input index s*o + tap - pad lies in [0, size), for output
@@ -622,6 +687,13 @@ auto BindAttrs(Binding binding) {
 }
 
 }  // namespace
+
+// The form this library was compiled in: out3 = (lanes, the expansion tile's pixels, its vectors); returns 3, the
+// values written.
+extern "C" int EffnetKernelForm(int* out3) {
+  out3[0] = kLanes, out3[1] = static_cast<int>(kPix), out3[2] = static_cast<int>(kBlk);
+  return 3;
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EffnetDepthwiseForward, Forward, BindAttrs(BindInputs().Ret<F32>()));  // y
 
