@@ -3,6 +3,9 @@ source, measures again when the plan file is damaged or foreign, and its switche
 `EFFNET_JAX_AUTOTUNE=0` (conftest.py); these tests turn measuring on where they need it."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import jax
@@ -111,11 +114,14 @@ def test_autotune_off_keeps_the_fixed_rule(tuning, monkeypatch):
     assert not autotune.plan_path().exists()
 
 
-def test_native_off_leaves_the_kernels_out_of_the_candidates(monkeypatch):
-    monkeypatch.setenv(native.OPT_OUT, "0")
-    assert planner.depthwise_candidates(jnp.float32) == ("shift", "xla")
-    assert planner.fixed_depthwise_form(jnp.float32) == "shift"
-    assert planner.depthwise_candidates(jnp.bfloat16) == ("shift", "xla")
+def test_native_off_leaves_the_kernels_out_of_the_candidates():
+    """`EFFNET_JAX_NATIVE=0` (read once per process, as `native.available` caches it): a process of its own."""
+    code = ("import jax.numpy as jnp; from effnet_jax.kernels import planner; "
+            "print(planner.depthwise_candidates(jnp.float32), planner.fixed_depthwise_form(jnp.float32), "
+            "planner.depthwise_candidates(jnp.bfloat16))")
+    env = {**os.environ, native.OPT_OUT: "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[-2] == "('shift', 'xla') shift ('shift', 'xla')"
 
 
 def test_a_model_measured_on_first_use_then_planned_from_the_cache(tuning, capfd):
