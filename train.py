@@ -39,6 +39,9 @@ HELP = {
     "input_mean": "input normalization R,G,B for pixels in [0, 1], e.g. 0.4914,0.4822,0.4465; default: the init "
     "weights' (ImageNet's for B0-B7 and V2-S/M, 0.5 for V2-L, 0.498 for Lite)",
     "input_std": "as --input-mean, e.g. 0.247,0.243,0.261",
+    "resume": "continue the run in --workdir (the same flags) from its newest checkpoint that reads back",
+    "overwrite": "when --workdir holds a run, move it aside to WORKDIR.old-<UTC time> and start afresh (without it, "
+    "a --workdir holding a run is refused)",
     "eval_flip": "test-time augmentation for the validation numbers: average each image's and its mirror's "
     "logits (one more forward pass per image)",
 }

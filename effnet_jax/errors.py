@@ -24,6 +24,11 @@ class ConfigError(UserError, ValueError):
     """A flag or a combination of flags that cannot work (also a `ValueError`, as argument errors are)."""
 
 
+class CheckpointReadError(UserError, ValueError):
+    """A checkpoint that cannot be read back: a PyTorch file truncated, corrupt or not a state dict, or an orbax
+    step of a run whose files fail their checksums or that orbax cannot restore."""
+
+
 def describe(e: BaseException) -> str:
     """'Type: message' of an exception from another library (PIL, orbax), for a one-line UserError."""
     text = str(e).strip()

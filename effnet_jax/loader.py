@@ -27,7 +27,7 @@ import pathlib
 from typing import Any
 
 from . import checkpoint, variants
-from .errors import ConfigError, UserError, describe
+from .errors import CheckpointReadError, ConfigError, UserError, describe
 from .models import EfficientNet, create_model, new_classifier
 from .preprocess import EvalTransform, eval_transform, imagenet_class_names, run_preprocess_config
 from .rundir import RunDir, evaluation_variables
@@ -166,11 +166,11 @@ def _from_run(run: RunDir, variant: str | None, which: str, options: dict) -> Lo
         raise ConfigError(f"{run.path} holds a {saved['variant']} model, not --variant {variant}")
     names = run.read_class_names()
     try:
-        tree, meta = run.restore(which)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 — orbax's errors for a missing or damaged checkpoint
-        raise UserError(f"{run.path}: cannot restore checkpoints/{which}: {describe(e)}") from None
+        tree, meta = run.restore(which)  # (checked against its SHA256SUMS first: rundir.restore_checkpoint)
+    except CheckpointReadError as e:
+        other = "latest" if which == "best" else "best"
+        raise CheckpointReadError(f"{e}; checkpoints/{other} may still read (evaluate, predict and export take "
+                                  f"--which {other})") from None
     overrides = dict(saved.get("model_overrides", {}))
     overrides |= {k: saved[k] for k in ("width", "depth", "drop_rate", "drop_path_rate") if saved.get(k) is not None}
     if "dtype" in saved and "dtype" not in options:

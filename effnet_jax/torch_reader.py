@@ -39,13 +39,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .errors import UserError
+from .errors import CheckpointReadError, UserError
 
 __all__ = ["CheckpointReadError", "UnsafeCheckpointError", "read_torch_state_dict"]
-
-
-class CheckpointReadError(UserError, ValueError):
-    """The file is truncated, corrupt, or not a PyTorch state-dict checkpoint."""
 
 
 class UnsafeCheckpointError(UserError, ValueError):

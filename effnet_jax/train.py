@@ -1,7 +1,9 @@
 """Fine-tuning: the run's config, and `train_and_evaluate(cfg)`: the epoch loop as a page of named steps.
 
+    claim_workdir(cfg)      the run directory's lock, held for the run's life; a used directory refused or moved
     setup(cfg)              data, initial weights, optimizer, compiled steps, the run directory's config
-    start(run)              the train state: fresh (and the accuracy before fine-tuning), or resumed
+    start(run)              the train state: fresh (and the accuracy before fine-tuning), or resumed from the
+                            newest checkpoint that reads back
     train_epoch(...)        the steps of one epoch; a stop request saves a checkpoint and ends the run
     end_epoch(...)          validation, metrics.jsonl and curves.png, checkpoints/latest and /best
 
@@ -16,11 +18,13 @@ agree to rounding, with Adam/AdamW they drift apart (docs/devices.md).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -30,8 +34,8 @@ import optax
 from tqdm import tqdm
 
 from . import data as data_lib
-from . import optim, variants
-from .errors import ConfigError, UserError
+from . import optim, rundir, variants
+from .errors import CheckpointReadError, ConfigError, UserError
 from .loader import load
 from .mesh import Mesh
 from .models import HEAD_INITS, EfficientNet, create_model
@@ -96,7 +100,8 @@ class TrainConfig:
     depth: float | None = None          # coefficients (None: the variant's); --init scratch only
     val_fraction: float = 0.1
     seed: int = 0
-    resume: bool = False
+    resume: bool = False                # continue the run in workdir from its newest readable checkpoint
+    overwrite: bool = False             # move a run already in workdir aside (workdir.old-<UTC time>), then start
     checkpoint_every: int = 0           # also save checkpoints/latest every N steps (0: at epoch ends only)
     on_corrupt: str = "error"
     stream: bool | None = None          # read the images from the source as training goes (grain threads) instead
@@ -118,6 +123,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --workdir, --overwrite moves it aside: give one of them")
         model_config = variants.model_config(self.variant, width=self.width, depth=self.depth)  # a known variant
         optim_cfg = self.optim_config(len(model_config.blocks))  # OptimConfig's own checks
         if not os.path.isdir(self.init):  # (a run's or model directory's network may be scaled otherwise)
@@ -201,7 +208,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # config.json keys that `--resume` may change: the same run maybe moved or respelled (workdir), how long it goes
 # (epochs), how often it saves, and where the images are read from (stream), not what they are
-RESUME_MAY_CHANGE = ("resume", "progress", "epochs", "workdir", "checkpoint_every", "stream",
+RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "epochs", "workdir", "checkpoint_every", "stream",
                      "preprocess")  # (derived from resolution, mean and std, which are compared)
 
 
@@ -282,6 +289,28 @@ class Run:
     records: list = dataclasses.field(default_factory=list)   # metrics.jsonl so far
 
 
+@contextlib.contextmanager
+def claim_workdir(cfg: TrainConfig) -> Iterator[None]:
+    """Process 0 holds the run directory for the run's life (`rundir.claim`: its lock, and the used-directory rule
+    of a run without --resume); with several processes the others learn whether it could, so that all stop."""
+    with contextlib.ExitStack() as stack:
+        failure = moved = None
+        if jax.process_index() == 0:
+            try:
+                moved = stack.enter_context(rundir.claim(cfg.workdir, resume=cfg.resume, overwrite=cfg.overwrite))
+            except UserError as e:
+                failure = e
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            if int(multihost_utils.broadcast_one_to_all(np.int32(failure is not None))) and failure is None:
+                raise UserError(f"process 0 refused --workdir {cfg.workdir} (its message says why)")
+        if failure is not None:
+            raise failure
+        if moved is not None:
+            log.info("--overwrite: the run that was in %s is now in %s", cfg.workdir, moved)
+        yield
+
+
 def setup(cfg: TrainConfig) -> Run:
     """Load the data and the initial weights, build the optimizer and the eval steps, write config.json and
     class_names.json (a resumed run must match its saved config)."""
@@ -290,8 +319,6 @@ def setup(cfg: TrainConfig) -> Run:
     mesh = Mesh()
     mesh.check_batch(cfg.batch_size)
     mean, std = cfg.normalization()
-    if is_main:
-        run_dir.check_writable()
     ds = load_data(cfg)
     n_train, n_val = len(ds.train), len(ds.val)
     if n_train + n_val == 0 and ds.test is not None:  # a folder of test/<class>/ only
@@ -367,7 +394,7 @@ def start(run: Run) -> tuple[TrainState, int, int, dict]:
                      "time_s": time.time() - run.t0, "resolution": cfg.resolution})
         log.info("before fine-tuning: val top-1 %.2f%%", 100 * pre["top1"])
         return state, 1, 0, zero_sums(run)
-    tree, meta = run.dir.restore("latest", state_tree(state, zero_sums(run)))
+    tree, meta = resume_point(run, state_tree(state, zero_sums(run)))
     state = run.mesh.replicate(state.replace(
         step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"], opt_state=tree["opt_state"],
         ema=tree.get("ema"), rng=jax.random.wrap_key_data(tree["rng"])))
@@ -378,6 +405,29 @@ def start(run: Run) -> tuple[TrainState, int, int, dict]:
     return state, epoch, batch, run.mesh.replicate(tree["epoch_sums"])
 
 
+def resume_point(run: Run, target: dict) -> tuple[dict, dict]:
+    """(tree, meta) of the newest checkpoints/latest step that reads back (`rundir.restore_readable`). Newer steps
+    that do not are moved to checkpoints/set-aside/ with one warning, and so are best steps of epochs the run
+    will redo: it saves those step numbers again. None readable: CheckpointReadError, naming each step."""
+    latest = run.dir.checkpoints("latest")
+    try:
+        tree, meta, step, bad = rundir.restore_readable(latest, target)
+    except CheckpointReadError as e:
+        raise CheckpointReadError(f"--resume: {e}; start afresh with --overwrite (which moves this run aside) or "
+                                  "in another --workdir") from None
+    redone = [s for s in rundir.finished_steps(run.dir.checkpoints("best")) if s > meta["epoch"]]
+    if run.is_main and (bad or redone):
+        moved = [run.dir.set_aside("latest", s) for s, _ in bad] + [run.dir.set_aside("best", s) for s in redone]
+        what = "; ".join(f"checkpoints/latest step {s} is unreadable ({why})" for s, why in bad)
+        log.warning("%s%sresuming from step %d (epoch %d); moved to %s: %s", what, "; " if what else "", step,
+                    meta["epoch"], run.dir.checkpoints("latest").parent / rundir.SET_ASIDE,
+                    ", ".join(f"{m.parent.name}/{m.name}" for m in moved))
+    if jax.process_count() > 1:  # (the others list the directories after the move)
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("effnet_jax resume point")
+    return tree, meta
+
+
 def save_latest(run: Run, manager, step: int, state: TrainState, sums: dict, meta: dict) -> None:
     """Save checkpoints/latest (orbax: all processes, written to a temporary directory and renamed when complete),
     unless the epoch's losses so far hold a NaN/inf: then the last good checkpoint stays."""
@@ -385,7 +435,7 @@ def save_latest(run: Run, manager, step: int, state: TrainState, sums: dict, met
     if not math.isfinite(loss):
         raise Diverged(f"the training loss became {loss} before step {step} (epoch {meta['epoch'] + 1}); nothing "
                        f"saved, the last good checkpoint is kept in {run.dir.checkpoints('latest')}")
-    run.dir.save(manager, step, state_tree(state, sums), meta)
+    manager.save(step, state_tree(state, sums), meta)
 
 
 def train_epoch(run: Run, state: TrainState, epoch: int, first: int, sums: dict, stop: StopRequest, latest
@@ -450,7 +500,7 @@ def end_epoch(run: Run, state: TrainState, epoch: int, step: int, sums: dict, im
     meta = {"epoch": epoch, "val_top1": val["top1"]}
     save_latest(run, latest, step, state, zero_sums(run), meta)
     if side == run.cfg.resolution:  # (the best checkpoint is evaluated at --resolution)
-        run.dir.save(best, epoch, state_tree(state, zero_sums(run)), meta, metrics={"val_top1": val["top1"]})
+        best.save(epoch, state_tree(state, zero_sums(run)), meta, metrics={"val_top1": val["top1"]})
 
 
 def summarize(run: Run) -> dict:
@@ -471,12 +521,13 @@ def summarize(run: Run) -> dict:
 def train_and_evaluate(cfg: TrainConfig) -> dict:
     """Run the fine-tune described by `cfg`; returns the summary (also printed as the last stdout line).
     SIGTERM/SIGINT before the first training step raise `StoppedBeforeTraining` at once (nothing to save); from the
-    first step on they stop the run after the current step with a checkpoint (`Interrupted`)."""
-    with StopRequest() as stop:
+    first step on they stop the run after the current step with a checkpoint (`Interrupted`). The run holds its
+    directory's lock throughout (`claim_workdir`); a save that fails raises `rundir.CheckpointSaveError`."""
+    with StopRequest() as stop, claim_workdir(cfg):
         run = setup(cfg)
         state, first_epoch, first_batch, sums = start(run)
         latest, best = run.dir.managers()
-        with latest, best:  # (closing the managers waits for their saves)
+        with latest, best:  # (closing the savers waits for their saves and writes their SHA256SUMS)
             stop.start_training()
             for epoch in range(first_epoch, cfg.epochs + 1):
                 t_epoch = time.time()
