@@ -12,6 +12,12 @@
   (its temporary directory) does not hide the previous checkpoint. SIGTERM / SIGINT while the data loads
   (before the first step: nothing to save) stop the run at once.
 * Bad inputs: one `error: ...` line, exit 2, no traceback, no checkpoint lost.
+* No run is lost (issue 41): a --workdir holding a run is refused without --resume (nothing touched) and moved
+  aside with --overwrite; a second run into a directory in use is refused in seconds naming the first, which
+  ends as a run alone does; a SIGKILLed holder leaves no lock; a damaged newest step (data, _METADATA, _sharding,
+  a truncated or a missing file) is caught by its SHA256SUMS and the run resumes from the step before, ending as
+  the uninterrupted run; every step damaged, or a damaged best for evaluate / predict / export: one line, exit
+  2; a save that fails (ENOSPC injected) keeps the step before, and --resume goes on from it.
 
 The data is a small folder of real CIFAR-10 JPEGs (from ../shared/data); the model lite0 scaled down to a
 quarter of its width and depth (random weights, `--init` from a model directory: the killed-run tests do not
@@ -22,12 +28,16 @@ persistent compilation cache, so a step is compiled once per device layout and s
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -35,8 +45,9 @@ import numpy as np
 import pytest
 
 from effnet_jax import train as trainer
-from effnet_jax.rundir import restore_checkpoint
-from helpers import REPO, cifar_jpegs, last_json, load_train_cli, read_metrics, unused_port
+from effnet_jax.errors import CheckpointReadError
+from effnet_jax.rundir import restore_checkpoint, restore_readable
+from helpers import REPO, cifar_jpegs, last_json, load_train_cli, read_metrics, run_main, unused_port
 
 CLASSES, PER_CLASS = 4, 10                    # 40 images: 32 train, 8 validation (val fraction 0.2)
 STEPS_PER_EPOCH, EPOCHS = 32 // 4, 2
@@ -90,14 +101,22 @@ def base(folder, small_model) -> list[str]:
     return [*BASE, "--dataset", f"folder:{folder}", "--init", str(small_model)]
 
 
-def start(env, base, workdir, *extra, devices=1):
+def start(env, base, workdir, *extra, devices=1, before=""):
+    """train.py in a subprocess; `before`: Python code to run in it first (a fault to inject), then train.py."""
     e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    argv = [sys.executable, str(REPO / "train.py"), *base, "--workdir", str(workdir), *map(str, extra)]
+    args = [*base, "--workdir", str(workdir), *map(str, extra)]
+    if before:  # (no restart with the huge-page malloc: it would drop what `before` did)
+        e["EFFNET_JAX_NO_REEXEC"] = "1"
+        code = before + f"\nimport runpy, sys\nsys.argv = {['train.py', *args]!r}\n" \
+                        f"runpy.run_path({str(REPO / 'train.py')!r}, run_name='__main__')\n"
+        argv = [sys.executable, "-c", code]
+    else:
+        argv = [sys.executable, str(REPO / "train.py"), *args]
     return subprocess.Popen(argv, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
-def run(env, base, workdir, *extra, devices=1, ok=True):
-    proc = start(env, base, workdir, *extra, devices=devices)
+def run(env, base, workdir, *extra, devices=1, ok=True, before=""):
+    proc = start(env, base, workdir, *extra, devices=devices, before=before)
     out, err = proc.communicate(timeout=600)
     if ok:
         assert proc.returncode == 0, err
@@ -161,9 +180,52 @@ def saved_steps(workdir) -> list[int]:
     return sorted(int(p.name) for p in d.glob("*") if p.name.isdigit()) if d.exists() else []
 
 
+def lock_pid(workdir) -> int | None:
+    """The PID the run directory's lock file names (its last holder), or None without one."""
+    lock = pathlib.Path(workdir) / "run.lock"
+    return json.loads(lock.read_text())["pid"] if lock.exists() else None
+
+
+def snapshot(directory) -> dict[str, bytes]:
+    """Every file under `directory` (but the lock file), by relative path: its bytes."""
+    root = pathlib.Path(directory)
+    return {f.relative_to(root).as_posix(): f.read_bytes() for f in sorted(root.rglob("*"))
+            if f.is_file() and f.name != "run.lock"}
+
+
+def data_file(step_dir: pathlib.Path) -> pathlib.Path:
+    """The largest array data file of a step (orbax's OCDBT data under state/)."""
+    return max((f for f in (step_dir / "state").rglob("*") if f.is_file() and "/d/" in f.as_posix()),
+               key=lambda f: f.stat().st_size)
+
+
+def damage(step_dir: pathlib.Path, how: str) -> None:
+    """Damage one step as a failing disk or a cut copy would: bytes flipped in its largest data file, in its
+    array metadata (_METADATA) or its _sharding; the data file cut to half; or the data file gone."""
+    if how in ("data", "_METADATA", "_sharding"):
+        f = data_file(step_dir) if how == "data" else step_dir / "state" / how
+        b = bytearray(f.read_bytes())
+        mid = len(b) // 2
+        b[mid:mid + 16] = bytes(x ^ 0xFF for x in b[mid:mid + 16])
+        f.write_bytes(bytes(b))
+    elif how == "truncated":
+        f = data_file(step_dir)
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how == "missing":
+        data_file(step_dir).unlink()
+    else:
+        raise AssertionError(how)
+
+
+def copy_run(src, dest) -> pathlib.Path:
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("run.lock"))
+    return dest
+
+
 # ------------------------------------------------------------------------------------------ killed runs
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(env, base, uninterrupted, tmp_path):
+    """The killed run's lock file stays, naming it, and blocks nothing: the resumed run takes it."""
     workdir = tmp_path / "killed"
     proc = start(env, base, workdir, "--checkpoint-every", 1)   # saving nearly all the time
     wait_for(lambda: any(s >= 3 for s in saved_steps(workdir)), proc, what="step 3's checkpoint")
@@ -173,8 +235,11 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(env, base, uninterrupted
     assert not (workdir / "summary.json").exists()
     steps = saved_steps(workdir)
     assert steps and max(steps) < EPOCHS * STEPS_PER_EPOCH  # killed before the end
+    assert len(steps) == 2  # the newest and the one before
+    assert lock_pid(workdir) == proc.pid
     rc, out, err = run(env, base, workdir, "--checkpoint-every", 1, "--resume")
-    assert "resumed at epoch" in err
+    assert "resumed at epoch" in err and "unreadable" not in err
+    assert lock_pid(workdir) not in (None, proc.pid)
     assert_bit_identical(uninterrupted, workdir)
     assert last_json(out)["final_val_acc"] == metrics(uninterrupted)[-1]["val_acc"]
 
@@ -396,3 +461,173 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(env, base, t
     if steps:  # a checkpoint saved before the loss went bad holds finite numbers
         tree, _ = restore_checkpoint(workdir / "checkpoints" / "latest")
         assert all(np.all(np.isfinite(x)) for x in leaves(tree["params"]))
+
+
+# ------------------------------------------------------------------------ no run is lost (issue 41)
+
+@pytest.mark.parametrize("where", ["given", "default"])
+def test_a_used_workdir_is_refused_without_resume(where, uninterrupted, base, tmp_path, monkeypatch, capsys):
+    """Without --resume, a --workdir holding a run (also the default runs/default) is refused before anything
+    loads: one line naming it and the three ways on; every file of the run as it was."""
+    monkeypatch.chdir(tmp_path)
+    workdir = copy_run(uninterrupted, tmp_path / ("run" if where == "given" else "runs/default"))
+    before = snapshot(workdir)
+    argv = [*base, *(["--workdir", str(workdir)] if where == "given" else [])]
+    t = time.time()
+    rc = _cli().main(argv)
+    seconds = time.time() - t
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    shown = str(workdir) if where == "given" else "runs/default"
+    assert err.startswith(f"error: --workdir {shown} holds a run (config.json, metrics.jsonl, summary.json, "
+                          "checkpoints/)"), err
+    assert all(way in err for way in ("--resume", "another --workdir", "--overwrite")), err
+    assert snapshot(workdir) == before
+    assert seconds < 5, seconds
+
+
+def test_overwrite_moves_the_run_aside_and_a_second_run_is_refused(env, base, uninterrupted, tmp_path):
+    """--overwrite moves the run into WORKDIR.old-<UTC time> (byte-identical) and trains afresh; a second run
+    started meanwhile, --resume included, exits 2 within seconds naming the first's PID and host; the first ends
+    as the uninterrupted run alone did."""
+    workdir = copy_run(uninterrupted, tmp_path / "run")
+    before = snapshot(workdir)
+    first = start(env, base, workdir, "--overwrite")
+    err_lines = follow(first.stderr)
+    wait_for(lambda: lock_pid(workdir) == first.pid, first, what="the first run's lock")
+    t = time.time()
+    rc, out, err = run(env, base, workdir, "--resume", ok=False)
+    seconds = time.time() - t
+    assert rc == 2 and out == "" and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: --workdir {workdir} is in use by another run (process {first.pid} on host "
+                           f"{socket.gethostname()}"), err
+    assert [x for x in err.splitlines() if x.startswith("error:")] == [line]
+    first.wait(timeout=600)
+    time.sleep(0.2)  # the reader thread takes the last lines
+    assert first.returncode == 0, "".join(err_lines)
+    moved = [x.split(" is now in ")[1].strip() for x in err_lines if x.startswith("--overwrite: the run that was in")]
+    assert len(moved) == 1 and pathlib.Path(moved[0]).name.startswith("run.old-"), err_lines
+    assert snapshot(moved[0]) == before
+    assert_bit_identical(uninterrupted, workdir)
+    print(f"\nthe second run refused in {seconds:.1f} s")
+    assert seconds < 30, seconds
+
+
+@pytest.mark.parametrize("how", ["data", "_METADATA", "_sharding", "truncated", "missing"])
+def test_a_damaged_step_does_not_read_back(how, uninterrupted, tmp_path):
+    """Each damage is caught on restore (SHA256SUMS), with the file named; the step before still reads."""
+    latest = shutil.copytree(uninterrupted / "checkpoints" / "latest", tmp_path / "latest")
+    last = max(int(p.name) for p in latest.iterdir() if p.name.isdigit())
+    damage(latest / str(last), how)
+    with pytest.raises(CheckpointReadError, match=f"step {last} is unreadable"):
+        restore_checkpoint(latest)
+    tree, meta, step, bad = restore_readable(latest)
+    assert step == last - STEPS_PER_EPOCH and int(tree["step"]) == step and [s for s, _ in bad] == [last]
+    assert ("missing" if how == "missing" else "checksum mismatch") in bad[0][1]
+
+
+def test_a_damaged_step_without_its_sha256sums_still_fails_in_one_error(uninterrupted, tmp_path):
+    """A step without SHA256SUMS (saved by an older version) is left to orbax's checks: its error too becomes
+    one CheckpointReadError."""
+    latest = shutil.copytree(uninterrupted / "checkpoints" / "latest", tmp_path / "latest")
+    last = max(int(p.name) for p in latest.iterdir() if p.name.isdigit())
+    (latest / str(last) / "SHA256SUMS").unlink()
+    damage(latest / str(last), "missing")
+    with pytest.raises(CheckpointReadError, match=f"step {last} is unreadable"):
+        restore_checkpoint(latest)
+
+
+def test_a_damaged_newest_step_resumes_from_the_one_before(env, base, uninterrupted, tmp_path):
+    """Bytes flipped in the newest step's data: --resume warns once, naming the step, resumes from the step
+    before (an epoch's end) and ends bit-identical to the uninterrupted run (which equals a run stopped at that
+    step and resumed: test_sigkill_... above). The bad step is moved aside, not deleted."""
+    workdir = copy_run(uninterrupted, tmp_path / "run")
+    last = saved_steps(workdir)[-1]
+    damage(workdir / "checkpoints" / "latest" / str(last), "data")
+    rc, out, err = run(env, base, workdir, "--resume")
+    warnings = [x for x in err.splitlines() if "unreadable" in x]
+    assert len(warnings) == 1 and f"checkpoints/latest step {last} is unreadable" in warnings[0], err
+    assert f"resuming from step {last - STEPS_PER_EPOCH} (epoch {EPOCHS - 1})" in warnings[0]
+    assert "resumed at epoch 2, batch 0" in err
+    assert (workdir / "checkpoints" / "set-aside" / "latest" / str(last)).is_dir()
+    assert_bit_identical(uninterrupted, workdir)
+    restore_checkpoint(workdir / "checkpoints" / "best")
+
+
+@pytest.mark.parametrize("how", ["data", "_METADATA", "truncated", "missing"])
+def test_every_step_damaged_is_one_line_exit_2(how, uninterrupted, base, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EFFNET_JAX_CACHE", str(tmp_path / "data_cache"))
+    workdir = copy_run(uninterrupted, tmp_path / "run")
+    steps = saved_steps(workdir)
+    for s in steps:
+        damage(workdir / "checkpoints" / "latest" / str(s), how)
+    rc = _cli().main([*base, "--workdir", str(workdir), "--resume"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "", err
+    assert err.startswith("error: --resume: no readable checkpoint in ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and all(f"step {s} (" in err for s in steps) and "--overwrite" in err, err
+    assert saved_steps(workdir) == steps  # nothing moved
+
+
+def _evaluate(work, images):
+    from effnet_jax import evaluate
+    return evaluate.main, ["--workdir", work]
+
+
+def _predict(work, images):
+    from effnet_jax import predict
+    return predict.main, ["--workdir", work, images]
+
+
+def _export(work, images):
+    from effnet_jax import export
+    return export.main, ["--workdir", work, "--format", "stablehlo", "--out", work.parent / "exported"]
+
+
+@pytest.mark.parametrize("cli", [_evaluate, _predict, _export], ids=["evaluate", "predict", "export"])
+def test_a_damaged_best_is_one_checkpoint_read_error(cli, uninterrupted, folder, tmp_path):
+    workdir = copy_run(uninterrupted, tmp_path / "run")
+    best = workdir / "checkpoints" / "best"
+    damage(best / str(max(int(p.name) for p in best.iterdir() if p.name.isdigit())), "data")
+    main, argv = cli(workdir, folder)
+    rc, out, err = run_main(main, argv)
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err and "Event loop" not in err, err
+    assert err.startswith(f"error: {best.absolute()} step ") and "is unreadable" in err and "--which latest" in err
+    from effnet_jax import load
+    with pytest.raises(CheckpointReadError):
+        load(workdir)
+
+
+FULL_DISK = textwrap.dedent("""
+    import errno
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler as h
+    save = h.JsonCheckpointHandler._save_fn
+    async def full_disk(self, x, directory):  # the meta item of one step's save: no space left
+        if "/checkpoints/latest/{step}." in str(directory):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await save(self, x, directory)
+    h.JsonCheckpointHandler._save_fn = full_disk
+""")
+
+
+def test_a_failed_save_keeps_the_step_before_and_resume_goes_on(env, base, uninterrupted, tmp_path):
+    """ENOSPC injected into the save of the last step (a copy of the uninterrupted run resumed for one more epoch,
+    the step test_interrupted_save_... compiled): exit 2 with one line naming the step kept; that step reads
+    back, and --resume continues from it."""
+    workdir = copy_run(uninterrupted, tmp_path / "run")
+    kept = saved_steps(workdir)
+    new = (EPOCHS + 1) * STEPS_PER_EPOCH
+    rc, out, err = run(env, base, workdir, "--resume", "--epochs", EPOCHS + 1, ok=False,
+                       before=FULL_DISK.format(step=new))
+    assert rc == 2 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: saving step {new} into {workdir / 'checkpoints' / 'latest'} failed (OSError: "
+                           f"[Errno {errno.ENOSPC}] No space left on device); step {kept[-1]} is kept and intact"), err
+    assert "--resume" in line and [x for x in err.splitlines() if x.startswith("error:")] == [line]
+    assert saved_steps(workdir) == kept
+    tree, meta = restore_checkpoint(workdir / "checkpoints" / "latest")
+    assert int(tree["step"]) == kept[-1] and meta["epoch"] == EPOCHS
+    rc, out, err = run(env, base, workdir, "--resume", "--epochs", EPOCHS + 1)
+    assert f"resumed at epoch {EPOCHS + 1}, batch 0 (step {kept[-1]})" in err
+    assert saved_steps(workdir) == [kept[-1], new]

@@ -381,7 +381,9 @@ def test_curves_leave_the_callers_matplotlib_alone(tmp_path):
 
 def test_checkpoints(run_a):
     ck = run_a.workdir / "checkpoints"
-    assert step_dirs(ck / "latest") == [str(2 * STEPS_PER_EPOCH)]  # keyed by global step; max_to_keep 1
+    # keyed by global step; the newest two kept (rundir.KEEP_LATEST), each with its SHA256SUMS
+    assert step_dirs(ck / "latest") == sorted(str(e * STEPS_PER_EPOCH) for e in (1, 2))
+    assert all((ck / "latest" / d / "SHA256SUMS").is_file() for d in step_dirs(ck / "latest"))
     tree, meta = restore_checkpoint(ck / "latest")
     assert int(tree["step"]) == 2 * STEPS_PER_EPOCH and meta["epoch"] == 2
     assert meta["val_top1"] == run_a.metrics[-1]["val_acc"]
