@@ -185,6 +185,10 @@ class Saver:
         self.directory = pathlib.Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.pending: int | None = None  # the step in flight
+        # a background save that fails is logged by orbax's thread, traceback and all, before `finish` raises
+        # the one-line CheckpointSaveError that says it: those records are dropped while this saver lives
+        self.hush = OrbaxErrorFilter()
+        logging.getLogger("absl").addFilter(self.hush)
 
     def save(self, step: int, tree: dict, meta: dict, **kwargs) -> None:
         """One checkpoint: the state tree and its JSON meta (kwargs: orbax's, e.g. metrics for the best manager)."""
@@ -229,12 +233,21 @@ class Saver:
         finally:
             with quiet_absl():
                 self.manager.close()
+            logging.getLogger("absl").removeFilter(self.hush)
 
     def __enter__(self) -> "Saver":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class OrbaxErrorFilter(logging.Filter):
+    """Drops orbax's ERROR records (a failed background save, logged with its traceback by the saving thread):
+    `Saver.finish` raises them as one CheckpointSaveError line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
 def existing_run(path: str | os.PathLike, flag: str = "--workdir") -> RunDir:

@@ -235,7 +235,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(env, base, uninterrupted
     assert not (workdir / "summary.json").exists()
     steps = saved_steps(workdir)
     assert steps and max(steps) < EPOCHS * STEPS_PER_EPOCH  # killed before the end
-    assert len(steps) == 2  # the newest and the one before
+    # the newest two; a third when the kill came between a save's end and orbax removing the oldest
+    assert 2 <= len(steps) <= 3, steps
     assert lock_pid(workdir) == proc.pid
     rc, out, err = run(env, base, workdir, "--checkpoint-every", 1, "--resume")
     assert "resumed at epoch" in err and "unreadable" not in err

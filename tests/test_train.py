@@ -805,7 +805,7 @@ def test_checkpoint_managers_synchronize_under_names_of_their_own(tmp_path):
     from effnet_jax.rundir import RunDir
 
     latest, best = RunDir(tmp_path).managers()
-    prefixes = [m._options.multiprocessing_options.barrier_sync_key_prefix for m in (latest, best)]
+    prefixes = [m.manager._options.multiprocessing_options.barrier_sync_key_prefix for m in (latest, best)]
     assert all(prefixes) and len(set(prefixes)) == 2
     latest.close()
     best.close()
