@@ -56,6 +56,27 @@ def test_keeps_the_fastest_of_a_table_of_timings_and_caches_it(tuning):
     assert len(calls) == 3 and decisions[0].source == "cached"
 
 
+def test_an_entry_that_lacks_a_candidate_is_measured_again(tuning, monkeypatch):
+    """A unit cached while the kernels were off (timings of shift and xla only) is measured again once they are on;
+    one cached with every form serves a run with fewer (the fastest of those), measuring nothing."""
+    table = {"native": 1.0, "shift": 2.0, "xla": 3.0}
+    measured = []
+
+    def time_candidates(candidates, build):
+        measured.append(tuple(candidates))
+        return {f: table[f] for f in candidates}
+    monkeypatch.setattr(autotune, "_time_candidates", time_candidates)
+    assert autotune.choose(UNIT, ("shift", "xla"), "shift", None) == "shift"
+    autotune._memo.clear()
+    assert autotune.choose(UNIT, FORMS, "native", None) == "native"
+    assert measured == [("shift", "xla"), FORMS]
+    autotune._memo.clear()
+    table["shift"] = 0.5  # (not measured again: the cached 2.0 stands)
+    assert autotune.choose(UNIT, ("shift", "xla"), "shift", None) == "shift"
+    assert autotune.choose(UNIT, ("native", "xla"), "native", None) == "native"
+    assert len(measured) == 2
+
+
 def test_picks_by_timing_whatever_the_order(tuning, monkeypatch):
     table = {"native": 5.0, "shift": 7.5, "xla": 1.25}
     monkeypatch.setattr(autotune, "_time_candidates", lambda candidates, build: {f: table[f] for f in candidates})

@@ -185,11 +185,14 @@ def choose(unit: Unit, candidates: tuple[str, ...], fixed: str, build: Callable[
         source = "cached"
         if entry is None and not remeasure:
             entry = _read(path, m).get(unit.key)
-        if entry is None or entry["form"] not in candidates:
+        if entry is None or not set(candidates) <= set(entry["ms"]):
+            # a cached entry holds only the forms it timed: one measured while a form was off (EFFNET_JAX_NATIVE=0,
+            # no compiler) has not seen it, and is measured again with it
             entry, source = measure(unit, candidates, build, path), "measured"
             _write(path, m, unit.key, entry)
         _memo[memo_key] = entry
-    return _record(Decision(name, unit, entry["form"], entry["ms"], source))
+    ms = {f: entry["ms"][f] for f in candidates}  # the fastest of what may run now
+    return _record(Decision(name, unit, min(ms, key=ms.get), ms, source))
 
 
 def measure(unit: Unit, candidates: tuple[str, ...], build: Callable[[str], Callable[[], object]],
