@@ -1,6 +1,7 @@
 """Inference against ONNX Runtime, in one process: our jitted forward (`model.apply`, train=False) against
 torchvision's same model exported with `torch.onnx.export` and run by ONNX Runtime's CPU provider (and, for
-reference, ONNX Runtime on our own `effnet_jax.export` file and torch eager under `inference_mode`). All three on a ready float batch, random weights, the same threads.
+reference, ONNX Runtime on our own `effnet_jax.export` file and torch eager under `inference_mode`). All four on a
+ready float batch, random weights, the same threads; the model and the timer are throughput.py's.
 
     python benchmarks/onnx_peer.py --variant b0 --resolution 224 --batch-size 16
 
@@ -13,37 +14,34 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import statistics
+import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import effnet_jax
-from effnet_jax.host import with_fast_malloc
-from effnet_jax.kernels import autotune
-from effnet_jax.models import random_variables
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import throughput  # noqa: E402  (torch_model, time_steps: the same model and timer as the step benchmark)
 
-TV_NAMES = {f"b{i}": f"efficientnet_b{i}" for i in range(8)}
+import effnet_jax  # noqa: E402
+from effnet_jax.host import with_fast_malloc  # noqa: E402
+from effnet_jax.kernels import autotune  # noqa: E402
+from effnet_jax.models import random_variables  # noqa: E402
+
+VARIANTS = [f"b{i}" for i in range(8)]  # torchvision's B0-B7: torch.onnx.export of its model is the peer
 
 
 def timed(fn, repeats: int, steps: int) -> list[float]:
-    fn()
-    fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        out.append((time.perf_counter() - t0) / steps)
-    return out
+    """Seconds per call of `fn` (which must end synchronized): `repeats` means of `steps` calls, after two."""
+    return [t / steps for t in throughput.time_steps(lambda k: [fn() for _ in range(k)], 2, steps, repeats)]
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", default="b0", choices=sorted(TV_NAMES))
+    p.add_argument("--variant", default="b0", choices=VARIANTS)
     p.add_argument("--resolution", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
@@ -53,7 +51,6 @@ def main(argv=None) -> dict:
 
     import onnxruntime as ort
     import torch
-    import torchvision
 
     torch.set_num_threads(args.threads)
     n, r = args.batch_size, args.resolution
@@ -66,7 +63,7 @@ def main(argv=None) -> dict:
     xj = jnp.asarray(x)
     jax_t = timed(lambda: fwd(variables, xj).block_until_ready(), args.repeats, args.steps)
 
-    tm = getattr(torchvision.models, TV_NAMES[args.variant])(weights=None).eval()
+    tm = throughput.torch_model(args.variant, num_classes=model.num_classes)[0].eval()
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
@@ -88,11 +85,12 @@ def main(argv=None) -> dict:
         torch_t = timed(lambda: tm(xt), args.repeats, args.steps)
 
     img_s = {k: n / statistics.median(t) for k, t in (("jax", jax_t), ("onnxruntime", ort_t),
-                                                            ("onnxruntime_our_export", ours_t), ("torch_eager", torch_t))}
+                                                        ("onnxruntime_our_export", ours_t), ("torch_eager", torch_t))}
     row = {"variant": args.variant, "resolution": r, "batch_size": n, "threads": args.threads,
            "img_s": img_s, "jax_over_ort": img_s["jax"] / img_s["onnxruntime"],
            "jax_over_eager": img_s["jax"] / img_s["torch_eager"],
-           "jax_over_ort_our_export": img_s["jax"] / img_s["onnxruntime_our_export"], "ort": ort.__version__, "torch": torch.__version__,
+           "jax_over_ort_our_export": img_s["jax"] / img_s["onnxruntime_our_export"],
+           "ort": ort.__version__, "torch": torch.__version__,
            "jax": jax.__version__, "plan": sorted({d.form for d in plan}),
            "xla_flags": os.environ.get("XLA_FLAGS", ""), "march": os.environ.get(autotune.MARCH_ENV, "native")}
     print(f"{'':24}{'img/s':>8}")
