@@ -125,16 +125,9 @@ def worker(argv: list[str]) -> None:
     import throughput as tp
     args = tp.parse_args(argv + ["--compare", "none"])
     s = tp.jax_setup(args.variant, tp.side(args.variant, args.resolution), int(args.batch_size), args)
-    box = {}
-
-    def capture(run, warmup, steps, repeats):  # throughput's timer, replaced: keep the warm `run` instead
-        run(max(warmup, 1))
-        box["run"] = run
-        return [0.0]
-
-    tp.time_steps = capture
-    out = (tp.jax_eval if args.mode == "eval" else tp.jax_train)(s, args)
-    send({"ready": True, "compile_s": out["compile_s"], "batch_size": int(args.batch_size),
+    run, compile_s = tp.jax_runner(s, args, args.mode)
+    run(max(args.warmup, 1))
+    send({"ready": True, "compile_s": compile_s, "batch_size": int(args.batch_size),
           "effnet_jax": os.path.dirname(effnet_jax.__file__), "xla_flags": os.environ.get("XLA_FLAGS", "")})
     for line in sys.stdin:
         request = json.loads(line)
@@ -142,9 +135,9 @@ def worker(argv: list[str]) -> None:
         if not steps:
             break
         if request["settle"]:
-            box["run"](request["settle"])
+            run(request["settle"])
         t = time.perf_counter()
-        box["run"](steps)
+        run(steps)
         send({"seconds": time.perf_counter() - t})
 
 

@@ -192,7 +192,8 @@ def timed(run, args, name: str) -> dict:
     return out
 
 
-def jax_train(s: dict, args) -> dict:
+def jax_train_runner(s: dict, args):
+    """(run, compile_s): the trainer's compiled step on `s`; `run(n)` takes n steps, synchronized."""
     cfg, mesh = s["cfg"], s["mesh"]
     tx = optim.make_optimizer(cfg.optim_config(), s["variables"]["params"], s["base"].config,
                               s["n_data"] // cfg.batch_size)
@@ -216,10 +217,11 @@ def jax_train(s: dict, args) -> dict:
         if not math.isfinite(loss):
             raise FloatingPointError(f"JAX train loss {loss}")
 
-    return {**timed(run, args, s["name"] + "_train"), "compile_s": compile_s}
+    return run, compile_s
 
 
-def jax_eval(s: dict, args) -> dict:
+def jax_eval_runner(s: dict, args):
+    """(run, compile_s): the evaluation step on `s`; `run(n)` evaluates n batches, synchronized."""
     cfg, mesh = s["cfg"], s["mesh"]
     fn = jit_eval_step(build_model(cfg, NUM_CLASSES, overrides=s["overrides"]), s["aug"])
     variables = mesh.replicate(jax.tree.map(jnp.asarray, s["variables"]))
@@ -233,7 +235,33 @@ def jax_eval(s: dict, args) -> dict:
         out = [compiled(variables, *s["arrays"], idx[i % len(idx)], mask) for i in range(n)]
         jax.block_until_ready(out)
 
-    return {**timed(run, args, s["name"] + "_eval"), "compile_s": compile_s}
+    return run, compile_s
+
+
+def jax_runner(s: dict, args, mode: str):
+    return (jax_train_runner if mode == "train" else jax_eval_runner)(s, args)
+
+
+def jax_timed(s: dict, args, mode: str) -> dict:
+    run, compile_s = jax_runner(s, args, mode)
+    return {**timed(run, args, f"{s['name']}_{mode}"), "compile_s": compile_s}
+
+
+def rounds_of_turns(runs: list, steps: int, rounds: int, settle: int = 1) -> list[list[float]]:
+    """Seconds of `steps` steps of each of `runs`, timed in turns: `rounds` rounds, each timing every run once, in
+    order and then in reverse order (A B C, C B A, ...), each turn after `settle` untimed steps (the first step
+    after another computation's turn runs slower: caches, thread wake-up). times[i][r] is run i in round r, so a
+    slow minute falls on every run of its round alike and the ratio of two runs in one round cancels it."""
+    times: list[list[float]] = [[] for _ in runs]
+    for r in range(rounds):
+        order = range(len(runs)) if r % 2 == 0 else reversed(range(len(runs)))
+        for i in order:
+            if settle:
+                runs[i](settle)
+            t = time.perf_counter()
+            runs[i](steps)
+            times[i].append(time.perf_counter() - t)
+    return times
 
 
 # -------------------------------------------------------------------------------------------------- torch side
@@ -358,7 +386,7 @@ def img_s(batch_size: int, steps: int, times: list[float] | None) -> float | Non
 
 def bench_row(variant: str, resolution: int, batch_size: int, mode: str, s: dict, args) -> dict:
     log(f"{variant} {resolution}px batch {batch_size} {mode}: JAX ...")
-    j = (jax_train if mode == "train" else jax_eval)(s, args)
+    j = jax_timed(s, args, mode)
     row: dict[str, Any] = {
         "variant": variant, "resolution": resolution, "batch_size": batch_size, "mode": mode, "dtype": args.dtype,
         "freeze": args.freeze, "device": args.device_kind, "devices": len(args.jax_devices),
@@ -390,6 +418,40 @@ def bench_row(variant: str, resolution: int, batch_size: int, mode: str, s: dict
         row["jax_peak_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20 or None  # (process lifetime: no reset)
     row["threads"] = args.threads
     return row
+
+
+def forms_in_rounds(variant: str, resolution: int, batch_size: int, mode: str, args) -> list[dict]:
+    """`--rounds`: every `--depthwise-impl` form's step compiled first, then timed in turns (`rounds_of_turns`);
+    a row per form, its `times` its turns, and `vs`: for each other form, the median over rounds of this form's
+    img/s over that form's in the same round."""
+    forms, runs, compile_s, plans = args.depthwise_impl or ["auto"], [], [], []
+    for impl in forms:
+        a = argparse.Namespace(**{**vars(args), "depthwise_impl": impl, "compare": "none"})
+        log(f"{variant} {resolution}px batch {batch_size} {mode} ({impl}): compiling ...")
+        with autotune.recording() as plan:
+            setup = jax_setup(variant, resolution, batch_size, a)
+            run, c = jax_runner(setup, a, mode)
+        run(args.warmup)
+        runs.append(run)
+        compile_s.append(c)
+        plans.append(dict(collections.Counter(d.form for d in plan)) or None)
+    log(f"{variant} {resolution}px batch {batch_size} {mode}: {args.rounds} rounds of {', '.join(forms)}")
+    times = rounds_of_turns(runs, args.steps, args.rounds)
+    rows = []
+    for i, impl in enumerate(forms):
+        vs = {f: float(np.median([t_other / t for t, t_other in zip(times[i], times[j])]))
+              for j, f in enumerate(forms) if j != i}
+        rows.append({"variant": variant, "resolution": resolution, "batch_size": batch_size, "mode": mode,
+                     "dtype": args.dtype, "freeze": args.freeze, "device": args.device_kind,
+                     "devices": len(args.jax_devices), "depthwise_impl": impl, "plan": plans[i],
+                     "jax_img_s": img_s(batch_size, args.steps, times[i]), "compile_s": compile_s[i],
+                     "jax_step_ms": 1e3 * float(np.median(times[i])) / args.steps, "rounds": args.rounds,
+                     "times": times[i], "vs": vs,
+                     "gflops": count_flops(setup["base"].config, NUM_CLASSES, resolution) / 1e9,
+                     "torch_img_s": None, "torch_compile_img_s": None, "torch_compile_error": None, "ratio": None,
+                     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+        log(json.dumps(rows[-1]))
+    return rows
 
 
 def print_table(rows: list[dict]) -> None:
@@ -453,6 +515,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--depthwise-impl", default=None, type=_impls,
                    help="JAX (create_model): one of auto, native, shift, xla, or a comma list, each timed in this "
                         "run (a row each; torch once); an 'auto' row says which forms the planner picked ('plan')")
+    p.add_argument("--rounds", type=int, default=0, metavar="R",
+                   help="time the --depthwise-impl forms against each other: compile every one, then R rounds "
+                        "of --steps steps of each in turns (A B C, C B A, ...); each row's 'vs' holds the median "
+                        "per-round ratio against each other form. JAX only (no torch)")
     p.add_argument("--devices", default="1", choices=("1", "all"),
                    help="JAX: the step's mesh over one device, or over all of --device-kind's, the batch sharded "
                         "(on a CPU, one device per core: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
@@ -492,6 +558,10 @@ def main(argv=None) -> list[dict]:
     for variant in args.variant.split(","):
         for res, bs in itertools.product(args.resolution.split(","), args.batch_size.split(",")):
             resolution = side(variant, res)
+            if args.rounds:
+                for mode in modes:
+                    rows += forms_in_rounds(variant, resolution, int(bs), mode, args)
+                continue
             for i, impl in enumerate(args.depthwise_impl or [None]):
                 a = argparse.Namespace(**{**vars(args), "depthwise_impl": impl,
                                           "compare": args.compare if i == 0 else "none"})
