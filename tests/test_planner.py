@@ -77,12 +77,38 @@ def test_an_entry_that_lacks_a_candidate_is_measured_again(tuning, monkeypatch):
     assert len(measured) == 2
 
 
+def test_candidates_are_timed_in_turns_and_a_far_slower_one_runs_once(tuning):
+    """After each candidate's first call, the close ones run in alternating turns, at least MIN_ROUNDS calls each
+    (a slow moment of a shared CPU then falls on both, not on one); one whose first call was over SLOWER_CUTOFF×
+    the fastest runs no more."""
+    order = []
+
+    def build(form):
+        def run():
+            order.append(form)
+            time.sleep({"native": 0.004, "shift": 0.005, "xla": 0.05}[form])
+        return run
+    ms = autotune._time_candidates(FORMS, build)
+    assert min(ms, key=ms.get) == "native" and ms["xla"] >= 50
+    assert order[:3] == list(FORMS) and order.count("xla") == 1
+    turns = order[3:]
+    assert set(turns) == {"native", "shift"} and turns.count("native") == turns.count("shift") >= autotune.MIN_ROUNDS
+    assert all(turns[i:i + 3] not in (["native"] * 3, ["shift"] * 3) for i in range(len(turns)))
+
+
 def test_picks_by_timing_whatever_the_order(tuning, monkeypatch):
     table = {"native": 5.0, "shift": 7.5, "xla": 1.25}
     monkeypatch.setattr(autotune, "_time_candidates", lambda candidates, build: {f: table[f] for f in candidates})
     assert autotune.choose(UNIT, FORMS, "native", None) == "xla"
     assert autotune.choose(autotune.Unit("mbconv", "other", (1,), "inference", "float32"), ("native", "shift"),
                            "shift", None) == "native"
+
+
+def test_the_fixed_form_stays_unless_another_beats_it_by_more_than_the_tie():
+    assert autotune.fastest({"native": 1.04, "shift": 1.0, "xla": 9.0}, "native") == "native"
+    assert autotune.fastest({"native": 1.06, "shift": 1.0, "xla": 9.0}, "native") == "shift"
+    assert autotune.fastest({"native": 1.0, "shift": 0.96}, "shift") == "shift"
+    assert autotune.fastest({"shift": 1.04, "xla": 1.0}, "native") == "xla"  # the fixed form is not a candidate
 
 
 def test_a_form_that_fails_is_not_chosen(tuning):
