@@ -7,8 +7,8 @@ one after another with the machine otherwise idle:
 1. `checks`: what the build really is (the kernels' form, torch's CPU capability, XLA's flags);
 2. `plan`: the planner's cost, measured afresh, for B0 224 px eval and train and the README default's step
    (it also fills the plan cache, so the timings below do not include it);
-3. `forms`: every depthwise form in one process per configuration, each compiled once, then timed in 8 rounds of
-   turns (auto, native, shift, then back: `throughput.py --rounds`), so a slow minute falls on every form of its
+3. `forms`: every depthwise form in one process per configuration, each compiled once, then timed in 40 rounds of
+   half-second turns (auto, native, shift, then back: `throughput.py --rounds`), so a slow minute falls on every form of its
    round alike; `auto` against the fastest fixed form: the median of the rounds' ratios, and the ratio of the best
    turns (a shared CPU only ever slows a turn down, so each form's best turn is its least disturbed one);
 4. `torch`: `auto` against torch eager and `torch.compile`, `--runs` times (median and range);
@@ -38,23 +38,24 @@ HERE = Path(__file__).resolve().parent
 PY = sys.executable
 AVX2_ENV = {"EFFNET_JAX_NATIVE_MARCH": "x86-64-v3", "XLA_FLAGS": "--xla_cpu_max_isa=AVX2",
             "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-# (name, throughput.py arguments, the fixed forms to time beside auto, steps per turn: about a second). XLA's
-# depthwise form runs 5-15x slower than the others at 224 px (the plan's per-unit timings show it), so it is timed
-# where that costs seconds.
+# (name, throughput.py arguments, the fixed forms to time beside auto). XLA's depthwise form runs 5-15x slower than
+# the others at 224 px (the plan's per-unit timings show it), so it is timed where that costs seconds.
 CONFIGS = [
     ("B0 train 224 px b16", ["--variant", "b0", "--resolution", "224", "--batch-size", "16", "--mode", "train"],
-     "native,shift", 2),
+     "native,shift"),
     ("B0 eval 224 px b16", ["--variant", "b0", "--resolution", "224", "--batch-size", "16", "--mode", "eval"],
-     "native,shift", 8),
+     "native,shift"),
     ("B0 train 32 px b64", ["--variant", "b0", "--resolution", "32", "--batch-size", "64", "--mode", "train"],
-     "native,shift,xla", 10),
+     "native,shift,xla"),
     ("B0 eval 32 px b64", ["--variant", "b0", "--resolution", "32", "--batch-size", "64", "--mode", "eval"],
-     "native,shift,xla", 40),
+     "native,shift,xla"),
     ("README default step (Lite0 128 px b64 --freeze 8, train)",
      ["--variant", "lite0", "--resolution", "128", "--batch-size", "64", "--mode", "train", "--freeze", "8"],
-     "native,shift", 3),
+     "native,shift"),
 ]
-ROUNDS = 8
+# forms: rounds of turns of about TURN_S seconds each; identical computations in neighbouring turns differed by
+# up to 40 % on the shared 2-core machines, so many short rounds, not a few long ones
+ROUNDS, TURN_S = 40, 0.5
 TORCH_CONFIGS = CONFIGS[:4]
 PLANS = [("B0 224 px b16 eval", ["--variant", "b0", "--resolution", "224", "--mode", "eval"]),
          ("B0 224 px b16 train", ["--variant", "b0", "--resolution", "224", "--mode", "train"]),
@@ -105,13 +106,13 @@ def measure(build: str, out: Path, steps: list[str], runs: int, only: str = "") 
             _, wall, stdout = run([PY, "-m", "effnet_jax.kernels", "plan", "--remeasure", *a], env, log)
             keep("plan", name, [{"wall_s": wall, "tail": stdout.strip().splitlines()[-3:]}])
     if "forms" in steps:
-        for name, a, fixed, per_turn in (c for c in CONFIGS if only in c[0]):
-            rows, _, _ = run([*tp, *a, "--compare", "none", "--rounds", str(ROUNDS), "--steps", str(per_turn),
+        for name, a, fixed in (c for c in CONFIGS if only in c[0]):
+            rows, _, _ = run([*tp, *a, "--compare", "none", "--rounds", str(ROUNDS), "--turn-s", str(TURN_S),
                               "--depthwise-impl", f"auto,{fixed}"], env, log)
             keep("forms", name, rows)
     if "torch" in steps:
         for i in range(runs):
-            for name, a, _, _ in (c for c in TORCH_CONFIGS if only in c[0]):
+            for name, a, _ in (c for c in TORCH_CONFIGS if only in c[0]):
                 rows, _, _ = run([*tp, *a, "--depthwise-impl", "auto"], env, log)
                 keep("torch", name, rows, run=i)
     if "onnx" in steps:
@@ -133,7 +134,7 @@ def summarize(out: Path) -> str:
         md += ["| plan measured afresh | wall s | printed |", "|---|---:|---|"]
         md += [f"| {r['name']} | {r['wall_s']:.1f} | {' / '.join(r['tail'])} |" for r in plans]
         md.append("")
-    forms = [r for r in rows if r["step"] == "forms" and "vs" in r]
+    forms = [r for r in rows if r["step"] == "forms" and "turn_img_s" in r]
     if forms:
         md += ["| forms in one run, img/s (median of the rounds) | auto | native | shift | xla | fastest fixed "
                "| auto / fastest fixed: median of the rounds (range) | best turn / best turn | auto's plan |",
@@ -142,12 +143,12 @@ def summarize(out: Path) -> str:
             by = {r["depthwise_impl"]: r for r in forms if r["name"] == name}
             fastest = max((k for k in by if k != "auto"), key=lambda k: by[k]["jax_img_s"])
             auto = by["auto"]
-            per_round = [t_f / t_a for t_a, t_f in zip(auto["times"], by[fastest]["times"])]
+            per_round = [a / f for a, f in zip(auto["turn_img_s"], by[fastest]["turn_img_s"])]
             cell = lambda k: f"{by[k]['jax_img_s']:.1f}" if k in by else "–"  # noqa: E731
-            best_fixed = min(min(r["times"]) for k, r in by.items() if k != "auto")
+            best_fixed = max(max(r["turn_img_s"]) for k, r in by.items() if k != "auto")
             md.append(f"| {name} | {cell('auto')} | {cell('native')} | {cell('shift')} | {cell('xla')} | {fastest} "
                       f"| {auto['vs'][fastest]:.3f} ({min(per_round):.3f}–{max(per_round):.3f}) | "
-                      f"{best_fixed / min(auto['times']):.3f} | {json.dumps(auto.get('plan'))} |")
+                      f"{max(auto['turn_img_s']) / best_fixed:.3f} | {json.dumps(auto.get('plan'))} |")
         md.append("")
     tr = [r for r in rows if r["step"] == "torch"]
     if tr:

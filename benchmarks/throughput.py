@@ -247,11 +247,11 @@ def jax_timed(s: dict, args, mode: str) -> dict:
     return {**timed(run, args, f"{s['name']}_{mode}"), "compile_s": compile_s}
 
 
-def rounds_of_turns(runs: list, steps: int, rounds: int, settle: int = 1) -> list[list[float]]:
-    """Seconds of `steps` steps of each of `runs`, timed in turns: `rounds` rounds, each timing every run once, in
+def rounds_of_turns(runs: list, steps: list[int], rounds: int, settle: int = 1) -> list[list[float]]:
+    """Seconds of `steps[i]` steps of each of `runs`, timed in turns: `rounds` rounds, each timing every run once, in
     order and then in reverse order (A B C, C B A, ...), each turn after `settle` untimed steps (the first step
     after another computation's turn runs slower: caches, thread wake-up). times[i][r] is run i in round r, so a
-    slow minute falls on every run of its round alike and the ratio of two runs in one round cancels it."""
+    slow moment falls on the neighbouring turns alike and the ratio of two runs in one round mostly cancels it."""
     times: list[list[float]] = [[] for _ in runs]
     for r in range(rounds):
         order = range(len(runs)) if r % 2 == 0 else reversed(range(len(runs)))
@@ -259,7 +259,7 @@ def rounds_of_turns(runs: list, steps: int, rounds: int, settle: int = 1) -> lis
             if settle:
                 runs[i](settle)
             t = time.perf_counter()
-            runs[i](steps)
+            runs[i](steps[i])
             times[i].append(time.perf_counter() - t)
     return times
 
@@ -424,29 +424,32 @@ def forms_in_rounds(variant: str, resolution: int, batch_size: int, mode: str, a
     """`--rounds`: every `--depthwise-impl` form's step compiled first, then timed in turns (`rounds_of_turns`);
     a row per form, its `times` its turns, and `vs`: for each other form, the median over rounds of this form's
     img/s over that form's in the same round."""
-    forms, runs, compile_s, plans = args.depthwise_impl or ["auto"], [], [], []
+    forms, runs, compile_s, plans, steps = args.depthwise_impl or ["auto"], [], [], [], []
     for impl in forms:
         a = argparse.Namespace(**{**vars(args), "depthwise_impl": impl, "compare": "none"})
         log(f"{variant} {resolution}px batch {batch_size} {mode} ({impl}): compiling ...")
         with autotune.recording() as plan:
             setup = jax_setup(variant, resolution, batch_size, a)
             run, c = jax_runner(setup, a, mode)
-        run(args.warmup)
+        run(max(args.warmup, 1))
+        t = time.perf_counter()
+        run(1)
+        steps.append(max(1, round(args.turn_s / (time.perf_counter() - t))) if args.turn_s else args.steps)
         runs.append(run)
         compile_s.append(c)
         plans.append(dict(collections.Counter(d.form for d in plan)) or None)
     log(f"{variant} {resolution}px batch {batch_size} {mode}: {args.rounds} rounds of {', '.join(forms)}")
-    times = rounds_of_turns(runs, args.steps, args.rounds)
+    times = rounds_of_turns(runs, steps, args.rounds)
+    rate = [[batch_size * steps[i] / t for t in times[i]] for i in range(len(forms))]  # img/s of each turn
     rows = []
     for i, impl in enumerate(forms):
-        vs = {f: float(np.median([t_other / t for t, t_other in zip(times[i], times[j])]))
-              for j, f in enumerate(forms) if j != i}
+        vs = {f: float(np.median([a / b for a, b in zip(rate[i], rate[j])])) for j, f in enumerate(forms) if j != i}
         rows.append({"variant": variant, "resolution": resolution, "batch_size": batch_size, "mode": mode,
                      "dtype": args.dtype, "freeze": args.freeze, "device": args.device_kind,
                      "devices": len(args.jax_devices), "depthwise_impl": impl, "plan": plans[i],
-                     "jax_img_s": img_s(batch_size, args.steps, times[i]), "compile_s": compile_s[i],
-                     "jax_step_ms": 1e3 * float(np.median(times[i])) / args.steps, "rounds": args.rounds,
-                     "times": times[i], "vs": vs,
+                     "jax_img_s": float(np.median(rate[i])), "compile_s": compile_s[i],
+                     "jax_step_ms": 1e3 * batch_size / float(np.median(rate[i])), "rounds": args.rounds,
+                     "steps_per_turn": steps[i], "times": times[i], "turn_img_s": rate[i], "vs": vs,
                      "gflops": count_flops(setup["base"].config, NUM_CLASSES, resolution) / 1e9,
                      "torch_img_s": None, "torch_compile_img_s": None, "torch_compile_error": None, "ratio": None,
                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
@@ -517,8 +520,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "run (a row each; torch once); an 'auto' row says which forms the planner picked ('plan')")
     p.add_argument("--rounds", type=int, default=0, metavar="R",
                    help="time the --depthwise-impl forms against each other: compile every one, then R rounds "
-                        "of --steps steps of each in turns (A B C, C B A, ...); each row's 'vs' holds the median "
-                        "per-round ratio against each other form. JAX only (no torch)")
+                        "of one turn of each (A B C, C B A, ...); each row's 'vs' holds the median per-round ratio "
+                        "of img/s against each other form. JAX only (no torch)")
+    p.add_argument("--turn-s", type=float, default=0.0, metavar="S",
+                   help="with --rounds: each form's turn takes about S seconds (its steps per turn from one "
+                        "timed step after the warm-up); default: --steps steps")
     p.add_argument("--devices", default="1", choices=("1", "all"),
                    help="JAX: the step's mesh over one device, or over all of --device-kind's, the batch sharded "
                         "(on a CPU, one device per core: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
