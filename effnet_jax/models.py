@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import variants
-from .kernels import planner
+from .kernels import autotune, planner
 from .layers import BatchNorm, Conv, DepthwiseConv, DropPath, SqueezeExcite, activation, conv_padding
 from .variants import BlockConfig, ModelConfig
 
@@ -173,31 +173,14 @@ class EfficientNet(nn.Module):
             return activation(cfg.activation, trains(unit))(bn(name)(x, not trains(unit)))
 
         x = x.astype(self.dtype)
-        stem = Conv(cfg.stem_channels, 3, cfg.stem_stride, cfg.padding, self.dtype, self.conv_impl, name="stem")
-        first = cfg.blocks[0]
-        # in inference mode the first block's depthwise kernel may compute the stem itself (its output never
-        # written out), where the planner picks the kernels for that block and no intermediates are being kept
-        if first.fused or trains(1) or self.is_mutable_collection("intermediates"):
-            first_form = None
-        else:
-            stem_out = (x.shape[0], *(-(-s // cfg.stem_stride) for s in x.shape[1:3]), cfg.stem_channels)
-            first_form = planner.block_depthwise_form(self._block(0, parent=None, name="blocks_0"), stem_out,
-                                                       False) if not self.is_initializing() \
-                else None
-        if first_form and planner.fuses_stem(first_form, trains(1), first, False):
-            pads = tuple(conv_padding(cfg.padding, s, 3, cfg.stem_stride) for s in x.shape[1:3])
-            fused_stem = (stem(x, kernel_only=True), cfg.stem_stride, pads, bn("stem_bn"))
-        else:
-            fused_stem = None
-            x = stem(x, inference=not trains(0))
-            x = bn_act("stem_bn", 0, x)
-            self.sow("intermediates", "stem_out", x)
+        x, fused_stem, first_impl = self._stem(x, trains, bn, bn_act)
         for i, block in enumerate(cfg.blocks):
             if block.fused:
                 x = FusedMBConv(block, cfg.activation, cfg.padding, cfg.bn_momentum, cfg.bn_epsilon, self.dtype,
                                 self.conv_impl, name=f"blocks_{i}")(x, trains(i + 1))
             else:
-                x = self._block(i, name=f"blocks_{i}")(x, trains(i + 1), fused_stem if i == 0 else None)
+                x = self._block(i, first_impl if i == 0 else None, name=f"blocks_{i}")(
+                    x, trains(i + 1), fused_stem if i == 0 else None)
             if i + 1 == len(cfg.blocks) or cfg.blocks[i + 1].stage != block.stage:
                 self.sow("intermediates", f"stage{block.stage}", x)
         x = Conv(cfg.head_channels, dtype=self.dtype, impl=self.conv_impl, name="head")(x)
@@ -210,10 +193,51 @@ class EfficientNet(nn.Module):
         x = nn.Dense(self.num_classes, kernel_init=_classifier_init, dtype=self.dtype, name="classifier")(x)
         return x.astype(jnp.float32)
 
-    def _block(self, i: int, **kw) -> MBConv:
+    def _stem(self, x, trains, bn, bn_act):
+        """The stem, its BatchNorm and activation: (their output, None, the first block's depthwise form); or, in
+        inference mode, where the planner picks the kernels for the first block and no intermediates are kept, (the
+        image, the `stem` argument of `MBConv`, 'native'): the first block's depthwise kernel then computes the stem
+        itself, its output never written. The form is the one the planner chose with the stem (None: the block's
+        own choice)."""
         cfg = self.config
-        return MBConv(cfg.blocks[i], cfg.activation, cfg.padding, cfg.bn_momentum, cfg.bn_epsilon, self.depthwise_impl,
-                      self.dtype, self.conv_impl, **kw)
+        stem = Conv(cfg.stem_channels, 3, cfg.stem_stride, cfg.padding, self.dtype, self.conv_impl, name="stem")
+        first_form = None
+        if not (cfg.blocks[0].fused or trains(1) or self.is_mutable_collection("intermediates")
+                or self.is_initializing()):
+            stem_out = (x.shape[0], *(-(-s // cfg.stem_stride) for s in x.shape[1:3]), cfg.stem_channels)
+            first_form = planner.first_block_form(
+                self._block(0, parent=None, name="blocks_0"), x.shape, stem_out,
+                lambda form: autotune.time_module(
+                    _StemAndFirstBlock(**{**self._field_values(), "depthwise_impl": form}), x.shape, False))
+        if first_form and planner.fuses_stem(first_form, trains(1), cfg.blocks[0], False):
+            pads = tuple(conv_padding(cfg.padding, s, 3, cfg.stem_stride) for s in x.shape[1:3])
+            return x, (stem(x, kernel_only=True), cfg.stem_stride, pads, bn("stem_bn")), first_form
+        x = stem(x, inference=not trains(0))
+        x = bn_act("stem_bn", 0, x)
+        self.sow("intermediates", "stem_out", x)
+        return x, None, first_form
+
+    def _field_values(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(EfficientNet)
+                if f.init and f.name not in ("parent", "name")}
+
+    def _block(self, i: int, depthwise_impl: str | None = None, **kw) -> MBConv:
+        cfg = self.config
+        return MBConv(cfg.blocks[i], cfg.activation, cfg.padding, cfg.bn_momentum, cfg.bn_epsilon,
+                      depthwise_impl or self.depthwise_impl, self.dtype, self.conv_impl, **kw)
+
+
+class _StemAndFirstBlock(EfficientNet):
+    """The planner's unit for a first block whose kernel may compute the stem (`planner.first_block_form`): the
+    stem and `blocks_0` of the network, in inference mode, run as the network runs them with `depthwise_impl`."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        cfg = self.config
+        bn = lambda name: BatchNorm(cfg.bn_momentum, cfg.bn_epsilon, self.dtype, name=name)  # noqa: E731
+        x, fused_stem, _ = self._stem(x.astype(self.dtype), lambda unit: False, bn,
+                                      lambda name, unit, x: activation(cfg.activation, False)(bn(name)(x, True)))
+        return self._block(0, name="blocks_0")(x, False, fused_stem)
 
 
 _CONFIG_OVERRIDES = ("drop_rate", "drop_path_rate", "stem_stride", "padding", "width", "depth", "resolution",

@@ -12,7 +12,7 @@ from (unit, mode, backend, dtype, machine). The blocks in `models` and `layers` 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +101,21 @@ def block_depthwise_form(block, x_shape: tuple[int, ...], train: bool) -> str:
                          jnp.dtype(block.dtype).name)
     return autotune.choose(unit, candidates, fixed, lambda form: autotune.time_module(
         block.clone(parent=None, depthwise_impl=form, name=None), x_shape, train), name=block.name)
+
+
+def first_block_form(block, image_shape: tuple[int, ...], stem_shape: tuple[int, ...],
+                     build: Callable[[str], Callable[[], object]]) -> str:
+    """The depthwise form of the first MBConv `block` in inference mode, on the stem's output of `stem_shape`.
+    Where its kernel may compute the stem too (`fuses_stem`), the candidates are timed as the stem and the block
+    together (`build(form)` runs both, the stem fused with the kernels), since never writing the stem's output is
+    the kernels' gain there and the block alone does not show it; else as any block."""
+    candidates = depthwise_candidates(block.dtype)
+    if (block.depthwise_impl != "auto" or not on_cpu() or candidates[0] != "native"
+            or not fuses_stem("native", False, block.cfg, False)):
+        return block_depthwise_form(block, stem_shape, False)
+    unit = autotune.Unit("stem+mbconv", f"{_block_signature(block)} stem>{'x'.join(map(str, stem_shape[1:]))}",
+                         tuple(image_shape), "inference", jnp.dtype(block.dtype).name)
+    return autotune.choose(unit, candidates, candidates[0], build, name=block.name)
 
 
 def _block_signature(block) -> str:
