@@ -166,14 +166,9 @@ class EfficientNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         cfg = self.config
-        bn = lambda name: BatchNorm(cfg.bn_momentum, cfg.bn_epsilon, self.dtype, name=name)  # noqa: E731
         trains = lambda unit: train and unit >= self.frozen_units  # noqa: E731
-
-        def bn_act(name, unit, x):  # BN, then the activation, of a unit that trains or runs in inference mode
-            return activation(cfg.activation, trains(unit))(bn(name)(x, not trains(unit)))
-
         x = x.astype(self.dtype)
-        x, fused_stem, first_impl = self._stem(x, trains, bn, bn_act)
+        x, fused_stem, first_impl = self._stem(x, trains)
         for i, block in enumerate(cfg.blocks):
             if block.fused:
                 x = FusedMBConv(block, cfg.activation, cfg.padding, cfg.bn_momentum, cfg.bn_epsilon, self.dtype,
@@ -184,7 +179,7 @@ class EfficientNet(nn.Module):
             if i + 1 == len(cfg.blocks) or cfg.blocks[i + 1].stage != block.stage:
                 self.sow("intermediates", f"stage{block.stage}", x)
         x = Conv(cfg.head_channels, dtype=self.dtype, impl=self.conv_impl, name="head")(x)
-        x = bn_act("head_bn", len(cfg.blocks) + 1, x)
+        x = self._bn_act("head_bn", trains(len(cfg.blocks) + 1), x)
         self.sow("intermediates", "head_out", x)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         if self.num_classes == 0:
@@ -193,7 +188,14 @@ class EfficientNet(nn.Module):
         x = nn.Dense(self.num_classes, kernel_init=_classifier_init, dtype=self.dtype, name="classifier")(x)
         return x.astype(jnp.float32)
 
-    def _stem(self, x, trains, bn, bn_act):
+    def _bn(self, name: str) -> BatchNorm:
+        return BatchNorm(self.config.bn_momentum, self.config.bn_epsilon, self.dtype, name=name)
+
+    def _bn_act(self, name: str, trains: bool, x):
+        """BatchNorm, then the activation, of a unit that trains or runs in inference mode."""
+        return activation(self.config.activation, trains)(self._bn(name)(x, not trains))
+
+    def _stem(self, x, trains):
         """The stem, its BatchNorm and activation: (their output, None, the first block's depthwise form); or, in
         inference mode, where the planner picks the kernels for the first block and no intermediates are kept, (the
         image, the `stem` argument of `MBConv`, 'native'): the first block's depthwise kernel then computes the stem
@@ -211,9 +213,9 @@ class EfficientNet(nn.Module):
                     _StemAndFirstBlock(**{**self._field_values(), "depthwise_impl": form}), x.shape, False))
         if first_form and planner.fuses_stem(first_form, trains(1), cfg.blocks[0], False):
             pads = tuple(conv_padding(cfg.padding, s, 3, cfg.stem_stride) for s in x.shape[1:3])
-            return x, (stem(x, kernel_only=True), cfg.stem_stride, pads, bn("stem_bn")), first_form
+            return x, (stem(x, kernel_only=True), cfg.stem_stride, pads, self._bn("stem_bn")), first_form
         x = stem(x, inference=not trains(0))
-        x = bn_act("stem_bn", 0, x)
+        x = self._bn_act("stem_bn", trains(0), x)
         self.sow("intermediates", "stem_out", x)
         return x, None, first_form
 
@@ -233,10 +235,7 @@ class _StemAndFirstBlock(EfficientNet):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        cfg = self.config
-        bn = lambda name: BatchNorm(cfg.bn_momentum, cfg.bn_epsilon, self.dtype, name=name)  # noqa: E731
-        x, fused_stem, _ = self._stem(x.astype(self.dtype), lambda unit: False, bn,
-                                      lambda name, unit, x: activation(cfg.activation, False)(bn(name)(x, True)))
+        x, fused_stem, _ = self._stem(x.astype(self.dtype), lambda unit: False)
         return self._block(0, name="blocks_0")(x, False, fused_stem)
 
 
