@@ -384,17 +384,21 @@ def img_s(batch_size: int, steps: int, times: list[float] | None) -> float | Non
     return None if not times else batch_size * steps / float(np.median(times))
 
 
+def row_head(variant: str, resolution: int, batch_size: int, mode: str, s: dict, args) -> dict[str, Any]:
+    """A row's configuration fields, and the torch fields empty."""
+    return {"variant": variant, "resolution": resolution, "batch_size": batch_size, "mode": mode,
+            "dtype": args.dtype, "freeze": args.freeze, "device": args.device_kind, "devices": len(args.jax_devices),
+            "gflops": count_flops(s["base"].config, NUM_CLASSES, resolution) / 1e9,
+            "torch_img_s": None, "torch_compile_img_s": None, "torch_compile_s": None, "torch_compile_error": None,
+            "ratio": None, "ratio_compiled": None}
+
+
 def bench_row(variant: str, resolution: int, batch_size: int, mode: str, s: dict, args) -> dict:
     log(f"{variant} {resolution}px batch {batch_size} {mode}: JAX ...")
     j = jax_timed(s, args, mode)
-    row: dict[str, Any] = {
-        "variant": variant, "resolution": resolution, "batch_size": batch_size, "mode": mode, "dtype": args.dtype,
-        "freeze": args.freeze, "device": args.device_kind, "devices": len(args.jax_devices),
-        "gflops": count_flops(s["base"].config, NUM_CLASSES, resolution) / 1e9,
-        "jax_img_s": img_s(batch_size, args.steps, j["times"]), "compile_s": j["compile_s"],
-        "jax_step_ms": 1e3 * float(np.median(j["times"])) / args.steps,
-        "torch_img_s": None, "torch_compile_img_s": None, "torch_compile_s": None, "torch_compile_error": None,
-        "ratio": None, "ratio_compiled": None}
+    row = row_head(variant, resolution, batch_size, mode, s, args)
+    row.update(jax_img_s=img_s(batch_size, args.steps, j["times"]), compile_s=j["compile_s"],
+               jax_step_ms=1e3 * float(np.median(j["times"])) / args.steps)
     if args.width is not None or args.depth is not None:
         row.update(width=args.width, depth=args.depth)
     if "profile" in j:
@@ -444,14 +448,10 @@ def forms_in_rounds(variant: str, resolution: int, batch_size: int, mode: str, a
     rows = []
     for i, impl in enumerate(forms):
         vs = {f: float(np.median([a / b for a, b in zip(rate[i], rate[j])])) for j, f in enumerate(forms) if j != i}
-        rows.append({"variant": variant, "resolution": resolution, "batch_size": batch_size, "mode": mode,
-                     "dtype": args.dtype, "freeze": args.freeze, "device": args.device_kind,
-                     "devices": len(args.jax_devices), "depthwise_impl": impl, "plan": plans[i],
-                     "jax_img_s": float(np.median(rate[i])), "compile_s": compile_s[i],
+        rows.append({**row_head(variant, resolution, batch_size, mode, setup, args), "depthwise_impl": impl,
+                     "plan": plans[i], "jax_img_s": float(np.median(rate[i])), "compile_s": compile_s[i],
                      "jax_step_ms": 1e3 * batch_size / float(np.median(rate[i])), "rounds": args.rounds,
                      "steps_per_turn": steps[i], "times": times[i], "turn_img_s": rate[i], "vs": vs,
-                     "gflops": count_flops(setup["base"].config, NUM_CLASSES, resolution) / 1e9,
-                     "torch_img_s": None, "torch_compile_img_s": None, "torch_compile_error": None, "ratio": None,
                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
         log(json.dumps(rows[-1]))
     return rows
