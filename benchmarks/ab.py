@@ -222,6 +222,6 @@ if __name__ == "__main__":
         worker(sys.argv[2:])
     else:
         sys.path.insert(0, str(REPO))
-        from effnet_jax.host import with_fast_malloc
+        from effnet_jax.cli.host import with_fast_malloc
         with_fast_malloc()  # before the workers start: they inherit the allocator setting
         main()

@@ -11,7 +11,7 @@ alone, it times on the unit's real input shape:
   torch: `unit(x).backward(g)` with the parameters' gradients reset each step.
 * eval: forward in inference mode (JAX `train=False`, jitted; torch `eval()` + `inference_mode`).
 
-JAX units are this library's modules (`effnet_jax.models.MBConv` / `FusedMBConv`, `effnet_jax.layers`), with
+JAX units are this library's modules (`effnet_jax.model.blocks.MBConv` / `FusedMBConv`, `effnet_jax.model.layers`), with
 the `depthwise_impl` the model uses by default ('auto' on CPU: the C++ kernels; in inference mode an MBConv unit runs
 its expansion, depthwise convolution, BatchNorms, activations and SE pooling as one kernel pass, and the depthwise
 columns, which time the convolution alone, the shifted sum that a bare convolution gets there; the stem is timed
@@ -42,10 +42,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effnet_jax.host import with_fast_malloc
-from effnet_jax.layers import (DEPTHWISE_IMPLS, BatchNorm, Conv, activation, conv_padding, depthwise_conv,
-                               resolve_depthwise_impl)
-from effnet_jax.models import FusedMBConv, MBConv, create_model, random_variables, unit_names
+from effnet_jax.cli.host import with_fast_malloc
+from effnet_jax.model.layers import (DEPTHWISE_IMPLS, BatchNorm, Conv, activation, conv_padding, depthwise_conv,
+                                     resolve_depthwise_impl)
+from effnet_jax.model.blocks import FusedMBConv, MBConv
+from effnet_jax.model.network import create_model, random_variables, unit_names
 from throughput import cpu_threads, log, time_steps, torch_model
 
 

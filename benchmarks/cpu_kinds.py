@@ -65,7 +65,7 @@ TARGETS = {"B0 train 224 px b16": (1.5, 1.2), "B0 eval 224 px b16": (2.0, 1.2), 
            "B0 eval 32 px b64": (4.0, None)}
 CHECK = """
 import json, os, torch
-from effnet_jax import native
+from effnet_jax.kernels import native
 from effnet_jax.kernels import autotune
 print(json.dumps({"kernels": native.form() if native.available() else None, "machine": autotune.machine(),
                   "torch_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}))

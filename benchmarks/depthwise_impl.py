@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 import effnet_jax
-from effnet_jax.models import random_variables
+from effnet_jax.model.network import random_variables
 
 
 def bench(variant, impl, res, bs, repeats):

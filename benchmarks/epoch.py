@@ -58,12 +58,13 @@ import throughput  # noqa: E402  (torch_model, torch_freeze: the same model on b
 from throughput import log  # noqa: E402
 
 from effnet_jax import data as data_lib  # noqa: E402
-from effnet_jax import optim  # noqa: E402
-from effnet_jax.host import with_fast_malloc  # noqa: E402
-from effnet_jax.mesh import Mesh  # noqa: E402
-from effnet_jax.steps import create_train_state, jit_train_step  # noqa: E402
-from effnet_jax.train import PRESETS, TrainConfig, augment_config, build_model  # noqa: E402
-from effnet_jax.models import random_variables  # noqa: E402
+from effnet_jax.train import optim  # noqa: E402
+from effnet_jax.cli.host import with_fast_malloc  # noqa: E402
+from effnet_jax.train.mesh import Mesh  # noqa: E402
+from effnet_jax.train.steps import create_train_state, jit_train_step  # noqa: E402
+from effnet_jax.train.config import PRESETS, TrainConfig  # noqa: E402
+from effnet_jax.train.build import build_model  # noqa: E402
+from effnet_jax.model.network import random_variables  # noqa: E402
 
 DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
 
@@ -80,7 +81,7 @@ def jax_epoch(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, num_clas
     variables = random_variables(base, cfg.resolution, cfg.seed)
     tx = optim.make_optimizer(ocfg, variables["params"], base.config, steps_per_epoch)
     step_fn = jit_train_step(build_model(cfg, num_classes, fu, overrides), tx,
-                             augment_config(cfg, *cfg.normalization()), cfg.label_smoothing, cfg.ema_decay)
+                             cfg.augment, cfg.eval_transform(), cfg.label_smoothing, cfg.ema_decay)
 
     t0 = time.perf_counter()
     train_arrays = mesh.replicate((jnp.asarray(images), jnp.asarray(labels)))
@@ -183,7 +184,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    cfg = TrainConfig(**(PRESETS["notebook"] | dict(
+    cfg = TrainConfig.from_flat((PRESETS["notebook"] | dict(
         variant=args.variant, dataset=args.dataset, data_dir=args.data_dir, init="scratch",
         resolution=args.resolution, batch_size=args.batch_size, freeze=args.freeze, dtype=args.dtype,
         seed=args.seed, progress=False)))

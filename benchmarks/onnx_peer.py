@@ -1,6 +1,6 @@
 """Inference against ONNX Runtime, in one process: our jitted forward (`model.apply`, train=False) against
 torchvision's same model exported with `torch.onnx.export` and run by ONNX Runtime's CPU provider (and, for
-reference, ONNX Runtime on our own `effnet_jax.export` file and torch eager under `inference_mode`). All four on a
+reference, ONNX Runtime on our own `effnet_jax.model.export` file and torch eager under `inference_mode`). All four on a
 ready float batch, random weights, the same threads; the model and the timer are throughput.py's.
 
     python benchmarks/onnx_peer.py --variant b0 --resolution 224 --batch-size 16
@@ -27,9 +27,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import throughput  # noqa: E402  (torch_model, time_steps: the same model and timer as the step benchmark)
 
 import effnet_jax  # noqa: E402
-from effnet_jax.host import with_fast_malloc  # noqa: E402
+from effnet_jax.cli.host import with_fast_malloc  # noqa: E402
 from effnet_jax.kernels import autotune  # noqa: E402
-from effnet_jax.models import random_variables  # noqa: E402
+from effnet_jax.model.network import random_variables  # noqa: E402
 
 VARIANTS = [f"b{i}" for i in range(8)]  # torchvision's B0-B7: torch.onnx.export of its model is the peer
 
@@ -74,9 +74,9 @@ def main(argv=None) -> dict:
         sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         xo = xt.numpy()
         ort_t = timed(lambda: sess.run(None, {"x": xo}), args.repeats, args.steps)
-        # and ONNX Runtime on our own export of the same architecture and weights (effnet_jax.export)
+        # and ONNX Runtime on our own export of the same architecture and weights (effnet_jax.model.export)
         import onnx
-        from effnet_jax.export import to_onnx
+        from effnet_jax.model.export import to_onnx
         ours = os.path.join(tmp, "ours.onnx")
         onnx.save(to_onnx(model, variables, r), ours)
         sess2 = ort.InferenceSession(ours, so, providers=["CPUExecutionProvider"])

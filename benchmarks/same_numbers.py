@@ -5,7 +5,7 @@
     python benchmarks/same_numbers.py compare OUT_A OUT_B [--tol 1e-5]
 
 `run`: Lite0 from its ImageNet weights, 1 epoch on a seeded 5,000-image subset of CIFAR-10 (seed 0, the default
-recipe otherwise), then `python -m effnet_jax.evaluate` on the run; each CLI's stdout is kept in OUT_DIR.
+recipe otherwise), then `effnet-evaluate` on the run; each CLI's stdout is kept in OUT_DIR.
 `compare`: every number of every `metrics.jsonl` record and of the evaluation's JSON line, except wall-clock
 times and speeds, must agree within `--tol`; prints the largest difference and exits 1 when one is larger.
 A refactor is checked by running `run` on the commit before and after it and `compare` on the two.
@@ -29,7 +29,7 @@ def run(out: pathlib.Path, data_dir: str) -> None:
     train = [sys.executable, str(REPO / "train.py"), "--variant", "lite0", "--dataset", "cifar10", "--data-dir",
              data_dir, "--init", "imagenet", "--epochs", "1", "--max-train-examples", "5000", "--seed", "0",
              "--workdir", str(workdir), "--no-progress"]
-    evaluate = [sys.executable, "-m", "effnet_jax.evaluate", "--workdir", str(workdir)]
+    evaluate = [sys.executable, "-m", "effnet_jax.cli.evaluate", "--workdir", str(workdir)]
     out.mkdir(parents=True, exist_ok=False)
     for name, cmd in (("train", train), ("evaluate", evaluate)):
         print("$", " ".join(cmd), flush=True)

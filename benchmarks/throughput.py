@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Training / inference throughput: our jitted JAX step against torchvision's same model, in one process.
 
-JAX side: the trainer's own step, `effnet_jax.steps.jit_train_step` (state donated) exactly as
+JAX side: the trainer's own step, `effnet_jax.train.steps.jit_train_step` (state donated) exactly as
 `train_and_evaluate` builds it (model from `build_model`, optimizer from `optim.make_optimizer` with the
-project's default AdamW recipe and `--freeze`, the model's `frozen_units` for it, `augment_config`), fed an
+project's default AdamW recipe and `--freeze`, the model's `frozen_units` for it, the config's augmentation and input transform), fed an
 on-device uint8 dataset (random CIFAR-sized images, `--source-size`) and host index batches put on the mesh each
 step, as training does (one device; `--devices all`: every device of the kind, the batch sharded over them, as
-`train.py` and `effnet_jax.evaluate` use them): so a step includes the gather, the on-device augmentation
+`train.py` and `effnet_jax.cli.evaluate` use them): so a step includes the gather, the on-device augmentation
 (crop + flip + resize to `--resolution`), forward, backward, BN update and the optimizer. Eval:
-`effnet_jax.steps.jit_eval_step` (resize + normalize + forward + metrics) on an index batch.
+`effnet_jax.train.steps.jit_eval_step` (resize + normalize + forward + metrics) on an index batch.
 
 PyTorch side: torchvision's `efficientnet_bX` / `efficientnet_v2_X(weights=None, num_classes=10)` (for Lite: the
 `efficientnet_lite_pytorch` package, when installed), on a ready float batch of the same size (no data
@@ -25,7 +25,7 @@ Random weights (fan-in scaled): throughput does not depend on their values.
 
 Comma lists sweep: one row per (variant, resolution, batch size, mode). Progress goes to stderr; stdout gets
 a table, then one JSON line per row (the last line is the last row: with one combination, its result).
-`gflops` is forward multiply-accumulates per image at that resolution (`effnet_jax.models.count_flops`,
+`gflops` is forward multiply-accumulates per image at that resolution (`effnet_jax.model.network.count_flops`,
 torchvision's "GFLOPS" convention). `peak_rss_mb` is the process's peak resident memory so far (both
 frameworks, all rows before); on a GPU, `jax_peak_mb` / `torch_peak_mb` are the devices' peak allocations.
 
@@ -76,15 +76,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from effnet_jax import data as data_lib
-from effnet_jax import optim, variants
+from effnet_jax.train import optim
+from effnet_jax.model import variants
 from effnet_jax.errors import ConfigError
-from effnet_jax.host import with_fast_malloc
+from effnet_jax.cli.host import with_fast_malloc
 from effnet_jax.kernels import autotune
-from effnet_jax.models import count_flops, random_variables
+from effnet_jax.model.network import count_flops, random_variables
 from effnet_jax.kernels import CONV_IMPLS, DEPTHWISE_IMPLS
-from effnet_jax.mesh import Mesh
-from effnet_jax.steps import create_train_state, jit_eval_step, jit_train_step
-from effnet_jax.train import TrainConfig, augment_config, build_model
+from effnet_jax.train.mesh import Mesh
+from effnet_jax.train.steps import create_train_state, jit_eval_step, jit_train_step
+from effnet_jax.train.config import TrainConfig
+from effnet_jax.train.build import build_model
 
 NUM_CLASSES = 10
 PROFILE_ROWS = 20  # kinds printed per profile (the row's JSON has all)
@@ -134,7 +136,7 @@ def jax_setup(variant: str, resolution: int, batch_size: int, args) -> dict:
     return dict(cfg=cfg, overrides=overrides, base=base, fu=fu, mesh=mesh, n_data=n_data,
                 name=f"{variant}_{resolution}_{batch_size}",
                 arrays=mesh.replicate((jnp.asarray(images), jnp.asarray(labels))),
-                aug=augment_config(cfg, *cfg.normalization()),
+                aug=cfg.augment, transform=cfg.eval_transform(),
                 variables=random_variables(base, resolution),
                 batches=data_lib.batch_indices(data_lib.epoch_permutation(n_data, 0, 1), batch_size))
 
@@ -197,7 +199,7 @@ def jax_train_runner(s: dict, args):
     cfg, mesh = s["cfg"], s["mesh"]
     tx = optim.make_optimizer(cfg.optim_config(), s["variables"]["params"], s["base"].config,
                               s["n_data"] // cfg.batch_size)
-    step_fn = jit_train_step(build_model(cfg, NUM_CLASSES, s["fu"], s["overrides"]), tx, s["aug"],
+    step_fn = jit_train_step(build_model(cfg, NUM_CLASSES, s["fu"], s["overrides"]), tx, s["aug"], s["transform"],
                              cfg.label_smoothing, cfg.ema_decay)
     state = mesh.replicate(create_train_state(s["variables"], tx, cfg.seed, cfg.ema_decay > 0))
     batches = s["batches"]
@@ -223,7 +225,7 @@ def jax_train_runner(s: dict, args):
 def jax_eval_runner(s: dict, args):
     """(run, compile_s): the evaluation step on `s`; `run(n)` evaluates n batches, synchronized."""
     cfg, mesh = s["cfg"], s["mesh"]
-    fn = jit_eval_step(build_model(cfg, NUM_CLASSES, overrides=s["overrides"]), s["aug"])
+    fn = jit_eval_step(build_model(cfg, NUM_CLASSES, overrides=s["overrides"]), s["transform"])
     variables = mesh.replicate(jax.tree.map(jnp.asarray, s["variables"]))
     idx = [mesh.put_batch(b) for b in s["batches"]]
     mask = mesh.put_batch(np.ones(cfg.batch_size, bool))
@@ -270,9 +272,9 @@ def torch_model(variant: str, num_classes: int = NUM_CLASSES, width: float | Non
                 depth: float | None = None):
     """(model, units): torchvision's EfficientNet-B or -V2 (or the efficientnet_lite_pytorch Lite model) with
     random weights and a `num_classes` head; `units` = [stem, block 0, ..., head conv], the order of
-    `effnet_jax.models.unit_names`, for freezing the first N as `frozen_units` does. V2 with `width`/`depth`:
+    `effnet_jax.model.network.unit_names`, for freezing the first N as `frozen_units` does. V2 with `width`/`depth`:
     torchvision's V2 stage table with channels (and the 1280 head) rounded by `_make_divisible(c * width, 8)`
-    and repeats by ceil(n * depth), as `effnet_jax.variants.model_config` scales V2 (torchvision's V2
+    and repeats by ceil(n * depth), as `effnet_jax.model.variants.model_config` scales V2 (torchvision's V2
     builders take no multipliers)."""
     import torch.nn as nn
     if variant.startswith("lite"):

@@ -1,16 +1,17 @@
 """effnet_jax: EfficientNet B0-B7, Lite0-4 and V2-S/M/L in JAX/Flax, equal to torchvision's and the TF Lite models.
 
-Names are imported lazily, so `python -m effnet_jax.<module>` runs each CLI without importing it twice.
+The public API; names are imported lazily (`import effnet_jax` stays cheap). The package by concern: `model/`,
+`kernels/`, `weights/`, `data/`, `train/`, `cli/`, and `loader` (every source of weights).
 """
 
 import importlib
 
 _EXPORTS = {
-    "EfficientNet": "models", "create_model": "models", "count_params": "models", "count_flops": "models",
-    "VARIANTS": "variants", "model_config": "variants",
-    "read_torch_state_dict": "torch_reader",
-    "convert_state_dict": "convert", "pretrained": "convert",
-    "load": "loader", "Loaded": "loader", "EvalTransform": "preprocess", "UserError": "errors",
+    "EfficientNet": "model.network", "create_model": "model.network", "count_params": "model.network",
+    "count_flops": "model.network", "VARIANTS": "model.variants", "model_config": "model.variants",
+    "read_torch_state_dict": "weights.torch_reader", "convert_state_dict": "weights.convert",
+    "load": "loader", "Loaded": "loader", "pretrained": "loader", "EvalTransform": "data.transform",
+    "TrainConfig": "train.config", "train_and_evaluate": "train.loop", "UserError": "errors",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

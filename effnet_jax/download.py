@@ -3,7 +3,7 @@
 `download(url, path, sha256=..., size=...)` streams `url` into a temporary file beside `path` (with a tqdm
 progress bar), checks the byte count and the SHA-256, and only then renames it to `path`: a cache never holds a
 partial or unverified file, whatever stops the transfer (a closed connection, a wrong file, Ctrl-C). The weight
-files (`effnet_jax.weights`) and the CIFAR archives (`effnet_jax.data`) are fetched through it; each caller turns
+files (`effnet_jax.weights.published`) and the CIFAR archives (`effnet_jax.data`) are fetched through it; each caller turns
 the two errors below into its own message saying what to do.
 
 This module does not import torch or TensorFlow.
@@ -21,7 +21,7 @@ import urllib.request
 
 from tqdm import tqdm
 
-from .errors import UserError
+from effnet_jax.errors import UserError
 
 __all__ = ["DOWNLOAD_TIMEOUT_S", "DownloadError", "ChecksumError", "download", "file_sha256", "check_digest"]
 

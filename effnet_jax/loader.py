@@ -1,21 +1,21 @@
 """One loader for every source of an EfficientNet's weights: `load(init, variant, num_classes)`.
 
 `init` is one of
-* `'imagenet'` — the published ImageNet weights of `variant` (`effnet_jax.weights`: torchvision's files for B0-B7
+* `'imagenet'` — the published ImageNet weights of `variant` (`effnet_jax.weights.published`: torchvision's files for B0-B7
   and V2, the packaged files for Lite0-2), the ImageNet class names, the weights' eval preprocessing;
 * `'scratch'` — `variant` with fresh weights: the model's own initializers from `key`, or (no `key`) random
   values drawn in numpy without compiling anything (for exports and tests);
 * a PyTorch `.pth`/`.pt` state dict (torchvision or lukemelas/Lite layout, read without torch) for `variant`;
-  a lukemelas-layout B file brings its TF-style model overrides (`convert.layout_overrides`);
-* a model directory (`model.json` + orbax `variables/`, written by `python -m effnet_jax.convert`); its
+  a lukemelas-layout B file brings its TF-style model overrides (`weights.convert.layout_overrides`);
+* a model directory (`model.json` + orbax `variables/`, written by `effnet-convert`); its
   `model.json` names the variant, the class names and the preprocessing when it has them;
-* a training run directory (`effnet_jax.rundir`): the checkpoint `which` ('best' or 'latest'), its evaluation
+* a training run directory (`effnet_jax.train.rundir`): the checkpoint `which` ('best' or 'latest'), its evaluation
   weights (the EMA when the run keeps one), its class names and its evaluation preprocessing (`crop_style='run'`).
 
 `num_classes`, when given and different from the loaded head's, keeps the backbone and puts a new head
-(`models.new_classifier`: `head_init` 'zero' or torchvision's 'uniform' from `key`). The result, `Loaded`, holds
-the model, its variables, class names, preprocessing (`preprocess.EvalTransform`) and where it came from.
-Every failure a user can fix raises `errors.UserError`.
+(`model.network.new_classifier`: `head_init` 'zero' or torchvision's 'uniform' from `key`). The result, `Loaded`, holds
+the model, its variables, class names, preprocessing (`data.transform.EvalTransform`) and where it came from.
+Every failure a user can fix raises `errors.UserError`. `pretrained(variant)` is `load`'s variables.
 """
 
 from __future__ import annotations
@@ -26,11 +26,14 @@ import os
 import pathlib
 from typing import Any
 
-from . import checkpoint, variants
-from .errors import CheckpointReadError, ConfigError, UserError, describe
-from .models import EfficientNet, create_model, new_classifier
-from .preprocess import EvalTransform, eval_transform, imagenet_class_names, run_preprocess_config
-from .rundir import RunDir, evaluation_variables
+from effnet_jax.data.transform import EvalTransform, eval_transform
+from effnet_jax.errors import CheckpointReadError, ConfigError, UserError, describe
+from effnet_jax.model import variants
+from effnet_jax.model.network import EfficientNet, create_model, new_classifier
+from effnet_jax.train.config import TrainConfig
+from effnet_jax.train.rundir import RunDir, evaluation_variables
+from effnet_jax.weights import model_dir as checkpoint
+from effnet_jax.weights.published import imagenet_class_names
 
 log = logging.getLogger(__name__)
 SOURCES = "'imagenet', 'scratch', a .pth file, a run directory or a converted model directory"
@@ -39,7 +42,7 @@ SOURCES = "'imagenet', 'scratch', a .pth file, a run directory or a converted mo
 @dataclasses.dataclass
 class RunInfo:
     """What `load` read from a training run directory besides the weights."""
-    config: dict           # config.json as written (TrainConfig fields + model_overrides, num_classes, mean, std)
+    config: dict           # config.json as written (TrainConfig fields + model_overrides, num_classes)
     meta: dict             # the checkpoint's meta (epoch, val_top1, ...)
     which: str             # 'best' or 'latest'
     uses_ema: bool
@@ -55,6 +58,7 @@ class Loaded:
     overrides: dict                # create_model overrides the weights need (file layout; a run's width/depth)
     source: str                    # provenance, one line
     run: RunInfo | None = None     # for a training run directory
+    layout: str | None = None      # for a state dict: its key layout ('torchvision' or 'lukemelas')
 
 
 def load(init: str, variant: str | None = None, num_classes: int | None = None, *, which: str = "best",
@@ -107,7 +111,7 @@ def _scratch(variant: str, num_classes: int | None, key, options: dict) -> Loade
     num_classes = 1000 if num_classes is None else num_classes
     model = create_model(variant, num_classes, **options)
     if key is None:
-        from .models import random_variables
+        from effnet_jax.model.network import random_variables
         variables = random_variables(model, model.config.resolution)
         how = "random weights (numpy)"
     else:
@@ -121,10 +125,10 @@ def _scratch(variant: str, num_classes: int | None, key, options: dict) -> Loade
 
 
 def _from_state_dict(init: str, variant: str, options: dict) -> Loaded:
-    from . import convert
-    from .torch_reader import read_torch_state_dict
+    from effnet_jax.weights import convert
+    from effnet_jax.weights.torch_reader import read_torch_state_dict
     if init == "imagenet":
-        from .weights import weights_file
+        from effnet_jax.weights.published import weights_file
         src = os.fspath(weights_file(variant))
     else:
         src = init
@@ -139,7 +143,7 @@ def _from_state_dict(init: str, variant: str, options: dict) -> Loaded:
     model = create_model(variant, n, **overrides, **options)
     what = "ImageNet weights" if init == "imagenet" else f"{layout} state dict"
     return Loaded(model, variables, variant, class_names_for(n), eval_transform(variant), overrides,
-                  f"{variant} {what} from {src}")
+                  f"{variant} {what} from {src}", layout=layout)
 
 
 def _from_model_dir(path: pathlib.Path, variant: str | None, options: dict) -> Loaded:
@@ -178,9 +182,7 @@ def _from_run(run: RunDir, variant: str | None, which: str, options: dict) -> Lo
         options = {**options, "dtype": jnp.dtype(saved["dtype"])}
     model = create_model(saved["variant"], len(names), **overrides, **options)
     variables = evaluation_variables(tree["params"], tree["batch_stats"], tree.get("ema"))
-    # (runs before the spec was saved: the same, from its parts)
-    spec = saved.get("preprocess") or run_preprocess_config(saved["resolution"], saved["mean"], saved["std"])
-    preprocess = EvalTransform(**spec)
+    preprocess = TrainConfig.from_saved(saved).eval_transform()
     uses_ema = "ema" in tree
     source = (f"run {os.fspath(run.path)} ({which} checkpoint, epoch {meta.get('epoch')}"
               f"{', EMA weights' if uses_ema else ''})")
@@ -192,11 +194,21 @@ def _from_run(run: RunDir, variant: str | None, which: str, options: dict) -> Lo
 def _with_new_head(loaded: Loaded, init: str, num_classes: int, head_init: str, key) -> Loaded:
     import jax
     params = dict(loaded.variables["params"])
-    old = params["classifier"]
-    params["classifier"] = new_classifier(jax.random.key(0) if key is None else key, old["kernel"].shape[0],
-                                          num_classes, head_init)
+    old = params.pop("classifier")
+    if num_classes > 0:  # (0: the backbone alone, for pooled features)
+        params["classifier"] = new_classifier(jax.random.key(0) if key is None else key, old["kernel"].shape[0],
+                                              num_classes, head_init)
     log.info("--init %s: backbone loaded; new %d-class head (%s init; the weights had %d classes)", init,
              num_classes, head_init, old["bias"].shape[0])
     model = loaded.model.clone(num_classes=num_classes)
     return dataclasses.replace(loaded, model=model, variables={**loaded.variables, "params": params},
                                class_names=class_names_for(num_classes))
+
+
+def pretrained(variant: str, path: str | os.PathLike | None = None, num_classes: int | None = None,
+               rng=None) -> dict:
+    """The variables of `load(path or 'imagenet', variant, num_classes)`: ImageNet-pretrained weights (torchvision's
+    file for B0-B7 and V2, the packaged file for Lite0-2, or the .pth at `path`); a new `num_classes` head takes
+    torchvision's init from `rng` (default key 0), `num_classes=0` leaves the backbone alone. The model that runs
+    them, with a file layout's overrides, is `load(...).model`."""
+    return load(os.fspath(path) if path is not None else "imagenet", variant, num_classes, key=rng).variables

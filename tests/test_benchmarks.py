@@ -120,7 +120,7 @@ def test_blocks_per_unit(capsys, monkeypatch):
     unit fed the JAX unit's input shape gives the JAX unit's output shape (the script asserts it), and the
     rows chain stem -> blocks -> head."""
     monkeypatch.syspath_prepend(str(BENCH))  # blocks.py imports its sibling throughput.py
-    from effnet_jax.models import create_model, unit_names
+    from effnet_jax.model.network import create_model, unit_names
     res = load("blocks").main(TINY + ["--repeats", "1", "--steps", "1", "--warmup", "0"])
     assert last_json(capsys.readouterr().out) == json.loads(json.dumps(res))
     rows = res["rows"]

@@ -1,5 +1,5 @@
-"""The command lines: `python -m effnet_jax.predict` (ImageNet Lite0 on real CIFAR-10 images against the PyTorch
-Lite reference, a converted 10-class directory, bad inputs) and `python -m effnet_jax.convert` (a torchvision
+"""The command lines: `effnet-predict` (ImageNet Lite0 on real CIFAR-10 images against the PyTorch
+Lite reference, a converted 10-class directory, bad inputs) and `effnet-convert` (a torchvision
 file into a model directory, refusals), and that the library path imports no torch.
 
 XLA compiles slowly on CPU: the CLIs run in-process (`main([...])`) inside module-scoped fixtures, so that
@@ -13,9 +13,13 @@ import sys
 import numpy as np
 import pytest
 
-from effnet_jax import checkpoint, convert, loader, predict
+from effnet_jax.cli import convert
+from effnet_jax.weights import convert as tables, model_dir as checkpoint
+from effnet_jax import loader
+from effnet_jax.cli import predict
 from effnet_jax.errors import UserError
-from effnet_jax.preprocess import eval_transform, imagenet_class_names
+from effnet_jax.data.transform import eval_transform
+from effnet_jax.weights.published import imagenet_class_names
 from helpers import REPO, cifar_jpegs, run_main
 
 N_IMAGES = 5
@@ -112,7 +116,7 @@ def test_predict_top1_equals_lite_reference(lite0_run, image_dir):
     torch = pytest.importorskip("torch")
     ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
     from PIL import Image
-    from effnet_jax.weights import weights_file
+    from effnet_jax.weights.published import weights_file
 
     _, lines, _ = lite0_run
     good = [rec for rec in lines if "error" not in rec]
@@ -213,10 +217,10 @@ def test_predict_pth_init_layouts(converted_b0, tmp_path):
     pred = loader.load(str(src), "b0")
     assert pred.model.config.padding == "symmetric" and pred.class_names == imagenet_class_names()
 
-    from effnet_jax import variants
+    from effnet_jax.model import variants
     cfg = variants.model_config("b0")
-    tv_key = {(coll, path): key for key, coll, path, _ in convert.torchvision_table(cfg)}
-    lm = {key: torch.from_numpy(sd[tv_key[(coll, path)]]) for key, coll, path, _ in convert.lukemelas_table(cfg)}
+    tv_key = {(coll, path): key for key, coll, path, _ in tables.torchvision_table(cfg)}
+    lm = {key: torch.from_numpy(sd[tv_key[(coll, path)]]) for key, coll, path, _ in tables.lukemelas_table(cfg)}
     torch.save(lm, tmp_path / "lm.pth")
     pred = loader.load(str(tmp_path / "lm.pth"), "b0")
     assert pred.model.config.padding == "same" and pred.model.config.bn_epsilon == 1e-3
@@ -256,7 +260,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import effnet_jax
-from effnet_jax import predict
+from effnet_jax.cli import predict
 variables = effnet_jax.pretrained('lite0')
 model = effnet_jax.create_model('lite0')
 logits = jax.jit(model.apply)(variables, jnp.zeros((1, 32, 32, 3)))

@@ -13,8 +13,8 @@ import optax
 import pytest
 
 import effnet_jax
-from effnet_jax import convert
-from effnet_jax.torch_reader import read_torch_state_dict
+from effnet_jax.weights import convert
+from effnet_jax.weights.torch_reader import read_torch_state_dict
 from helpers import cifar_jpegs
 
 torch = pytest.importorskip("torch")
@@ -167,7 +167,7 @@ def _cifar_images(cifar_tar, n_per_class=2):
 
 def test_lite0_imagenet_weights_equal_reference(cifar_tar):
     ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
-    from effnet_jax.weights import weights_file
+    from effnet_jax.weights.published import weights_file
     from PIL import Image
 
     path = weights_file("lite0")
@@ -175,7 +175,7 @@ def test_lite0_imagenet_weights_equal_reference(cifar_tar):
     variables = effnet_jax.pretrained("lite0")
     images = _cifar_images(cifar_tar, n_per_class=1)  # 10 real images, one per class
     x = np.stack([np.asarray(im.resize((224, 224), Image.BICUBIC), np.float32) for im in images])
-    x = (x - 127.0) / 128.0  # the Lite weights' normalization (see effnet_jax/weights.py)
+    x = (x - 127.0) / 128.0  # the Lite weights' normalization (see effnet_jax/weights/published.py)
     with torch.no_grad():
         t_logits = ref(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).numpy()
     j_logits = np.asarray(jax.jit(effnet_jax.create_model("lite0").apply)(variables, jnp.asarray(x)))

@@ -16,6 +16,7 @@ from PIL import Image
 
 from effnet_jax import data
 from effnet_jax.data import AugmentConfig, DatasetError, DatasetUnavailableError, load_dataset
+from effnet_jax.weights.published import IMAGENET_MEAN, IMAGENET_STD
 
 CLASSES = ("cat", "dog", "zebra")
 PER_CLASS = 5
@@ -355,20 +356,24 @@ def random_images(n: int, size: int = 12, seed: int = 0) -> jax.Array:
 
 
 def test_augment_shapes_determinism_and_batch_split() -> None:
-    cfg = AugmentConfig(rotation=20, zoom=0.2, translation=0.1, contrast=0.3, resolution=16)
+    cfg = AugmentConfig(rotation=20, zoom=0.2, translation=0.1, contrast=0.3)
+
+    def augment(key, images, indices):  # then resized to 16 px and normalized, as the train step does
+        return data.resize_normalize(data.augment_batch(key, images, indices, cfg), 16, IMAGENET_MEAN, IMAGENET_STD)
+
     images, indices, key = random_images(8), jnp.arange(100, 108, dtype=jnp.int32), jax.random.key(0)
-    out = data.augment_batch(key, images, indices, cfg)
+    out = augment(key, images, indices)
     assert out.shape == (8, 16, 16, 3) and out.dtype == jnp.float32
-    np.testing.assert_array_equal(out, data.augment_batch(key, images, indices, cfg))
-    halves = [data.augment_batch(key, images[s], indices[s], cfg) for s in (slice(0, 4), slice(4, 8))]
+    np.testing.assert_array_equal(out, augment(key, images, indices))
+    halves = [augment(key, images[s], indices[s]) for s in (slice(0, 4), slice(4, 8))]
     np.testing.assert_allclose(np.concatenate(halves), out, atol=1e-5)
-    assert not np.allclose(out, data.augment_batch(jax.random.key(1), images, indices, cfg))
+    assert not np.allclose(out, augment(jax.random.key(1), images, indices))
 
 
 def test_flip_flips_half() -> None:
     image = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(1, 4, 4, 3)
     n = 2000
-    cfg = AugmentConfig(crop_padding=0, flip=True, mean=(0, 0, 0), std=(1, 1, 1))
+    cfg = AugmentConfig(crop_padding=0, flip=True)  # (in [0, 1]: not normalized)
     out = np.asarray(data.augment_batch(jax.random.key(0), jnp.asarray(np.repeat(image, n, 0)),
                                         jnp.arange(n, dtype=jnp.int32), cfg)) * 255
     plain = np.isclose(out, image, atol=1e-3).all(axis=(1, 2, 3))
@@ -380,7 +385,7 @@ def test_flip_flips_half() -> None:
 def test_crop_stays_within_padding() -> None:
     p, n = 2, 64
     images = np.asarray(random_images(n, size=8, seed=1))
-    cfg = AugmentConfig(crop_padding=p, flip=False, mean=(0, 0, 0), std=(1, 1, 1))
+    cfg = AugmentConfig(crop_padding=p, flip=False)
     out = np.rint(np.asarray(data.augment_batch(jax.random.key(0), jnp.asarray(images),
                                                 jnp.arange(n, dtype=jnp.int32), cfg)) * 255).astype(np.uint8)
     offsets = set()
@@ -395,12 +400,13 @@ def test_crop_stays_within_padding() -> None:
 
 def test_affine_near_identity_and_contrast_keeps_mean() -> None:
     images = random_images(4, size=10, seed=2)
-    reference = data.eval_batch(images, AugmentConfig())
+    reference = data.eval_batch(images)  # (normalized with ImageNet's mean/std, as the augmented batch below)
     cfg = AugmentConfig(crop_padding=0, flip=False, rotation=1e-3, zoom=1e-4, translation=1e-5)
-    np.testing.assert_allclose(data.augment_batch(jax.random.key(0), images, jnp.arange(4), cfg), reference,
+    augmented = data.augment_batch(jax.random.key(0), images, jnp.arange(4), cfg)
+    np.testing.assert_allclose(data.resize_normalize(augmented, None, IMAGENET_MEAN, IMAGENET_STD), reference,
                                atol=2e-2)
     gray = jnp.asarray(np.random.default_rng(3).integers(100, 156, (4, 10, 10, 3), dtype=np.uint8))
-    cfg = AugmentConfig(crop_padding=0, flip=False, contrast=0.5, mean=(0, 0, 0), std=(1, 1, 1))
+    cfg = AugmentConfig(crop_padding=0, flip=False, contrast=0.5)
     out = data.augment_batch(jax.random.key(0), gray, jnp.arange(4), cfg)
     np.testing.assert_allclose(out.mean(axis=(1, 2)), (gray / 255.0).mean(axis=(1, 2)), atol=1e-5)
     assert not np.allclose(out, gray / 255.0, atol=1e-3)
@@ -408,10 +414,10 @@ def test_affine_near_identity_and_contrast_keeps_mean() -> None:
 
 def test_eval_batch_is_plain_normalize() -> None:
     images = random_images(3)
-    cfg = AugmentConfig(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
-    expected = (np.asarray(images, np.float32) / 255.0 - np.array(cfg.mean)) / np.array(cfg.std)
-    np.testing.assert_allclose(data.eval_batch(images, cfg), expected, rtol=1e-5, atol=1e-5)
-    assert data.eval_batch(images, AugmentConfig(resolution=20)).shape == (3, 20, 20, 3)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    expected = (np.asarray(images, np.float32) / 255.0 - np.array(mean)) / np.array(std)
+    np.testing.assert_allclose(data.eval_batch(images, None, mean, std), expected, rtol=1e-5, atol=1e-5)
+    assert data.eval_batch(images, 20).shape == (3, 20, 20, 3)
 
 
 # ----------------------------------------------------------------------------------------------------- batching

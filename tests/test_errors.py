@@ -50,7 +50,8 @@ def test_user_errors_are_one_line_with_status_2(folder, tmp_path):
         rc, out, err = run_main(cli.main, argv)
         assert rc == 2 and err == message + "\n" and "Traceback" not in err, (argv, err)
     # every error class a user can fix is a UserError: the CLIs report all of them this way
-    from effnet_jax import convert, data, download, torch_reader, weights
+    from effnet_jax.weights import convert, torch_reader, published as weights
+    from effnet_jax import data, download
     for cls in (data.DatasetError, data.DatasetUnavailableError, weights.WeightsUnavailableError,
                 weights.WeightsIntegrityError, torch_reader.CheckpointReadError, torch_reader.UnsafeCheckpointError,
                 convert.ConversionError, download.DownloadError, download.ChecksumError, errors.ConfigError):
@@ -73,10 +74,10 @@ def test_an_error_inside_the_train_step_propagates(folder, tmp_path, monkeypatch
 def test_a_non_user_error_reaches_the_terminal_as_a_traceback(tmp_path):
     script = textwrap.dedent(f"""
         import runpy, sys
-        import effnet_jax.train
+        import effnet_jax.train.loop
         def broken(cfg):
             raise RuntimeError("not the user's fault")
-        effnet_jax.train.setup = broken
+        effnet_jax.train.loop.setup = broken
         sys.argv = ["train.py", "--workdir", {str(tmp_path / "w")!r}]
         runpy.run_path({str(REPO / "train.py")!r}, run_name="__main__")
     """)

@@ -1,4 +1,4 @@
-"""Export to ONNX and StableHLO (`python -m effnet_jax.export`) and `predict --workdir`.
+"""Export to ONNX and StableHLO (`effnet-export`) and `predict --workdir`.
 
 The exported files are checked against independent computations on real images (CIFAR-10 JPEGs from
 ../shared/data): onnxruntime's logits and the deserialized StableHLO's logits against JAX's `model.apply`
@@ -21,8 +21,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from effnet_jax import export, loader, predict, variants
-from effnet_jax.preprocess import EvalTransform, preprocess_config
+from effnet_jax.cli import export as export_cli
+from effnet_jax.model import export, variants
+from effnet_jax import loader
+from effnet_jax.cli import predict
+from effnet_jax.data.transform import EvalTransform, preprocess_config
 from helpers import REPO, cifar_jpegs, last_json, load_train_cli, run_main
 
 ort = pytest.importorskip("onnxruntime")
@@ -70,9 +73,9 @@ def ort_session(path):
 def export_both(tmp, argv):
     """Export with the CLI in both formats; returns {format: path}."""
     paths = {}
-    for fmt in export.FORMATS:
+    for fmt in export_cli.FORMATS:
         out = tmp / f"model.{fmt}"
-        rc, stdout, stderr = run_main(export.main, [*argv, "--format", fmt, "--out", out])
+        rc, stdout, stderr = run_main(export_cli.main, [*argv, "--format", fmt, "--out", out])
         assert rc == 0, stderr
         assert json.loads(stdout.splitlines()[-1])["out"] == str(out)
         paths[fmt] = out
@@ -170,7 +173,8 @@ def test_b0_from_torchvision_pth(images, tmp_path):
 def run_dir(cifar_files, tmp_path_factory):
     """A 1-epoch Lite0 fine-tune (ImageNet init) at 32 px on 20 real CIFAR images of two classes, with a parameter
     EMA: the run's evaluation weights, which the export must carry, are the average, not the last parameters."""
-    from effnet_jax.train import TrainConfig, train_and_evaluate
+    from effnet_jax.train.config import TrainConfig
+    from effnet_jax.train.loop import train_and_evaluate
     root = tmp_path_factory.mktemp("run")
     data = write_image_folder(root / "data", cifar_files)
     with pytest.MonkeyPatch.context() as mp:
@@ -186,14 +190,14 @@ def run_dir(cifar_files, tmp_path_factory):
 def run_reference(run_dir):
     """(image files, normalized inputs, JAX logits of the run's eval weights) for 7 of the run's images."""
     from effnet_jax import data as data_lib
-    from effnet_jax.rundir import restore_checkpoint
-    from effnet_jax.train import TrainConfig, build_model
+    from effnet_jax.train.rundir import restore_checkpoint
+    from effnet_jax.train.config import TrainConfig
+    from effnet_jax.train.build import build_model
     work, data = run_dir
     saved = json.loads((work / "config.json").read_text())
     files = sorted(data.rglob("*.jpg"))[::3][:7]
     u8 = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
-    aug = data_lib.AugmentConfig(resolution=saved["resolution"], mean=saved["mean"], std=saved["std"])
-    x = np.asarray(data_lib.eval_batch(u8, aug))
+    x = np.asarray(data_lib.eval_batch(u8, saved["resolution"], saved["input_mean"], saved["input_std"]))
     tree, _ = restore_checkpoint(work / "checkpoints" / "best")
     model = build_model(TrainConfig(variant="lite0", resolution=32), saved["num_classes"],
                         overrides=saved["model_overrides"])
@@ -211,7 +215,7 @@ def test_finetuned_run(run_dir, run_reference, tmp_path):
     meta = onnx_meta(paths["onnx"])
     saved = json.loads((work / "config.json").read_text())
     assert meta["class_names"] == json.loads((work / "class_names.json").read_text())
-    assert meta["preprocess"]["mean"] == saved["mean"] and meta["preprocess"]["std"] == saved["std"]
+    assert meta["preprocess"]["mean"] == saved["input_mean"] and meta["preprocess"]["std"] == saved["input_std"]
     assert meta["input"]["shape"] == ["batch", 32, 32, 3] and meta["variant"] == "lite0"
     check_against(paths, x, ref, "lite0 fine-tuned run")
     # the metadata's transform is the run's evaluation: on its 32 px images, what eval_batch computed for them
@@ -254,7 +258,7 @@ def v2_run(cifar_files, tmp_path_factory):
     CIFAR images of two classes. That network has 7 blocks, 3 Fused-MBConv (the first the single-conv form) then 4
     MBConv; --freeze 5 trains blocks_2 (fused) onwards, so the frozen/trained line runs through the fused
     blocks. Returns (workdir, data folder, the initial variables, the CLI's (rc, stdout, stderr))."""
-    from effnet_jax import train as trainer
+    from effnet_jax.train import build as trainer
     root = tmp_path_factory.mktemp("v2run")
     data = write_image_folder(root / "data", cifar_files)
     cli = load_train_cli("effnet_jax_train_cli_v2")
@@ -271,9 +275,9 @@ def v2_run(cifar_files, tmp_path_factory):
 
 def test_v2_run_trains_freezes_evaluates_and_exports(v2_run, tmp_path):
     from effnet_jax import data as data_lib
-    from effnet_jax import evaluate as evaluate_cli
-    from effnet_jax.optim import param_names
-    from effnet_jax.rundir import restore_checkpoint
+    from effnet_jax.cli import evaluate as evaluate_cli
+    from effnet_jax.train.optim import param_names
+    from effnet_jax.train.rundir import restore_checkpoint
     work, data, initial, (rc, stdout, stderr) = v2_run
     assert rc == 0, stderr
     summary = last_json(stdout)
@@ -306,8 +310,7 @@ def test_v2_run_trains_freezes_evaluates_and_exports(v2_run, tmp_path):
     run = loader.load(work, which="best")
     files = sorted(data.rglob("*.jpg"))[::3][:7]
     u8 = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
-    aug = data_lib.AugmentConfig(resolution=32, mean=run.run.config["mean"], std=run.run.config["std"])
-    x = np.asarray(data_lib.eval_batch(u8, aug))
+    x = np.asarray(data_lib.eval_batch(u8, 32, run.run.config["input_mean"], run.run.config["input_std"]))
     ref = np.asarray(jax.jit(lambda v, x: run.model.apply(v, x))(run.variables, x))
     paths = export_both(tmp_path, ["--workdir", work])
     meta = onnx_meta(paths["onnx"])
@@ -349,7 +352,7 @@ def test_every_variant_exports(variant, tmp_path):
     (["--workdir", ".", "--variant", "b0", "--format", "onnx"], "excludes"),
 ])
 def test_cli_errors(argv, message, tmp_path):
-    rc, stdout, stderr = run_main(export.main, [*argv, "--out", tmp_path / "m.onnx"])
+    rc, stdout, stderr = run_main(export_cli.main, [*argv, "--out", tmp_path / "m.onnx"])
     assert rc == 2 and stdout == ""
     assert stderr.startswith("error: ") and message in stderr and stderr.count("\n") == 1, stderr
     assert not (tmp_path / "m.onnx").exists()
@@ -359,8 +362,8 @@ def test_existing_out_needs_overwrite(tmp_path):
     out = tmp_path / "m.onnx"
     out.write_bytes(b"keep")
     argv = ["--variant", "lite0", "--init", "scratch", "--format", "onnx", "--resolution", 32, "--out", out]
-    rc, _, stderr = run_main(export.main, argv)
+    rc, _, stderr = run_main(export_cli.main, argv)
     assert rc == 2 and "--overwrite" in stderr and out.read_bytes() == b"keep"
-    rc, _, stderr = run_main(export.main, [*argv, "--overwrite"])
+    rc, _, stderr = run_main(export_cli.main, [*argv, "--overwrite"])
     assert rc == 0, stderr
     assert export.onnx_metadata(out)["variant"] == "lite0"

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import effnet_jax
-from effnet_jax import layers, variants
+from effnet_jax.model import layers, variants
 from effnet_jax.kernels import planner
-from effnet_jax.models import count_flops, count_params, param_shapes, random_variables
+from effnet_jax.model.network import count_flops, count_params, param_shapes, random_variables
 
 torch = pytest.importorskip("torch")
 tv_models = pytest.importorskip("torchvision.models")

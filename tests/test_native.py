@@ -1,4 +1,4 @@
-"""The C++ depthwise kernels (`effnet_jax.native`, `depthwise_impl='native'`) against torch, and how they are built,
+"""The C++ depthwise kernels (`effnet_jax.kernels.native`, `depthwise_impl='native'`) against torch, and how they are built,
 found, refused and partitioned."""
 
 import json
@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effnet_jax import layers, native
+from effnet_jax.model import layers
+from effnet_jax.kernels import native
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -175,7 +176,7 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 def test_built_once_into_the_cache_then_reused(tmp_path):
     code = """
         import json, os
-        from effnet_jax import native
+        from effnet_jax.kernels import native
         first = native.build()
         mtime = first.stat().st_mtime_ns
         print(json.dumps({"path": str(first), "again": str(native.build()), "same_file": native.build().stat()
@@ -193,7 +194,8 @@ def test_without_a_compiler_or_cache_auto_falls_back_and_native_says_why(tmp_pat
     code = """
         import logging
         logging.basicConfig(level=logging.WARNING)
-        from effnet_jax import layers, native
+        from effnet_jax.kernels import native
+        from effnet_jax.model import layers
         print("auto:", layers.resolve_depthwise_impl("auto"))
         try:
             layers.resolve_depthwise_impl("native")
@@ -209,7 +211,7 @@ def test_without_a_compiler_or_cache_auto_falls_back_and_native_says_why(tmp_pat
     unwritable = _python(code, EFFNET_JAX_CACHE=str(tmp_path / "a-file" / "cache"))
     assert unwritable.returncode == 0, unwritable.stderr
     assert "auto: shift" in unwritable.stdout and "native: cannot write the kernel cache" in unwritable.stdout
-    off = _python("from effnet_jax import layers; print(layers.resolve_depthwise_impl('auto'))",
+    off = _python("from effnet_jax.model import layers; print(layers.resolve_depthwise_impl('auto'))",
                   EFFNET_JAX_NATIVE="0")
     assert off.returncode == 0 and off.stdout.strip() == "shift" and "unavailable" not in off.stderr
 
@@ -221,7 +223,7 @@ def test_batch_sharded_step_runs_the_kernels_on_each_devices_samples():
         import json, re
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from effnet_jax import layers
+        from effnet_jax.model import layers
         rng = np.random.RandomState(0)
         z, w = rng.randn(8, 12, 12, 32).astype(np.float32), rng.randn(3, 3, 1, 32).astype(np.float32)
         scale, bias = np.ones(32, np.float32), np.zeros(32, np.float32)
@@ -258,7 +260,7 @@ def test_batch_sharded_inference_runs_the_kernel_on_each_devices_samples():
         import json, re
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from effnet_jax import layers
+        from effnet_jax.model import layers
         rng = np.random.RandomState(0)
         x, e = rng.randn(8, 12, 12, 16).astype(np.float32), (rng.randn(16, 96) / 4).astype(np.float32)
         w = rng.randn(3, 3, 1, 96).astype(np.float32)
@@ -316,7 +318,8 @@ FORMS = [("x86-64-v4", 16, {"avx512f"}), ("x86-64-v3", 8, {"avx2", "fma"}), (_GE
 FORM_CHECK = """
     import json
     import jax, jax.numpy as jnp, numpy as np
-    from effnet_jax import layers, native
+    from effnet_jax.kernels import native
+    from effnet_jax.model import layers
     print(json.dumps(native.form()))
     rng = np.random.RandomState(0)
     acts = {"silu": jax.nn.silu, "relu6": jax.nn.relu6}

@@ -1,4 +1,4 @@
-"""effnet_jax.optim against closed forms and hand-written numpy: schedules, masks on the real parameter names,
+"""effnet_jax.train.optim against closed forms and hand-written numpy: schedules, masks on the real parameter names,
 freezing, AdamW, two-phase fine-tuning, clipping, loss, metrics, EMA. Optimizer runs use tiny arrays carrying
 a real (7-block) model's parameter names; nothing compiles a full EfficientNet."""
 
@@ -12,9 +12,9 @@ import optax
 import pytest
 
 import effnet_jax
-from effnet_jax import optim
-from effnet_jax.models import count_params, param_shapes, unit_names
-from effnet_jax.optim import OptimConfig
+from effnet_jax.train import optim
+from effnet_jax.model.network import count_params, param_shapes, unit_names
+from effnet_jax.train.optim import OptimConfig
 
 
 def _flat(tree):

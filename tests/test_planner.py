@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import effnet_jax
-from effnet_jax import native
+from effnet_jax.kernels import native
 from effnet_jax.kernels import autotune, planner
 from effnet_jax.kernels.__main__ import main as plan_main
 
@@ -176,7 +176,7 @@ def test_a_model_measured_on_first_use_then_planned_from_the_cache(tuning, capfd
     """End to end on B0 at 32 px, eval: the first trace measures (one line on stderr) and writes the plan, whose
     forms give the same logits as the fixed rule's; a second trace measures nothing."""
     model = effnet_jax.create_model("b0", num_classes=10, stem_stride=1)
-    variables = effnet_jax.models.random_variables(model, 32)
+    variables = effnet_jax.model.network.random_variables(model, 32)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3), np.float32))
     with autotune.recording() as first:
         tuned = jax.jit(lambda v, x: model.apply(v, x))(variables, x)
@@ -208,7 +208,7 @@ def test_the_first_block_is_timed_with_the_stem_its_kernel_can_compute(tuning, m
         return {"form": min(ms, key=ms.get), "ms": ms}
     monkeypatch.setattr(autotune, "measure", measure)
     model = effnet_jax.create_model("b0", num_classes=10)
-    variables = effnet_jax.models.random_variables(model, 64)
+    variables = effnet_jax.model.network.random_variables(model, 64)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 64, 3), np.float32))
     logits = {}
     for pick_shift in (False, True):

@@ -1,4 +1,4 @@
-"""Tests of `effnet_jax.preprocess`: the eval transforms against torchvision's presets on real photos, the Lite
+"""Tests of `effnet_jax.data.transform`: the eval transforms against torchvision's presets on real photos, the Lite
 transform, the metadata dict, the ImageNet class names."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from effnet_jax.preprocess import (EvalTransform, eval_transform, imagenet_class_names, preprocess_config,
-                                   run_preprocess_config)
-from effnet_jax.weights import WEIGHTS
+from effnet_jax.data.transform import EvalTransform, eval_transform, preprocess_config, run_eval_transform
+from effnet_jax.weights.published import imagenet_class_names
+from effnet_jax.weights.published import WEIGHTS
 from helpers import cifar_jpegs
 
 NUM_PHOTOS = 20  # the first JPEGs of the archive
@@ -79,7 +79,7 @@ def test_run_transform_is_the_runs_evaluation(photos: list[Image.Image], tmp_pat
     loaded by the data loader (`load_dataset`: 256 x 256 crops), then `eval_batch` at the run's resolution."""
     from effnet_jax import data
     mean, std, resolution = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), 96
-    config = run_preprocess_config(resolution, mean, std)
+    config = run_eval_transform(resolution, mean, std).to_dict()
     assert json.loads(json.dumps(config)) == config
     transform = EvalTransform(**config)
     # non-square photos (resized and cropped to 256 by the loader) and a 256 x 256 one (kept as it is)
@@ -89,14 +89,13 @@ def test_run_transform_is_the_runs_evaluation(photos: list[Image.Image], tmp_pat
         image.save(tmp_path / "train" / "a" / f"{i}.png")
     ds = data.load_dataset(f"folder:{tmp_path}", val_fraction=0.0, cache_dir=False)
     assert ds.train.images.shape == (len(images), 256, 256, 3)
-    aug = data.AugmentConfig(crop_padding=0, flip=False, resolution=resolution, mean=mean, std=std)
-    expected = np.asarray(data.eval_batch(ds.train.images, aug))
+    expected = np.asarray(data.eval_batch(ds.train.images, resolution, mean, std))
     got = np.stack([transform(image) for image in images])
     assert got.shape == (len(images), resolution, resolution, 3) and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
     # a square image (a 32 px CIFAR image: kept by the loader, resized on the device)
     small = photos[6].resize((32, 32))
-    np.testing.assert_allclose(transform(small), np.asarray(data.eval_batch(np.asarray(small)[None], aug))[0],
+    np.testing.assert_allclose(transform(small), np.asarray(data.eval_batch(np.asarray(small)[None], resolution, mean, std))[0],
                                rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="bilinear"):
         EvalTransform(**dict(config, interpolation="bicubic"))

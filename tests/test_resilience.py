@@ -44,9 +44,9 @@ import time
 import numpy as np
 import pytest
 
-from effnet_jax import train as trainer
+from effnet_jax.train.config import TrainConfig
 from effnet_jax.errors import CheckpointReadError
-from effnet_jax.rundir import restore_checkpoint, restore_readable
+from effnet_jax.train.rundir import restore_checkpoint, restore_readable
 from helpers import REPO, cifar_jpegs, last_json, load_train_cli, read_metrics, run_main, unused_port
 
 CLASSES, PER_CLASS = 4, 10                    # 40 images: 32 train, 8 validation (val fraction 0.2)
@@ -84,10 +84,11 @@ def folder(tmp_path_factory, cifar_tar) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory) -> pathlib.Path:
-    """A model directory (as `python -m effnet_jax.convert` writes) of lite0 at width and depth 0.25 with
+    """A model directory (as `effnet-convert` writes) of lite0 at width and depth 0.25 with
     random weights drawn in numpy (`models.random_variables`), so that nothing is compiled here."""
-    from effnet_jax import checkpoint, create_model
-    from effnet_jax.models import random_variables
+    from effnet_jax.weights import model_dir as checkpoint
+    from effnet_jax import create_model
+    from effnet_jax.model.network import random_variables
     overrides = {"width": 0.25, "depth": 0.25}
     directory = tmp_path_factory.mktemp("small_model") / "lite0_w0.25_d0.25"
     checkpoint.save_model(directory, random_variables(create_model("lite0", CLASSES, **overrides), 32),
@@ -333,7 +334,7 @@ def test_two_processes_equal_one_process_with_four_devices(env, base, tmp_path, 
     extra = ("--epochs", 1, "--init", "imagenet", "--freeze", 6, "--lr", 1e-3, "--batch-size", 8,
              "--max-train-examples", 16)
     if optimizer == "adamw":  # the default optimizer, with its default lr
-        extra += ("--optimizer", "adamw", "--lr", trainer.TrainConfig().lr)
+        extra += ("--optimizer", "adamw", "--lr", TrainConfig().lr)
     address = f"127.0.0.1:{unused_port()}"
     # the two processes stream the images (each reads its rows of every batch), the single one holds them
     procs = [start(env, base, two, *extra, "--stream", "--coordinator-address", address, "--num-processes", 2,
@@ -367,7 +368,7 @@ def test_two_processes_equal_one_process_with_four_devices(env, base, tmp_path, 
         # here: 1.3e-3 and 1.7e-3 at lr 3e-3); the losses stay close (measured: train 2.4e-7 and 0, validation
         # 3.0e-5 and, after BatchNorm's backward pass was written out (001acc9), 1.1e-4: the validation loss sums
         # over the moved weights' effect, so the bound leaves room above one measurement) and the accuracies equal
-        assert diff <= trainer.TrainConfig().lr, ("params", diff)
+        assert diff <= TrainConfig().lr, ("params", diff)
         assert max(mdiff["train_loss"], mdiff["val_loss"]) <= 1e-3, mdiff
         assert mdiff["train_acc"] == mdiff["val_acc"] == mdiff["val_top5"] == 0, mdiff
         assert mdiff["lr"] == 0 and mdiff["resolution"] == 0, mdiff
@@ -381,7 +382,7 @@ def _cli():
 
 
 def _lite0_file() -> pathlib.Path:
-    from effnet_jax import weights
+    from effnet_jax.weights import published as weights
     return pathlib.Path(weights.weights_file("lite0", progress=False))
 
 
@@ -572,17 +573,17 @@ def test_every_step_damaged_is_one_line_exit_2(how, uninterrupted, base, tmp_pat
 
 
 def _evaluate(work, images):
-    from effnet_jax import evaluate
+    from effnet_jax.cli import evaluate
     return evaluate.main, ["--workdir", work]
 
 
 def _predict(work, images):
-    from effnet_jax import predict
+    from effnet_jax.cli import predict
     return predict.main, ["--workdir", work, images]
 
 
 def _export(work, images):
-    from effnet_jax import export
+    from effnet_jax.cli import export
     return export.main, ["--workdir", work, "--format", "stablehlo", "--out", work.parent / "exported"]
 
 

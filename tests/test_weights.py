@@ -1,4 +1,4 @@
-"""Tests of `effnet_jax.weights`: the table, the torch hub cache location, download / verify / cache, errors.
+"""Tests of `effnet_jax.weights.published`: the table, the torch hub cache location, download / verify / cache, errors.
 
 Downloads are served by a local `http.server` (the real torchvision files are not available offline): the tests
 build small fake files named with their SHA-256 prefix and point the b0 table entry at them.
@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from effnet_jax import weights
-from effnet_jax.weights import DEFAULT_BASE_URL, URL_ENV_VAR, WeightsIntegrityError, WeightsUnavailableError
+from effnet_jax.weights import published as weights
+from effnet_jax.weights.published import DEFAULT_BASE_URL, URL_ENV_VAR, WeightsIntegrityError, WeightsUnavailableError
 from helpers import serve_folder, unused_port
 
 CONTENT = bytes(range(256)) * 400  # 100 KiB of fake "weights"
@@ -160,6 +160,6 @@ def test_table_matches_torchvision(variant: str) -> None:
 
 
 def test_library_does_not_import_torch() -> None:
-    code = ("import sys, effnet_jax.weights, effnet_jax.preprocess; "
+    code = ("import sys, effnet_jax.weights.published, effnet_jax.data.transform; "
             "assert not {'torch', 'torchvision'} & set(sys.modules), 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -14,10 +14,11 @@ Modules:
   `cifar_url`, `downloads_dir`), `tfds` (TensorFlow Datasets through `tfds.data_source`).
 * `image`: decoding, `resize_center_crop`, `IMAGE_EXTENSIONS`, `DEFAULT_RESIZE` (PIL and numpy only).
 * `cache`: the decoded uint8 cache (`default_cache_dir`, `$EFFNET_JAX_CACHE`).
-* `augment`: `AugmentConfig`, `augment_batch`, `eval_batch` (jitted, on the device).
+* `augment`: `AugmentConfig`, `augment_batch`, `resize_normalize`, `eval_batch` (jitted, on the device).
+* `transform`: `EvalTransform`, the preprocessing spec of each weight set and of a run.
 * `batching`: `epoch_permutation`, `batch_indices`, `eval_batches`, `stream_batches` (grain threads).
 
-Names are imported lazily: `effnet_jax.data.image` (used by `predict` and `preprocess`) does not import jax.
+Names are imported lazily: `effnet_jax.data.image` (used by `predict` and `transform`) does not import jax.
 """
 
 import importlib
@@ -31,11 +32,12 @@ _EXPORTS = {
     "cifar_archive": "cifar", "cifar_url": "cifar", "downloads_dir": "cifar",
     "DEFAULT_RESIZE": "image", "IMAGE_EXTENSIONS": "image", "decode_image": "image",
     "resize_center_crop": "image",
-    "AugmentConfig": "augment", "augment_batch": "augment", "eval_batch": "augment",
+    "AugmentConfig": "augment", "augment_batch": "augment", "eval_batch": "augment", "resize_normalize": "augment",
+    "EvalTransform": "transform",
     "epoch_permutation": "batching", "batch_indices": "batching", "eval_batches": "batching",
     "stream_batches": "batching",
 }
-_MODULES = ("load", "dataset", "folder", "cifar", "tfds", "image", "cache", "augment", "batching")
+_MODULES = ("load", "dataset", "folder", "cifar", "tfds", "image", "cache", "augment", "batching", "transform")
 __all__ = sorted(_EXPORTS)
 
 

@@ -1,10 +1,11 @@
-"""On-device augmentation: `augment_batch(key, images, indices, cfg)` is jitted and pure; each example draws its
-randomness from `jax.random.fold_in(key, index)` with its global example index, so the result does not depend on
-how a batch is split over devices or processes. Order: random crop after zero padding (torchvision
-`RandomCrop(size, padding)`), horizontal flip, one affine resampling for rotation/zoom/translation (Keras
-`RandomRotation`, `RandomZoom`, `RandomTranslation` ranges, bilinear, `fill_mode`), contrast (Keras
-`RandomContrast`), resize to `resolution` (bilinear), normalize. `eval_batch(images, cfg)`: resize and normalize
-only.
+"""On-device augmentation and input normalization, jitted and pure.
+
+`augment_batch(key, images, indices, cfg)`: each example draws its randomness from `jax.random.fold_in(key,
+index)` with its global example index, so the result does not depend on how a batch is split over devices or
+processes. Order: random crop after zero padding (torchvision `RandomCrop(size, padding)`), horizontal flip, one
+affine resampling for rotation/zoom/translation (Keras `RandomRotation`, `RandomZoom`, `RandomTranslation`
+ranges, bilinear, `fill_mode`), contrast (Keras `RandomContrast`). `resize_normalize(x, size, mean, std)` then
+gives the network its input; `eval_batch` is the same without augmentation.
 """
 
 from __future__ import annotations
@@ -18,70 +19,54 @@ import jax.numpy as jnp
 from jax.scipy.ndimage import map_coordinates
 
 from effnet_jax.errors import ConfigError
-from effnet_jax.weights import IMAGENET_MEAN, IMAGENET_STD
+from effnet_jax.weights.published import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["AugmentConfig", "augment_batch", "eval_batch"]
+__all__ = ["AugmentConfig", "augment_batch", "eval_batch", "resize_normalize"]
+
+
+def _option(default, help: str):
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    """On-device augmentation (hashable: a static argument of the jitted functions).
-
-    crop_padding: zero-pad each side by this many pixels, then crop the original size at a uniform random offset
-        (torchvision `RandomCrop(size, padding)`); 0 disables.
-    flip: horizontal flip with probability 1/2.
-    rotation: maximum angle in degrees, uniform in [-rotation, rotation].
-    zoom: the sampled area is scaled by a factor uniform in [1 - zoom, 1 + zoom] (> 1 zooms out), both axes alike
-        (Keras `RandomZoom(zoom)`).
-    translation: shifts uniform in [-translation, translation] times the height / width, drawn per axis (Keras
-        `RandomTranslation(translation, translation)`).
-    fill_mode: how rotation/zoom/translation fill points outside the image: 'reflect' (Keras' default),
-        'constant' (zeros) or 'nearest'.
-    contrast: per-channel (x - mean) * f + mean with f uniform in [1 - contrast, 1 + contrast], clipped to [0, 1]
-        (Keras `RandomContrast`).
-    resolution: side of the square output (bilinear `jax.image.resize`, antialiased when shrinking); None keeps
-        the input size.
-    mean, std: normalization of the [0, 1] images.
-    """
-    crop_padding: int = 4
-    flip: bool = True
-    rotation: float = 0.0
-    zoom: float = 0.0
-    translation: float = 0.0
-    fill_mode: Literal["reflect", "constant", "nearest"] = "reflect"
-    contrast: float = 0.0
-    resolution: int | None = None
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
+    """The training augmentation (hashable: a static argument of the jitted functions); each field is a flag of
+    `effnet-train`, its help in the field's metadata."""
+    crop_padding: int = _option(4, "zero-pad each side by this many pixels, then crop the original size at a "
+                                "uniform random offset (torchvision RandomCrop(size, padding)); 0 = off")
+    flip: bool = _option(True, "horizontal flip with probability 1/2")
+    rotation: float = _option(0.0, "maximum rotation in degrees, uniform in [-rotation, rotation]")
+    zoom: float = _option(0.0, "scale the sampled area by a factor uniform in [1 - zoom, 1 + zoom] (> 1 zooms "
+                          "out), both axes alike (Keras RandomZoom)")
+    translation: float = _option(0.0, "shifts uniform in [-translation, translation] times the height / width, "
+                                 "per axis (Keras RandomTranslation)")
+    fill_mode: Literal["reflect", "constant", "nearest"] = _option(
+        "reflect", "how rotation/zoom/translation fill points outside the image: reflect (Keras' default), "
+        "constant (zeros) or nearest")
+    contrast: float = _option(0.0, "per-channel (x - mean) * f + mean with f uniform in [1 - contrast, "
+                              "1 + contrast], clipped to [0, 1] (Keras RandomContrast)")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
-        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         if self.crop_padding < 0 or self.rotation < 0 or self.translation < 0:
             raise ConfigError("crop_padding, rotation and translation must be >= 0")
         if not 0 <= self.zoom < 1 or not 0 <= self.contrast <= 1:
             raise ConfigError(f"zoom must be in [0, 1) and contrast in [0, 1], got {self.zoom}, {self.contrast}")
         if self.fill_mode not in ("reflect", "constant", "nearest"):
             raise ConfigError(f"fill_mode must be 'reflect', 'constant' or 'nearest', got {self.fill_mode!r}")
-        if self.resolution is not None and self.resolution <= 0:
-            raise ConfigError(f"resolution must be positive, got {self.resolution}")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ConfigError("mean and std must have 3 values")
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
 def augment_batch(key: jax.Array, images: jax.Array, indices: jax.Array, cfg: AugmentConfig) -> jax.Array:
-    """Augment a batch of uint8 images (B, H, W, 3) -> float32 (B, R, R, 3) normalized, R = cfg.resolution (or
-    H, W). `indices` (B,) are the examples' global indices: example i uses `jax.random.fold_in(key, indices[i])`."""
+    """Augment a batch of uint8 images (B, H, W, 3) -> float32 (B, H, W, 3) in [0, 1]. `indices` (B,) are the
+    examples' global indices: example i uses `jax.random.fold_in(key, indices[i])`."""
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, indices.astype(jnp.uint32))
-    x = jax.vmap(functools.partial(_augment_one, cfg=cfg))(keys, images)
-    return _resize_normalize(x, cfg)
+    return jax.vmap(functools.partial(_augment_one, cfg=cfg))(keys, images)
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def eval_batch(images: jax.Array, cfg: AugmentConfig) -> jax.Array:
-    """uint8 (B, H, W, 3) -> float32 normalized, resized to cfg.resolution when set; no randomness."""
-    return _resize_normalize(images.astype(jnp.float32) / 255.0, cfg)
+def eval_batch(images: jax.Array, size: int | None = None, mean: tuple[float, ...] = IMAGENET_MEAN,
+               std: tuple[float, ...] = IMAGENET_STD) -> jax.Array:
+    """uint8 (B, H, W, 3) -> float32 normalized, resized to `size` when given; no randomness."""
+    return resize_normalize(images.astype(jnp.float32) / 255.0, size, tuple(mean), tuple(std))
 
 
 def _augment_one(key: jax.Array, image: jax.Array, cfg: AugmentConfig) -> jax.Array:
@@ -124,7 +109,10 @@ def _affine(key: jax.Array, x: jax.Array, cfg: AugmentConfig) -> jax.Array:
     return jax.vmap(sample, in_axes=2, out_axes=2)(x)
 
 
-def _resize_normalize(x: jax.Array, cfg: AugmentConfig) -> jax.Array:
-    if cfg.resolution is not None and x.shape[1:3] != (cfg.resolution, cfg.resolution):
-        x = jax.image.resize(x, (x.shape[0], cfg.resolution, cfg.resolution, x.shape[3]), "bilinear")
-    return (x - jnp.asarray(cfg.mean, jnp.float32)) / jnp.asarray(cfg.std, jnp.float32)
+@functools.partial(jax.jit, static_argnames=("size", "mean", "std"))
+def resize_normalize(x: jax.Array, size: int | None, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
+    """float32 (B, H, W, 3) in [0, 1] -> (B, size, size, 3) (bilinear `jax.image.resize`, antialiased when
+    shrinking; `size` None keeps H, W), normalized with `mean`/`std`."""
+    if size is not None and x.shape[1:3] != (size, size):
+        x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "bilinear")
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from .dataset import Split
+from effnet_jax.data.dataset import Split
 
 __all__ = ["epoch_permutation", "batch_indices", "eval_batches", "stream_batches"]
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .dataset import CacheDir, Contents, Split, warn
+from effnet_jax.data.dataset import CacheDir, Contents, Split, warn
 
 __all__ = ["CACHE_ENV_VAR", "cache_root", "default_cache_dir", "entry", "cached"]
 

@@ -22,11 +22,10 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
+from effnet_jax.data import cache
+from effnet_jax.data.dataset import CacheDir, Contents, DatasetError, DatasetUnavailableError, Split
+from effnet_jax.data.image import resize_center_crop
 from effnet_jax.download import ChecksumError, DownloadError, check_digest, download, file_sha256
-
-from . import cache
-from .dataset import CacheDir, Contents, DatasetError, DatasetUnavailableError, Split
-from .image import resize_center_crop
 
 log = logging.getLogger(__name__)
 

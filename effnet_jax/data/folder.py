@@ -26,9 +26,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from . import cache
-from .dataset import CacheDir, Contents, DatasetError, Split, warn
-from .image import DEFAULT_RESIZE, IMAGE_EXTENSIONS, Images, decode_image, rgb_array
+from effnet_jax.data import cache
+from effnet_jax.data.dataset import CacheDir, Contents, DatasetError, Split, warn
+from effnet_jax.data.image import DEFAULT_RESIZE, IMAGE_EXTENSIONS, Images, decode_image, rgb_array
 
 __all__ = ["FolderSource"]
 

@@ -28,13 +28,12 @@ import os
 import pathlib
 from typing import Literal
 
+from effnet_jax.data.cifar import CIFAR_ARCHIVES, CifarSource, cifar_kind, downloads_dir
+from effnet_jax.data.dataset import CacheDir, Contents, Dataset, DatasetError, Source, Split, stratified_split, warn
+from effnet_jax.data.folder import FolderSource
+from effnet_jax.data.image import DEFAULT_RESIZE, fit
+from effnet_jax.data.tfds import TfdsSource
 from effnet_jax.errors import ConfigError
-
-from .cifar import CIFAR_ARCHIVES, CifarSource, cifar_kind, downloads_dir
-from .dataset import CacheDir, Contents, Dataset, DatasetError, Source, Split, stratified_split, warn
-from .folder import FolderSource
-from .image import DEFAULT_RESIZE, fit
-from .tfds import TfdsSource
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import cache
-from .cifar import CIFAR_ARCHIVES, CIFAR_BASE_URL
-from .dataset import CacheDir, Contents, DatasetError, DatasetUnavailableError, Split
-from .image import DEFAULT_RESIZE, Images
+from effnet_jax.data import cache
+from effnet_jax.data.cifar import CIFAR_ARCHIVES, CIFAR_BASE_URL
+from effnet_jax.data.dataset import CacheDir, Contents, DatasetError, DatasetUnavailableError, Split
+from effnet_jax.data.image import DEFAULT_RESIZE, Images
 
 __all__ = ["TfdsSource"]
 

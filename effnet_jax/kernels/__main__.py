@@ -11,8 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from effnet_jax import native
-from effnet_jax.kernels import autotune
+from effnet_jax.kernels import autotune, native
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,8 +32,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def plan(args) -> list[autotune.Decision]:
-    from effnet_jax import create_model, optim
-    from effnet_jax.models import random_variables
+    from effnet_jax import create_model
+    from effnet_jax.model.network import random_variables
+    from effnet_jax.train import optim
 
     overrides = {"stem_stride": args.stem_stride} if args.stem_stride else {}
     model = create_model(args.variant, **overrides)

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from effnet_jax import native
+from effnet_jax.kernels import native
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def enabled() -> bool:
 
 def kernel_source_hash() -> str:
     try:
-        source = resources.files("effnet_jax").joinpath("csrc", "depthwise.cc").read_bytes()
+        source = resources.files("effnet_jax.kernels").joinpath("csrc", "depthwise.cc").read_bytes()
     except OSError:
         source = b""
     return hashlib.sha256(source).hexdigest()[:16]

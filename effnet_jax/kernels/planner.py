@@ -17,8 +17,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from effnet_jax import native
-from effnet_jax.kernels import autotune
+from effnet_jax.kernels import autotune, native
 
 Dtype = Any
 

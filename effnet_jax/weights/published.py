@@ -1,7 +1,7 @@
 """Where the ImageNet weight files come from: the table, the download, the check, the cache.
 
 * `WEIGHTS` maps every variant to a `WeightsEntry`: the published PyTorch file and the eval preprocessing the
-  weights were trained for (`effnet_jax.preprocess` builds its transforms from it).
+  weights were trained for (`effnet_jax.data.transform` builds its transforms from it).
   - b0..b7, v2_s/v2_m/v2_l: torchvision's `EfficientNet_B*_Weights` / `EfficientNet_V2_*_Weights`
     `.IMAGENET1K_V1` files and transforms, copied verbatim from torchvision 0.29.1
     (`torchvision/models/efficientnet.py`).
@@ -33,8 +33,8 @@ import pathlib
 import re
 from typing import Literal
 
-from .download import ChecksumError, DownloadError, check_digest, download, file_sha256
-from .errors import ConfigError, UserError
+from effnet_jax.download import ChecksumError, DownloadError, check_digest, download, file_sha256
+from effnet_jax.errors import ConfigError, UserError
 
 __all__ = [
     "DEFAULT_BASE_URL", "URL_ENV_VAR", "IMAGENET_MEAN", "IMAGENET_STD", "TF_LITE_MEAN", "TF_LITE_STD",
@@ -217,3 +217,9 @@ def _download(url: str, path: pathlib.Path, progress: bool) -> None:
     except ChecksumError as error:
         raise WeightsIntegrityError(f"The file downloaded from {url} is corrupt or not the expected file: "
                                     f"{error.problem}.") from error
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class names in index order (torchvision's list: 0 'tench' .. 999 'toilet tissue')."""
+    text = importlib.resources.files(__package__).joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
+    return text.splitlines()

@@ -13,9 +13,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from .errors import ConfigError
+from effnet_jax.errors import ConfigError
 
 log = logging.getLogger("effnet_jax.train")
 PyTree = Any

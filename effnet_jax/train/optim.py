@@ -47,9 +47,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .errors import ConfigError
-from .models import unit_names, unit_of
-from .variants import ModelConfig
+from effnet_jax.errors import ConfigError
+from effnet_jax.model.network import unit_names, unit_of
+from effnet_jax.model.variants import ModelConfig
 
 __all__ = [
     "OPTIMIZERS", "OptimConfig", "Phase", "phases", "lr_schedule",

@@ -1,41 +1,8 @@
-"""Top-k predictions of an EfficientNet for image files, one JSON object per line.
+"""`effnet-predict IMG_OR_DIR ...`: top-k predictions for image files, one JSON object per line.
 
-    python -m effnet_jax.predict (--variant lite0 --init imagenet | --workdir RUN_DIR [--which best|latest])
-        IMG_OR_DIR [...] [--topk 5] [--batch-size 32] [--output FILE] [--[no-]progress]
-
-prints for every image `{"image": path, "top5": [{"class": name, "index": i, "prob": p}, ...]}` (the key is
-`top<K>` for `--topk K`, probabilities sorted descending).
-
-`--init` chooses the weights:
-
-* `imagenet` — the published ImageNet weights of `--variant` (`effnet_jax.pretrained`), ImageNet class names;
-* `PATH.pth` — a PyTorch EfficientNet state dict (torchvision or lukemelas/Lite layout, read without torch) for
-  `--variant`; a lukemelas-layout B file gets its TF-style model overrides (`convert.layout_overrides`). Class
-  names are ImageNet's when the file has 1000 classes, else `class_<i>`;
-* `DIR` — a model directory written by `python -m effnet_jax.convert` (or training), read with
-  `effnet_jax.checkpoint.load_model`; the variant comes from its `model.json` (`--variant` is then optional and
-  must agree), class names from its `class_names`, else ImageNet's for 1000 classes, else `class_<i>`.
-
-`--workdir RUN_DIR` uses a training run (`effnet_jax.train`): its best (or `--which latest`) checkpoint, the EMA
-weights when the run kept an EMA (as its evaluation does; `effnet_jax.loader.load`), the class names of its
-`class_names.json`, and its evaluation preprocessing (`effnet_jax.preprocess.run_preprocess_config`, the transform
-that `export --workdir` writes into its metadata): the RGB image as the data loader stores it (kept as is when
-square, else shorter side resized to 256 and center-cropped, as for a folder of mixed sizes), then
-`effnet_jax.data.eval_batch` (bilinear resize to the run's resolution, the run's mean/std) — so a validation
-image gets the logits that `python -m effnet_jax.evaluate` computes for it.
-
-A progress bar (tqdm) goes to stderr when it is a terminal and there is more than one batch; `--progress` forces
-it on, `--no-progress` off.
-
-Otherwise images are preprocessed with the variant's ImageNet eval transform (`effnet_jax.preprocess.eval_transform`) and
-run in batches of `--batch-size` through one jitted function (the last batch is padded, so it compiles once).
-Arguments may be folders: all image files below them (the extensions training reads, `data.IMAGE_EXTENSIONS`:
-.jpg/.jpeg/.png/.ppm/.bmp/.pgm/.tif/.tiff/.webp), recursively, in sorted order. An
-image inside a folder that cannot be read gets `{"image": path, "error": "..."}` and the run goes on; a missing
-or unreadable image named on the command line, or an `--init` that cannot be loaded, is an error: one message on
-stderr and exit status 2.
-
-This module does not import torch.
+The weights come through `effnet_jax.load` (`--init` imagenet, a .pth, a model directory; or `--workdir` a run)
+with their class names and their preprocessing (`EvalTransform`), so a run's validation image gets the logits
+`effnet-evaluate` computes for it. Options, output and errors: docs/export.md. Does not import torch.
 """
 
 from __future__ import annotations
@@ -51,9 +18,9 @@ from typing import TextIO
 
 import numpy as np
 
-from .data.image import IMAGE_EXTENSIONS
-from .errors import UserError, cli, describe
-from .loader import Loaded, load
+from effnet_jax.data.image import IMAGE_EXTENSIONS
+from effnet_jax.errors import UserError, cli, describe
+from effnet_jax.loader import Loaded, load
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +76,7 @@ def _load(item: ImageItem, transform: Callable) -> np.ndarray | str:
 
 def load_run(workdir: str, which: str = "best", variant: str | None = None) -> Loaded:
     """A training run's evaluation weights (the EMA when kept), class names and eval preprocessing."""
-    from .rundir import existing_run
+    from effnet_jax.train.rundir import existing_run
     return load(existing_run(workdir).path, variant, which=which)
 
 
@@ -137,9 +104,8 @@ def predict(pred: Loaded, items: list[ImageItem], out: TextIO, topk: int = 5, ba
     """Write one JSON line per image to `out`. Returns the number of images that could not be read (in folders).
     Raises `UserError` for an unreadable image named directly. `progress`: None shows a tqdm bar on stderr
     when it is a terminal and there is more than one batch."""
-    from tqdm import tqdm
-
     import jax
+    from tqdm import tqdm
 
     k = min(topk, len(pred.class_names))
     key = f"top{k}"
@@ -188,15 +154,15 @@ def predict(pred: Loaded, items: list[ImageItem], out: TextIO, topk: int = 5, ba
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m effnet_jax.predict", description=(
+    p = argparse.ArgumentParser(prog="effnet-predict", description=(
         "Top-k class predictions of an EfficientNet for images (files or folders), as JSON lines."))
     p.add_argument("images", nargs="+", metavar="IMG", help="image files or folders (searched recursively)")
     p.add_argument("--variant", default=None,
                    help="b0..b7, lite0..lite4, v2_s, v2_m, v2_l (from model.json for --init DIR)")
     p.add_argument("--init", default=None,
-                   help="'imagenet' (default), a PyTorch .pth file, or a model directory from effnet_jax.convert")
+                   help="'imagenet' (default), a PyTorch .pth file, or a model directory from effnet-convert")
     p.add_argument("--workdir", default=None,
-                   help="a training run directory (effnet_jax.train) instead of --init: its weights, classes and "
+                   help="a training run directory (effnet-train) instead of --init: its weights, classes and "
                         "eval preprocessing")
     p.add_argument("--which", default="best", choices=("best", "latest"), help="the run's checkpoint (--workdir)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

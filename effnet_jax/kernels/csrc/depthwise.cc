@@ -1,7 +1,7 @@
 // Depthwise convolution (NHWC, float32) for XLA's CPU backend, as XLA FFI handlers, optionally with the
 // BatchNorm and activation that produce its input fused in front.
 //
-// Built and loaded at run time by effnet_jax/native.py (the system's C++ compiler, jaxlib's FFI headers); layers.py
+// Built and loaded at run time by effnet_jax/kernels/native.py (the system's C++ compiler, jaxlib's FFI headers); layers.py
 // uses it through `depthwise_impl='native'`. The numbers are those of the shifted sum in layers.py:
 //
 //   y[n, oy, ox, c] = sum_{i, j} x[n, s*oy + i - pad_h, s*ox + j - pad_w, c] * k[i, j, c]   (zero outside x)

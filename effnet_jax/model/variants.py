@@ -24,7 +24,7 @@ import dataclasses
 import math
 from typing import NamedTuple
 
-from .errors import ConfigError
+from effnet_jax.errors import ConfigError
 
 __all__ = [
     "ALPHA", "BETA", "GAMMA", "B0_STAGES", "V2_STAGES", "COMPOUND_SCALING", "LITE_SCALING", "V2_SCALING",

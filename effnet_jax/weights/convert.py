@@ -1,4 +1,4 @@
-"""PyTorch EfficientNet state dicts -> Flax variables, and ImageNet-pretrained variables.
+"""PyTorch EfficientNet state dicts -> Flax variables: one explicit key table per layout.
 
 Two layouts are understood, each by one explicit mapping table built from the `ModelConfig`:
 
@@ -22,25 +22,20 @@ convs and Linear -> Dense (in, out), BatchNorm weight/bias -> params scale/bias,
 batch_stats mean/var. Every key of the file must be used and every parameter of the model filled, with
 the shape it needs; otherwise the error names the first key that does not fit.
 
-CLI: `python -m effnet_jax.convert SRC.pth --variant b0 --out DIR [--num-classes N]` writes a checkpoint
-that `effnet_jax.checkpoint.load_model` (and train/evaluate/predict) read.
+`effnet-convert` (effnet_jax.cli.convert) writes a model directory from a file; `effnet_jax.load` reads them all.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import sys
 from typing import Iterator
 
 import jax
 import numpy as np
 
-from . import variants
-from .errors import UserError, cli
-from .torch_reader import read_torch_state_dict
-from .variants import ModelConfig
+from effnet_jax.errors import UserError
+from effnet_jax.model import variants
+from effnet_jax.model.variants import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +151,7 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], variant: str, num_clas
     `num_classes=0` loads the backbone alone, for `create_model(variant, 0)` (pooled features).
     `layout`: the file's layout when the caller has already run `detect_layout`.
     """
-    from .models import create_model, new_classifier, param_shapes
+    from effnet_jax.model.network import create_model, new_classifier, param_shapes
 
     layout = detect_layout(state_dict) if layout is None else layout
     table = LAYOUTS[layout][1](variants.model_config(variant))
@@ -203,50 +198,3 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], variant: str, num_clas
     elif new_head:
         log.info("%s: backbone loaded without its classifier (num_classes=0: pooled features)", source)
     return out
-
-
-def pretrained(variant: str, path: str | os.PathLike | None = None, num_classes: int | None = None,
-               rng: jax.Array | None = None) -> dict:
-    """ImageNet-pretrained variables for `variant`: torchvision's file for B0-B7 and V2-S/M/L (downloaded into /
-    reused from the torch hub cache), the packaged file for Lite0-2, or the .pth at `path`. See `convert_state_dict` for
-    `num_classes`. A B-model file in the lukemelas layout (TF-ported) needs
-    `create_model(variant, **layout_overrides("lukemelas", variant))`; torchvision and Lite files need none."""
-    from .weights import weights_file
-
-    src = os.fspath(path) if path is not None else os.fspath(weights_file(variant))
-    return convert_state_dict(read_torch_state_dict(src), variant, num_classes, rng, source=src)
-
-
-@cli
-def main(argv: list[str] | None = None) -> int:
-    from . import checkpoint
-    from .preprocess import eval_transform
-    p = argparse.ArgumentParser(prog="python -m effnet_jax.convert", description=(
-        "Convert a PyTorch EfficientNet .pth (torchvision or lukemelas/Lite layout) into an effnet_jax "
-        "checkpoint directory."))
-    p.add_argument("src", help="the .pth file")
-    p.add_argument("--variant", required=True, choices=variants.VARIANTS)
-    p.add_argument("--out", required=True, help="output directory (created; must not hold a checkpoint)")
-    p.add_argument("--num-classes", type=int, default=None, help="new head size (default: keep the file's)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        sd = read_torch_state_dict(args.src)
-    except OSError as e:
-        raise UserError(f"{args.src}: {e.strerror or e}") from None
-    layout = detect_layout(sd)
-    variables = convert_state_dict(sd, args.variant, args.num_classes, source=args.src, layout=layout)
-    classes = variables["params"]["classifier"]["bias"].shape[0]
-    try:
-        checkpoint.save_model(args.out, variables, {"variant": args.variant, "num_classes": int(classes),
-                                                    "overrides": layout_overrides(layout, args.variant),
-                                                    "source": os.path.abspath(args.src), "layout": layout,
-                                                    "preprocess": eval_transform(args.variant).to_dict()})
-    except OSError as e:  # an existing checkpoint, an unwritable directory
-        raise UserError(str(e)) from None
-    print(f"wrote {args.variant} ({classes} classes, {layout} layout) to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import data as data_lib
-from . import optim
-from .mesh import Mesh
-from .models import EfficientNet
+from effnet_jax import data as data_lib
+from effnet_jax.data.transform import EvalTransform
+from effnet_jax.model.network import EfficientNet
+from effnet_jax.train import optim
+from effnet_jax.train.mesh import Mesh
 
 PyTree = Any
 
@@ -50,13 +51,15 @@ def create_train_state(variables: PyTree, tx: optax.GradientTransformation, seed
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array, *,
                model: EfficientNet, tx: optax.GradientTransformation, aug: data_lib.AugmentConfig,
-               label_smoothing: float, ema_decay: float, streamed: bool = False) -> tuple[TrainState, dict]:
-    """One optimizer step on the examples `indices` of the on-device dataset (`images` uint8, `labels`).
+               transform: EvalTransform, label_smoothing: float, ema_decay: float, streamed: bool = False
+               ) -> tuple[TrainState, dict]:
+    """One optimizer step on the examples `indices` of the on-device dataset (`images` uint8, `labels`): the
+    augmentation `aug`, then the run's input transform's device part (its side and normalization).
     `streamed`: `images`/`labels` are the batch itself, and `indices` its examples' indices (which key each
     example's augmentation, so a streamed run trains exactly as one with the data on the device)."""
     key = jax.random.fold_in(state.rng, state.step)
     images, y = (images, labels) if streamed else (images[indices], labels[indices])
-    x = data_lib.augment_batch(jax.random.fold_in(key, 0), images, indices, aug)
+    x = transform.on_device(data_lib.augment_batch(jax.random.fold_in(key, 0), images, indices, aug))
 
     def loss_fn(params):
         logits, new = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
@@ -76,12 +79,12 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, indices:
 
 
 def eval_step(variables: PyTree, images: jax.Array, labels: jax.Array, indices: jax.Array, mask: jax.Array, *,
-              model: EfficientNet, aug: data_lib.AugmentConfig, flip: bool = False, streamed: bool = False) -> dict:
+              model: EfficientNet, transform: EvalTransform, flip: bool = False, streamed: bool = False) -> dict:
     """Sums of loss, top-1 and top-5 hits and count over the valid (`mask`) examples of one padded batch.
     `flip`: test-time augmentation, the logits are the mean of the image's and its horizontal mirror's.
     `streamed`: `images`/`labels` are the batch itself (as in `train_step`)."""
     images, y = (images, labels) if streamed else (images[indices], labels[indices])
-    x = data_lib.eval_batch(images, aug)
+    x = transform.on_device(images.astype(jnp.float32) / 255.0)
     if flip:
         both = model.apply(variables, jnp.concatenate([x, x[:, :, ::-1]]), train=False)
         logits = (both[:len(x)] + both[len(x):]) / 2
@@ -95,16 +98,17 @@ def eval_step(variables: PyTree, images: jax.Array, labels: jax.Array, indices: 
 
 
 def jit_train_step(model: EfficientNet, tx: optax.GradientTransformation, aug: data_lib.AugmentConfig,
-                   label_smoothing: float, ema_decay: float, streamed: bool = False):
+                   transform: EvalTransform, label_smoothing: float, ema_decay: float, streamed: bool = False):
     """`train_step` compiled as the trainer runs it, the state donated (argument 0). The benchmarks and the
     sharding test take it from here, so they time and check this very step."""
-    return jax.jit(functools.partial(train_step, model=model, tx=tx, aug=aug, label_smoothing=label_smoothing,
-                                     ema_decay=ema_decay, streamed=streamed), donate_argnums=0)
+    return jax.jit(functools.partial(train_step, model=model, tx=tx, aug=aug, transform=transform,
+                                     label_smoothing=label_smoothing, ema_decay=ema_decay, streamed=streamed),
+                   donate_argnums=0)
 
 
-def jit_eval_step(model: EfficientNet, aug: data_lib.AugmentConfig, flip: bool = False, streamed: bool = False):
-    """`eval_step` compiled as the trainer and `effnet_jax.evaluate` run it."""
-    return jax.jit(functools.partial(eval_step, model=model, aug=aug, flip=flip, streamed=streamed))
+def jit_eval_step(model: EfficientNet, transform: EvalTransform, flip: bool = False, streamed: bool = False):
+    """`eval_step` compiled as the trainer and `effnet-evaluate` run it, with the run's `transform`."""
+    return jax.jit(functools.partial(eval_step, model=model, transform=transform, flip=flip, streamed=streamed))
 
 
 def evaluate(variables: PyTree, split: tuple[jax.Array, jax.Array] | data_lib.Split, n: int, eval_fn,

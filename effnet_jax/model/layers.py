@@ -4,7 +4,7 @@
 * `DepthwiseConv`: k×k per-channel convolution with three interchangeable implementations (same parameters,
   same numbers): 'xla', a grouped convolution (`feature_group_count`); 'shift', a sum of k·k shifted
   element-wise multiplies with a hand-written backward pass (`shifted_depthwise_conv`); 'native', C++ kernels
-  (`effnet_jax.native`) that can also apply the expansion's BatchNorm and activation in front
+  (`effnet_jax.kernels.native`) that can also apply the expansion's BatchNorm and activation in front
   (`bn_act_depthwise_conv`, training), and in inference mode run the whole front of an MBConv block in one pass:
   the 1×1 expansion, its BatchNorm and activation, the convolution, its BatchNorm and activation, and SE's pooling
   (`fused_depthwise_inference`). Which form a unit runs is the planner's choice (`effnet_jax.kernels`: on CPU
@@ -27,8 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from effnet_jax import native
-from effnet_jax.kernels import planner
+from effnet_jax.kernels import native, planner
 from effnet_jax.kernels.planner import (CONV_IMPLS, DEPTHWISE_IMPLS, resolve_conv_impl,  # noqa: F401 (the API)
                                         resolve_depthwise_impl)
 
@@ -496,7 +495,7 @@ _bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)
 def bn_act_depthwise_conv(z: jax.Array, scale: jax.Array, bias: jax.Array, kernel: jax.Array, epsilon: float,
                           act: str, stride: int, padding) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The depthwise convolution of act(BatchNorm(z)), z's own batch statistics (training), by the C++ kernels of
-    `effnet_jax.native`, which never write act(BatchNorm(z)) out: (y, the batch mean, the biased batch variance),
+    `effnet_jax.kernels.native`, which never write act(BatchNorm(z)) out: (y, the batch mean, the biased batch variance),
     as `batch_norm_train`. z float32 NHWC; `act` 'silu' or 'relu6'. The gradients of z, scale, bias and kernel
     are those of `batch_norm_train`, the activation and the convolution composed. Reverse-mode only."""
     return _bn_act_dw_fwd(z, scale, bias, kernel, epsilon, act, stride, padding)[0]

@@ -39,7 +39,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .errors import CheckpointReadError, UserError
+from effnet_jax.errors import CheckpointReadError, UserError
 
 __all__ = ["CheckpointReadError", "UnsafeCheckpointError", "read_torch_state_dict"]
 

@@ -1,6 +1,6 @@
 """A fine-tuning run's directory: its layout, and the reading and writing of each part.
 
-    RUN/config.json          the run's TrainConfig, plus model_overrides, num_classes, mean, std, preprocess
+    RUN/config.json          the run's TrainConfig (`TrainConfig.to_saved`), plus model_overrides, num_classes
     RUN/class_names.json     the class names, in label order
     RUN/metrics.jsonl        one record per epoch; the first (epoch 0) is the accuracy before fine-tuning
     RUN/curves.png           loss and accuracy per epoch
@@ -33,15 +33,16 @@ import os
 import pathlib
 import socket
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from .errors import CheckpointReadError, ConfigError, UserError, describe
+from effnet_jax.errors import CheckpointReadError, ConfigError, UserError, describe
 
 CONFIG = "config.json"
 CLASS_NAMES = "class_names.json"
@@ -133,17 +134,18 @@ class RunDir:
     def write_summary(self, summary: Mapping) -> None:
         self.file(SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
 
-    def check_resume(self, config: Mapping, defaults: Mapping, ignored: Iterable[str]) -> None:
-        """Refuse `--resume` when there is no finished checkpoint, or when the saved config.json differs from
-        `config` in a key outside `ignored` (a key the saved run predates counts with its value in `defaults`)."""
+    def check_resume(self, config: Mapping, upgrade: Callable[[dict], dict], ignored: Iterable[str]) -> None:
+        """Refuse `--resume` when there is no finished checkpoint, or when the saved config.json, read into
+        today's layout by `upgrade` (which also fills the keys the saved run predates), differs from `config` in
+        a key outside `ignored`."""
         latest = self.checkpoints("latest")
         if not finished_steps(latest):
             raise UserError(f"--resume: no checkpoint in {latest}")
         if not self.file(CONFIG).exists():
             return
-        old = self.read_config()
+        old = upgrade(self.read_config())
         ignored = set(ignored)
-        diff = {k for k in config if k not in ignored and old.get(k, defaults.get(k)) != config[k]}
+        diff = {k for k in config if k not in ignored and old.get(k) != config[k]}
         if diff:
             raise ConfigError(f"--resume: the run in {self.path} has a different config ({', '.join(sorted(diff))})")
 

@@ -1,15 +1,7 @@
-"""Evaluate a fine-tuning run's checkpoint on a dataset split.
+"""`effnet-evaluate --workdir RUN`: a run's checkpoint on a dataset split, per class and overall.
 
-    python -m effnet_jax.evaluate --workdir DIR [--dataset SPEC] [--data-dir D] [--split val|test] [--which best|latest]
-                                  [--flip | --no-flip] [--resolution SIDE]
-
-Prints per-class accuracy and, last, one JSON line with top1, top5, loss, n. The evaluated data's classes are
-matched to the run's class names by name (a folder with a subset of the classes, or in another order, works;
-a folder of only `test/<class>/` is a test set: `--dataset folder:DIR --split test`).
-With the run's own dataset and `--split val` it recomputes exactly the validation numbers the run logged.
-`--flip` adds test-time augmentation (the mean of each image's and its mirror's logits); the default is what
-the run's validation did (its `--eval-flip`). `--resolution` evaluates at another input side than the run's
-`--resolution` (the images are resized to it, as in training's validation).
+The data's classes are matched to the run's by name; with the run's own dataset and `--split val` it recomputes
+the validation numbers the run logged. Options and examples: docs/training.md.
 """
 
 from __future__ import annotations
@@ -23,7 +15,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import UserError, cli
+from effnet_jax.errors import UserError, cli
 
 
 def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_dir: str | None = None,
@@ -32,11 +24,12 @@ def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_d
     """`flip`: average each image's and its mirror's logits; None: as the run's validation did (`eval_flip`).
     `stream`: read the images as it goes instead of loading the split (None: as the run's --stream says).
     `resolution`: the input side (None: the run's `--resolution`, the side its checkpoints/best was validated at)."""
-    from .loader import load
-    from .mesh import Mesh
-    from .rundir import existing_run
-    from .steps import evaluate, jit_eval_step
-    from .train import TrainConfig, augment_config, load_data
+    from effnet_jax.loader import load
+    from effnet_jax.train.build import load_data
+    from effnet_jax.train.config import TrainConfig
+    from effnet_jax.train.mesh import Mesh
+    from effnet_jax.train.rundir import existing_run
+    from effnet_jax.train.steps import evaluate, jit_eval_step
 
     run = load(existing_run(workdir).path, which=which)
     saved, run_classes, meta = run.run.config, run.class_names, run.run.meta
@@ -61,7 +54,7 @@ def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_d
     to_run = np.asarray([run_classes.index(c) for c in ds.class_names], np.int32)
     labels = to_run[chosen.labels]
 
-    aug = augment_config(cfg, tuple(saved["mean"]), tuple(saved["std"]))
+    transform = cfg.eval_transform()
     mesh = Mesh()
     streamed = chosen.streamed
     if streamed:  # read as it goes
@@ -69,19 +62,19 @@ def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_d
     else:
         split_data = mesh.replicate((jnp.asarray(chosen.images), jnp.asarray(labels)))
     flip = cfg.eval_flip if flip is None else flip
-    eval_fn = jit_eval_step(run.model, aug, flip, streamed)
+    eval_fn = jit_eval_step(run.model, transform, flip, streamed)
     res = evaluate(mesh.replicate(run.variables), split_data, len(chosen), eval_fn, mesh,
                    batch_size or cfg.eval_batch_size, return_logits=True)
     pred = res.pop("logits").argmax(-1)
     per_class = {run_classes[c]: float(np.mean(pred[labels == c] == c)) for c in np.unique(labels)}
     return {"per_class": per_class, "top1": res["top1"], "top5": res["top5"], "loss": res["loss"], "n": res["n"],
             "epoch": meta.get("epoch"), "split": split, "which": which,
-            "flip": bool(flip), "resolution": aug.resolution}
+            "flip": bool(flip), "resolution": transform.input_size}
 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m effnet_jax.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="effnet-evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="the training run's directory")
     p.add_argument("--dataset", default=None, help="dataset spec (default: the run's)")
     p.add_argument("--data-dir", default=None)

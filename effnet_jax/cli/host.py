@@ -1,7 +1,7 @@
 """The host process: settings that must exist before the process starts, applied by restarting it once.
 
-`with_fast_malloc()` is called under `__main__` by `train.py` and the benchmark scripts, before any work (not on
-import: a library must not re-execute its caller's interpreter).
+`with_fast_malloc()` is called by the commands (`effnet-train`, `python train.py`) and the benchmark scripts,
+before any work (not on import: a library must not re-execute its caller's interpreter).
 """
 
 import os

@@ -1,19 +1,14 @@
-"""Fine-tuning: the run's config, and `train_and_evaluate(cfg)`: the epoch loop as a page of named steps.
+"""`train_and_evaluate(cfg)`: the epoch loop as a page of named steps.
 
     claim_workdir(cfg)      the run directory's lock, held for the run's life; a used directory refused or moved
     setup(cfg)              data, initial weights, optimizer, compiled steps, the run directory's config
-    start(run)              the train state: fresh (and the accuracy before fine-tuning), or resumed from the
+    resume_or_begin(run)    the train state: fresh (and the accuracy before fine-tuning), or resumed from the
                             newest checkpoint that reads back
     train_epoch(...)        the steps of one epoch; a stop request saves a checkpoint and ends the run
     end_epoch(...)          validation, metrics.jsonl and curves.png, checkpoints/latest and /best
 
-As flax's examples/imagenet, over plain functions: the steps in `steps.py`, the device mesh in `mesh.py`, the
-run directory's layout in `rundir.py`, the weights in `loader.py`, the data in `data/`. The top-level `train.py`
-only parses flags into a `TrainConfig`, which checks them when it is made.
-
-The same code runs on 1..N devices and N processes. The data order, augmentation and initialization do not
-depend on the layout; the order of the float sums over the devices does: with SGD runs on different layouts
-agree to rounding, with Adam/AdamW they drift apart (docs/devices.md).
+As flax's examples/imagenet, over plain functions. The same code runs on 1..N devices and N processes; how runs
+on different layouts compare: docs/devices.md.
 """
 
 from __future__ import annotations
@@ -22,7 +17,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -33,221 +27,23 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from . import data as data_lib
-from . import optim, rundir, variants
-from .errors import CheckpointReadError, ConfigError, UserError
-from .loader import load
-from .mesh import Mesh
-from .models import HEAD_INITS, EfficientNet, create_model
-from .preprocess import run_preprocess_config
-from .rundir import RunDir, evaluation_variables
-from .steps import TrainState, create_train_state, evaluate, jit_eval_step, jit_train_step
-from .stopping import Interrupted, StopRequest
+from effnet_jax import data as data_lib
+from effnet_jax.data.transform import EvalTransform
+from effnet_jax.errors import CheckpointReadError, UserError
+from effnet_jax.train import optim, rundir
+from effnet_jax.train.build import build_model, initial_variables, load_data
+from effnet_jax.train.config import RESUME_MAY_CHANGE, TrainConfig
+from effnet_jax.train.mesh import Mesh
+from effnet_jax.train.rundir import RunDir, evaluation_variables
+from effnet_jax.train.steps import TrainState, create_train_state, evaluate, jit_eval_step, jit_train_step
+from effnet_jax.train.stopping import Interrupted, StopRequest
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("effnet_jax.train")
 PyTree = Any
-# with pretrained weights and no --freeze: the top 8 blocks (+ head) train, at 128 px: Lite0 90.3 / 90.9 % (two seeds)
-# in 27-28 min on 2 CPU cores, where the top 6 at 96 px gave 88.4 / 89.5 % (benchmarks/results/fine-tuning.md)
-DEFAULT_TRAINED_BLOCKS = 8
 
 
 class Diverged(UserError, FloatingPointError):
     """The training loss became NaN or infinite; the last good checkpoint is kept (a lower --lr, --grad-clip)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything a run depends on; saved as config.json. Defaults: our recipe (docs/training.md)."""
-    variant: str = "b0"
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    init: str = "imagenet"              # 'imagenet', 'scratch', a .pth file, or a run / model directory
-    workdir: str = "runs/default"
-    epochs: int = 4
-    batch_size: int = 64                # global
-    eval_batch_size: int = 256
-    eval_flip: bool = False             # validation (and `evaluate`) averages each image's and its mirror's logits
-    optimizer: str = "adamw"
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    warmup_epochs: float | None = None  # None: min(1, epochs / 5)
-    label_smoothing: float = 0.1
-    grad_clip: float = 0.0
-    freeze: str | None = None           # None: the top DEFAULT_TRAINED_BLOCKS blocks + head (docs/training.md;
-                                        # all of a network with fewer) for pretrained weights, 'none' from scratch
-    head_init: str = "zero"             # a new classifier: 'zero' (big_vision's; docs/training.md) or 'uniform'
-                                        # (torchvision's)
-    two_phase: bool = False
-    phase1_epochs: int = 0
-    phase2_lr_scale: float = 0.1
-    ema_decay: float = 0.0
-    resolution: int = 128               # training/eval input side; CIFAR's 32 px images are resized to it
-    resolution_schedule: str = ""       # progressive resizing: 'SIDE:EPOCHS,...' trains the first epochs at
-                                        # these sides, the rest (at least the last epoch) at `resolution`
-    input_mean: str | None = None       # input normalization 'R,G,B' (of pixels in [0, 1]); None: the init
-    input_std: str | None = None        # weights' preprocessing (ImageNet's for B, (x - 127) / 128 for Lite)
-    crop_padding: int = 4
-    flip: bool = True
-    rotation: float = 0.0
-    zoom: float = 0.0
-    translation: float = 0.0
-    contrast: float = 0.0
-    dtype: str = "float32"
-    drop_rate: float | None = None      # None: the variant's
-    drop_path_rate: float | None = None
-    width: float | None = None          # custom compound scaling: these replace the variant's width/depth
-    depth: float | None = None          # coefficients (None: the variant's); --init scratch only
-    val_fraction: float = 0.1
-    seed: int = 0
-    resume: bool = False                # continue the run in workdir from its newest readable checkpoint
-    overwrite: bool = False             # move a run already in workdir aside (workdir.old-<UTC time>), then start
-    checkpoint_every: int = 0           # also save checkpoints/latest every N steps (0: at epoch ends only)
-    on_corrupt: str = "error"
-    stream: bool | None = None          # read the images from the source as training goes (grain threads) instead
-                                        # of holding the decoded dataset on the device; None: when it would take
-                                        # more than data.STREAM_ABOVE_BYTES decoded
-    max_train_examples: int | None = None   # for smoke tests and quick looks: a seeded random N of them
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        """Check the flags here, at the boundary, so that a bad one fails before anything loads."""
-        variants.check_resolution(self.resolution)
-        if self.head_init not in HEAD_INITS:
-            raise ConfigError(f"--head-init must be 'uniform' or 'zero', got {self.head_init!r}")
-        if (self.width is not None or self.depth is not None) and self.init != "scratch":
-            raise ConfigError(f"--width/--depth build a network of another shape than {self.variant}'s: only with "
-                              f"--init scratch (--init {self.init}: the weights fix the shape)")
-        for name in ("batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.resume and self.overwrite:
-            raise ConfigError("--resume continues the run in --workdir, --overwrite moves it aside: give one of them")
-        model_config = variants.model_config(self.variant, width=self.width, depth=self.depth)  # a known variant
-        optim_cfg = self.optim_config(len(model_config.blocks))  # OptimConfig's own checks
-        if not os.path.isdir(self.init):  # (a run's or model directory's network may be scaled otherwise)
-            for phase in optim.phases(optim_cfg):  # N of --freeze N within the model's blocks
-                optim.frozen_units(model_config, phase.freeze)
-        for side in set(self.resolution_plan()):
-            augment_config(self, *self.normalization(), side)  # AugmentConfig's own checks
-
-    @classmethod
-    def from_saved(cls, saved: dict) -> "TrainConfig":
-        """The config of a run's config.json (which also holds keys that are not fields: model_overrides, ...)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in saved.items() if k in names})
-
-    def default_freeze(self, num_blocks: int | None = None) -> str:
-        """`--freeze` when not given: 'none' from scratch; else the top DEFAULT_TRAINED_BLOCKS blocks, or all
-        `num_blocks` blocks of a smaller network (a scaled one fine-tuned from its run directory)."""
-        if self.init == "scratch":
-            return "none"
-        return str(DEFAULT_TRAINED_BLOCKS if num_blocks is None else min(DEFAULT_TRAINED_BLOCKS, num_blocks))
-
-    def optim_config(self, num_blocks: int | None = None) -> optim.OptimConfig:
-        """The optimizer settings; `num_blocks`: the trained network's block count, for the default `--freeze`."""
-        return optim.OptimConfig(
-            optimizer=self.optimizer, lr=self.lr, weight_decay=self.weight_decay,
-            warmup_epochs=min(1.0, self.epochs / 5) if self.warmup_epochs is None else self.warmup_epochs,
-            epochs=self.epochs, grad_clip=self.grad_clip, label_smoothing=self.label_smoothing,
-            freeze=self.freeze if self.freeze is not None else self.default_freeze(num_blocks),
-            two_phase=self.two_phase, phase1_epochs=self.phase1_epochs, phase2_lr_scale=self.phase2_lr_scale,
-            ema_decay=self.ema_decay, schedule=self.schedule)
-
-    def resolution_plan(self) -> list[int]:
-        """The input side of each epoch 1..epochs: `--resolution-schedule 64:2,80:1` with `--resolution 96
-        --epochs 6` gives [64, 64, 80, 96, 96, 96]. Cheap low-resolution epochs first, as the progressive
-        resizing of fast.ai and EfficientNetV2; validation follows the epoch's side, and the last epoch (whose
-        checkpoint `evaluate` reads) is always at `--resolution`."""
-        plan: list[int] = []
-        for part in filter(None, (p.strip() for p in self.resolution_schedule.split(","))):
-            try:
-                side, n = (int(v) for v in part.split(":"))
-            except ValueError:
-                raise ConfigError(f"--resolution-schedule {self.resolution_schedule!r}: expected SIDE:EPOCHS[,...], "
-                                  "e.g. 64:2") from None
-            if side < variants.MIN_RESOLUTION or n < 1:
-                raise ConfigError(f"--resolution-schedule {part!r}: the side must be >= {variants.MIN_RESOLUTION} "
-                                  "and the epochs >= 1")
-            plan += [side] * n
-        if len(plan) >= self.epochs:
-            raise ConfigError(f"--resolution-schedule {self.resolution_schedule!r} covers {len(plan)} of the "
-                              f"{self.epochs} epochs; leave at least the last one to --resolution {self.resolution}")
-        return plan + [self.resolution] * (self.epochs - len(plan))
-
-    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Mean/std of the inputs: `--input-mean`/`--input-std` when given, else the init weights' preprocessing
-        (ImageNet's for B, TF's (x-127)/128 for Lite)."""
-        from .weights import weights_entry
-        e = weights_entry(self.variant)
-
-        def parse(flag: str, text: str | None, default) -> tuple[float, ...]:
-            if text is None:
-                return tuple(default)
-            try:
-                values = tuple(float(v) for v in text.split(","))
-            except ValueError:
-                values = ()
-            positive = flag == "--input-std"
-            if len(values) != 3 or not all(math.isfinite(v) for v in values) or (positive and min(values) <= 0):
-                raise ConfigError(f"{flag} {text!r}: expected three numbers R,G,B for pixels in [0, 1], e.g. "
-                                  f"{','.join(f'{v:g}' for v in default)}" + (" (all > 0)" if positive else ""))
-            return values
-
-        return parse("--input-mean", self.input_mean, e.mean), parse("--input-std", self.input_std, e.std)
-
-
-# The user's reference: a torchvision notebook (B0, 32 px, crop pad 4 + flip, Adam 1e-3, batch 64, 25 epochs).
-PRESETS: dict[str, dict[str, Any]] = {
-    "notebook": dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant", warmup_epochs=0.0,
-                     label_smoothing=0.0, batch_size=64, epochs=25, resolution=32, crop_padding=4, flip=True,
-                     freeze="none", ema_decay=0.0),
-}
-
-# config.json keys that `--resume` may change: the same run maybe moved or respelled (workdir), how long it goes
-# (epochs), how often it saves, and where the images are read from (stream), not what they are
-RESUME_MAY_CHANGE = ("resume", "overwrite", "progress", "epochs", "workdir", "checkpoint_every", "stream",
-                     "preprocess")  # (derived from resolution, mean and std, which are compared)
-
-
-def build_model(cfg: TrainConfig, num_classes: int, frozen_units: int = 0, overrides: dict | None = None
-                ) -> EfficientNet:
-    """The model of `cfg` for `num_classes`: the variant with the weights' `overrides` (a file's layout, a
-    previous run's width/depth), cfg's dropout rates, dtype and custom scaling, `frozen_units` BN units in
-    inference mode."""
-    kw = dict(overrides or {})
-    if cfg.drop_rate is not None:
-        kw["drop_rate"] = cfg.drop_rate
-    if cfg.drop_path_rate is not None:
-        kw["drop_path_rate"] = cfg.drop_path_rate
-    kw.update({k: getattr(cfg, k) for k in ("width", "depth") if getattr(cfg, k) is not None})
-    return create_model(cfg.variant, num_classes, dtype=jnp.dtype(cfg.dtype), frozen_units=frozen_units, **kw)
-
-
-def initial_variables(cfg: TrainConfig, num_classes: int, key: jax.Array) -> tuple[PyTree, dict]:
-    """(variables, create_model overrides) for --init (`loader.load`): the weights with a new `num_classes` head
-    when theirs differs (`--head-init`, from `key`), or scratch from `key`."""
-    scaling = {k: getattr(cfg, k) for k in ("width", "depth") if getattr(cfg, k) is not None}
-    loaded = load(cfg.init, cfg.variant, num_classes, head_init=cfg.head_init, key=key, **scaling)
-    return loaded.variables, loaded.overrides
-
-
-def load_data(cfg: TrainConfig) -> data_lib.Dataset:
-    """The dataset in memory, or streamed (`--stream`; by default when `data.decoded_bytes` says it would take
-    more than `data.STREAM_ABOVE_BYTES`)."""
-    log.info("loading %s%s", cfg.dataset, f" from {cfg.data_dir}" if cfg.data_dir else "")
-    return data_lib.load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                                 on_corrupt=cfg.on_corrupt, progress=cfg.progress and jax.process_index() == 0,
-                                 stream=cfg.stream, max_train_examples=cfg.max_train_examples)
-
-
-def augment_config(cfg: TrainConfig, mean, std, resolution: int | None = None) -> data_lib.AugmentConfig:
-    return data_lib.AugmentConfig(crop_padding=cfg.crop_padding, flip=cfg.flip, rotation=cfg.rotation, zoom=cfg.zoom,
-                                  translation=cfg.translation, contrast=cfg.contrast,
-                                  resolution=cfg.resolution if resolution is None else resolution,
-                                  mean=mean, std=std)
 
 
 def state_tree(state: TrainState, epoch_sums: dict) -> dict:
@@ -278,7 +74,7 @@ class Run:
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     sides: list[int]             # input side of each epoch
-    augs: dict[int, data_lib.AugmentConfig]
+    transforms: dict[int, EvalTransform]  # the run's input transform per input side
     eval_fns: dict[int, Any]     # compiled eval step per input side
     streamed: bool
     train_data: Any              # on-device (images, labels), or None when streamed
@@ -318,13 +114,13 @@ def setup(cfg: TrainConfig) -> Run:
     run_dir, is_main = RunDir(cfg.workdir), jax.process_index() == 0
     mesh = Mesh()
     mesh.check_batch(cfg.batch_size)
-    mean, std = cfg.normalization()
+    cfg = cfg.resolved()  # (the normalization written out, as config.json stores it)
     ds = load_data(cfg)
     n_train, n_val = len(ds.train), len(ds.val)
     if n_train + n_val == 0 and ds.test is not None:  # a folder of test/<class>/ only
         raise UserError(f"{ds.source} has no training images, only a test split (test/<class>/); training needs "
-                        "train/<class>/ (or <class>/ at the top); to score a run on this test set: python -m "
-                        f"effnet_jax.evaluate --workdir RUN --dataset {cfg.dataset}"
+                        "train/<class>/ (or <class>/ at the top); to score a run on this test set: "
+                        f"effnet-evaluate --workdir RUN --dataset {cfg.dataset}"
                         + (f" --data-dir {cfg.data_dir}" if cfg.data_dir else "") + " --split test")
     steps_per_epoch = n_train // cfg.batch_size
     if steps_per_epoch < 1:
@@ -334,17 +130,15 @@ def setup(cfg: TrainConfig) -> Run:
 
     variables, overrides = initial_variables(cfg, ds.num_classes, jax.random.fold_in(jax.random.key(cfg.seed), 1))
     sides = cfg.resolution_plan()
-    augs = {r: augment_config(cfg, mean, std, r) for r in sorted(set(sides))}
+    transforms = {r: cfg.eval_transform(r) for r in sorted(set(sides))}
     model_config = build_model(cfg, ds.num_classes, overrides=overrides).config
-    ocfg = cfg.optim_config(len(model_config.blocks))
-    tx = optim.make_optimizer(ocfg, variables["params"], model_config, steps_per_epoch)
+    optim_cfg = cfg.optim_config(len(model_config.blocks))
+    tx = optim.make_optimizer(optim_cfg, variables["params"], model_config, steps_per_epoch)
 
-    config = dataclasses.asdict(cfg) | {"model_overrides": overrides, "num_classes": ds.num_classes,
-                                        "mean": list(mean), "std": list(std),
-                                        "preprocess": run_preprocess_config(cfg.resolution, mean, std)}
-    if cfg.resume:
-        run_dir.check_resume(config, {f.name: f.default for f in dataclasses.fields(TrainConfig)},
-                             RESUME_MAY_CHANGE)
+    config = cfg.to_saved(model_overrides=overrides, num_classes=ds.num_classes)
+    if cfg.resume:  # (compared with the saved config read into today's layout)
+        run_dir.check_resume(config, lambda saved: TrainConfig.from_saved(saved).to_saved(
+            **{k: saved[k] for k in ("model_overrides", "num_classes") if k in saved}), RESUME_MAY_CHANGE)
     if is_main:
         run_dir.write_config(config)
         run_dir.write_class_names(ds.class_names)
@@ -356,10 +150,10 @@ def setup(cfg: TrainConfig) -> Run:
         train_data = mesh.replicate((jnp.asarray(ds.train.images), jnp.asarray(ds.train.labels)))
         val_data = mesh.replicate((jnp.asarray(ds.val.images), jnp.asarray(ds.val.labels)))
     eval_model = build_model(cfg, ds.num_classes, overrides=overrides)
-    eval_fns = {r: jit_eval_step(eval_model, a, cfg.eval_flip, streamed) for r, a in augs.items()}
+    eval_fns = {r: jit_eval_step(eval_model, t, cfg.eval_flip, streamed) for r, t in transforms.items()}
     return Run(cfg, run_dir, mesh, ds, n_train, n_val, steps_per_epoch, variables, overrides, model_config, tx,
-               optim.lr_schedule(ocfg, steps_per_epoch), sides, augs, eval_fns, streamed, train_data, val_data,
-               is_main, t0)
+               optim.lr_schedule(optim_cfg, steps_per_epoch), sides, transforms, eval_fns, streamed, train_data,
+               val_data, is_main, t0)
 
 
 ZERO_SUMS = {"loss": ((), jnp.float32), "correct": ((), jnp.int32), "count": ((), jnp.float32)}
@@ -375,21 +169,21 @@ def _validate(run: Run, state: TrainState, side: int) -> dict:
     return evaluate(weights, run.val_data, run.n_val, run.eval_fns[side], run.mesh, run.cfg.eval_batch_size)
 
 
-def record(run: Run, rec: dict) -> None:
+def append_metrics(run: Run, rec: dict) -> None:
     """Append an epoch's record to metrics.jsonl (and redraw curves.png)."""
     run.records.append(rec)
     if run.is_main:
         run.dir.write_metrics(run.records)
 
 
-def start(run: Run) -> tuple[TrainState, int, int, dict]:
+def resume_or_begin(run: Run) -> tuple[TrainState, int, int, dict]:
     """(state, first epoch, first batch of it, the epoch's sums so far): step 0 and the accuracy before fine-tuning
     (epoch 0 of metrics.jsonl), or where `--resume` left off."""
     cfg = run.cfg
     state = run.mesh.replicate(create_train_state(run.variables, run.tx, cfg.seed, cfg.ema_decay > 0))
     if not cfg.resume:
         pre = _validate(run, state, cfg.resolution)
-        record(run, {"epoch": 0, "train_loss": None, "train_acc": None, "val_loss": pre["loss"],
+        append_metrics(run, {"epoch": 0, "train_loss": None, "train_acc": None, "val_loss": pre["loss"],
                      "val_acc": pre["top1"], "val_top5": pre["top5"], "img_s": None, "lr": None,
                      "time_s": time.time() - run.t0, "resolution": cfg.resolution})
         log.info("before fine-tuning: val top-1 %.2f%%", 100 * pre["top1"])
@@ -444,11 +238,12 @@ def train_epoch(run: Run, state: TrainState, epoch: int, first: int, sums: dict,
     step checks the loss; a stop request (or `--checkpoint-every`) saves checkpoints/latest between two steps."""
     cfg = run.cfg
     phase = [p for p in optim.phases(cfg.optim_config(len(run.model_config.blocks))) if p.start_epoch < epoch][-1]
-    fu, side = optim.frozen_units(run.model_config, phase.freeze), run.sides[epoch - 1]
-    if (fu, side) not in run.step_fns:  # one compiled step per freezing phase and input side
-        run.step_fns[fu, side] = jit_train_step(build_model(cfg, run.ds.num_classes, fu, run.overrides), run.tx,
-                                                run.augs[side], cfg.label_smoothing, cfg.ema_decay, run.streamed)
-    step_fn = run.step_fns[fu, side]
+    frozen, side = optim.frozen_units(run.model_config, phase.freeze), run.sides[epoch - 1]
+    if (frozen, side) not in run.step_fns:  # one compiled step per freezing phase and input side
+        run.step_fns[frozen, side] = jit_train_step(
+            build_model(cfg, run.ds.num_classes, frozen, run.overrides), run.tx, cfg.augment, run.transforms[side],
+            cfg.label_smoothing, cfg.ema_decay, run.streamed)
+    step_fn = run.step_fns[frozen, side]
     # the data order is a function of (seed, epoch) only: a resumed run skips the batches already done
     batches = data_lib.batch_indices(data_lib.epoch_permutation(run.n_train, cfg.seed, epoch), cfg.batch_size)
     if run.streamed:  # background threads read this process's rows of the batches ahead
@@ -493,7 +288,7 @@ def end_epoch(run: Run, state: TrainState, epoch: int, step: int, sums: dict, im
            "train_acc": float(sums["correct"] / sums["count"]),
            "val_loss": val["loss"], "val_acc": val["top1"], "val_top5": val["top5"], "img_s": img_s,
            "lr": float(run.schedule(step - 1)), "time_s": time.time() - run.t0, "resolution": side}
-    record(run, rec)
+    append_metrics(run, rec)
     log.info("epoch %d: train loss %.4f acc %.2f%% | val loss %.4f acc %.2f%% | %.0f img/s | %.0f s", epoch,
              rec["train_loss"], 100 * rec["train_acc"], rec["val_loss"], 100 * rec["val_acc"], img_s or 0,
              time.time() - t_epoch)
@@ -525,7 +320,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     directory's lock throughout (`claim_workdir`); a save that fails raises `rundir.CheckpointSaveError`."""
     with StopRequest() as stop, claim_workdir(cfg):
         run = setup(cfg)
-        state, first_epoch, first_batch, sums = start(run)
+        state, first_epoch, first_batch, sums = resume_or_begin(run)
         latest, best = run.dir.managers()
         with latest, best:  # (closing the savers waits for their saves and writes their SHA256SUMS)
             stop.start_training()

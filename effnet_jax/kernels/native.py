@@ -51,7 +51,8 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
-from effnet_jax.data.cache import CACHE_ENV_VAR as CACHE_ENV, cache_root
+from effnet_jax.data.cache import CACHE_ENV_VAR as CACHE_ENV
+from effnet_jax.data.cache import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,9 @@ def build(force: bool = False) -> Path:
     if cxx is None:
         raise NativeUnavailable("no C++ compiler found (set $CXX, or install g++ or clang++)")
     try:
-        source = resources.files("effnet_jax").joinpath("csrc", "depthwise.cc").read_bytes()
+        source = resources.files("effnet_jax.kernels").joinpath("csrc", "depthwise.cc").read_bytes()
     except OSError as e:
-        raise NativeUnavailable(f"effnet_jax/csrc/depthwise.cc is missing from the installation ({e})") from None
+        raise NativeUnavailable(f"effnet_jax/kernels/csrc/depthwise.cc is missing from the installation ({e})") from None
     include = jax.ffi.include_dir()
     target = _march()
     key = hashlib.sha256(b"\0".join([source, jax.__version__.encode(), cxx.encode(), _cpu_id().encode(),
@@ -143,7 +144,7 @@ def _compile(cxx: str, include: str, src: Path, lib: Path, target: str) -> None:
         lines = done.stderr.strip().splitlines()
         error = next((ln for ln in lines if "error" in ln), lines[-1] if lines else f"exit {done.returncode}")
     asked = "" if target == "native" else f" for -march={target} (${MARCH_ENV})"
-    raise NativeUnavailable(f"{cxx} could not compile effnet_jax/csrc/depthwise.cc{asked}: {error.strip()}")
+    raise NativeUnavailable(f"{cxx} could not compile effnet_jax/kernels/csrc/depthwise.cc{asked}: {error.strip()}")
 
 
 @functools.cache

@@ -1,55 +1,22 @@
-"""Export an eval-mode EfficientNet for deployment: ONNX or serialized StableHLO (`jax.export`).
+"""An eval-mode EfficientNet as a deployable artifact: ONNX (opset 17) or serialized StableHLO (`jax.export`).
 
-    python -m effnet_jax.export (--workdir RUN_DIR [--which best|latest] | --variant V --init imagenet|PATH.pth|scratch)
-        --format onnx|stablehlo --out FILE [--resolution R] [--dtype float32|bfloat16] [--overwrite]
-
-Both artifacts take **one input: a float32 NHWC batch `(batch, R, R, 3)` that is already preprocessed** (resized /
-cropped to R x R, scaled to [0, 1], then `(x - mean) / std` per channel), and return float32 logits
-`(batch, num_classes)` (no softmax). The batch dimension is dynamic (any size, one file). Normalization is *not*
-inside the graph; the metadata says what it is:
-
-    {"format": "onnx"|"stablehlo", "variant", "num_classes", "class_names": [...],
-     "input": {"name": "images", "layout": "NHWC", "shape": ["batch", R, R, 3], "dtype": "float32",
-               "normalized": true},
-     "output": {"name": "logits", "shape": ["batch", num_classes], "dtype": "float32"},
-     "preprocess": {"input_size": R, "mean": [..], "std": [..], ...}, "source": ..., "dtype": ...}
-
-`preprocess` holds the fields of `effnet_jax.preprocess.EvalTransform`, so `EvalTransform(**meta["preprocess"])`
-rebuilds the transform from either source. For `--init imagenet|PATH.pth` it is the weights' ImageNet eval
-transform (`effnet_jax.preprocess.preprocess_config`: resize/crop recipe, interpolation, mean/std; at another
-`--resolution` `input_size` is R and (torchvision crop style) `resize_size` keeps its ratio to it); for
-`--workdir`, the run's evaluation preprocessing (`effnet_jax.preprocess.run_preprocess_config`, crop style 'run':
-the image as the data loader stores it, then `effnet_jax.data.eval_batch`'s bilinear resize to R and the run's
-mean/std), the same as `predict --workdir` uses.
-
-* ONNX (opset 17): written by an explicit emitter that walks the architecture (`ModelConfig`): Transpose to NCHW,
-  Conv (depthwise = group C; V2's Fused-MBConv: plain k×k Conv), BatchNormalization nodes with the running
-  statistics, SiLU = x * Sigmoid(x), ReLU6 = Clip(0, 6), SE = GlobalAveragePool + 1x1 Conv + Sigmoid + Mul,
-  TF-'same' padding as explicit (possibly asymmetric) `pads`, Gemm head. The metadata JSON is the model's
-  `metadata_props` entry `effnet_jax`; `mean`, `std`, `input_size` and `class_names` (JSON) are also separate
-  entries. float32 only.
-* StableHLO: `jax.export` of `model.apply(variables, x, train=False)` with the weights embedded as constants and
-  the batch a symbolic dimension; depthwise convolutions as XLA grouped convolutions (portable across CPU/GPU/TPU).
-  `FILE` holds `Exported.serialize()`; the metadata is `FILE.json`. `load_stablehlo(FILE)` returns
-  (callable, metadata). `--dtype bfloat16` computes in bfloat16 (input and logits stay float32).
-
-Errors (unknown variant, missing run directory, bad format, existing `--out` without `--overwrite`, ...) print one
-line `error: ...` on stderr and exit with status 2.
+Both take one input, a float32 NHWC batch `(batch, R, R, 3)` already preprocessed, and return float32 logits; the
+batch dimension is dynamic. The metadata (`full_metadata`) carries the preprocessing as `EvalTransform` fields,
+so `EvalTransform(**meta["preprocess"])` rebuilds it. The ONNX graph is written by an explicit emitter that walks
+the `ModelConfig`. What each format holds and how to run it: docs/export.md. The command: `effnet-export`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
-import sys
-import time
 
 import numpy as np
 
-from .errors import UserError, cli
-from .variants import check_resolution
+from effnet_jax.data.transform import EvalTransform
+from effnet_jax.errors import UserError
+from effnet_jax.model.variants import check_resolution
 
 FORMATS = ("onnx", "stablehlo")
 DTYPES = ("float32", "bfloat16")
@@ -57,34 +24,9 @@ ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 
-# ---------------------------------------------------------------------------------------------------- loading
-
-def load_for_export(*, workdir: str | None = None, which: str = "best", variant: str | None = None,
-                    init: str | None = None, resolution: int | None = None):
-    """(model, variables, metadata) of the eval-mode model to export (`loader.load`; the model computes its
-    convolutions as XLA convolutions). `resolution` defaults to the run's (workdir) or the weights' eval input
-    size; for the weights' torchvision-style crop, `resize_size` keeps its ratio to it."""
-    from .loader import load
-    from .rundir import existing_run
-
-    if workdir is not None:
-        loaded = load(existing_run(workdir).path, which=which, depthwise_impl="xla", conv_impl="xla")
-    else:
-        if variant is None and not (init is not None and pathlib.Path(init).is_dir()):
-            raise UserError("--variant (or --workdir) is required")
-        loaded = load(init or "imagenet", variant, depthwise_impl="xla", conv_impl="xla")
-    pre = loaded.preprocess.to_dict()
-    r = resolution or pre["input_size"]
-    if r != pre["input_size"] and pre["crop_style"] == "torchvision":  # keep the resize / crop ratio
-        pre["resize_size"] = max(r, round(pre["resize_size"] * r / pre["input_size"]))
-    pre["input_size"] = r
-    source = loaded.source if workdir is not None else f"--init {init or 'imagenet'}"
-    meta = {"variant": loaded.variant, "num_classes": loaded.model.num_classes,
-            "class_names": list(loaded.class_names), "preprocess": pre, "source": source}
-    return loaded.model, loaded.variables, meta
-
-
-def _full_meta(meta: dict, fmt: str, model, resolution: int, dtype: str) -> dict:
+def full_metadata(meta: dict, fmt: str, model, resolution: int, dtype: str) -> dict:
+    """The metadata an artifact carries: `meta` (variant, classes, preprocessing, source) and its input and
+    output."""
     return {"format": fmt, **meta,
             "input": {"name": INPUT_NAME, "layout": "NHWC", "shape": ["batch", resolution, resolution, 3],
                       "dtype": "float32", "normalized": True},
@@ -101,7 +43,7 @@ def to_onnx(model, variables, resolution: int, metadata: dict | None = None):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from .layers import conv_padding
+    from effnet_jax.model.layers import conv_padding
 
     cfg = model.config
     params = _np_tree(variables["params"])
@@ -254,8 +196,8 @@ def export(model, variables, meta: dict, fmt: str, out: str | os.PathLike, resol
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     r = check_resolution(int(resolution or meta["preprocess"]["input_size"]))
-    meta = dict(meta, preprocess=dict(meta["preprocess"], input_size=r))
-    full = _full_meta(meta, fmt, model, r, dtype)
+    meta = dict(meta, preprocess=EvalTransform(**meta["preprocess"]).at(r).to_dict())
+    full = full_metadata(meta, fmt, model, r, dtype)
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
@@ -270,47 +212,3 @@ def export(model, variables, meta: dict, fmt: str, out: str | os.PathLike, resol
         out.write_bytes(exp.serialize())
         out.with_name(out.name + ".json").write_text(json.dumps(full, indent=1) + "\n")
     return full
-
-
-@cli
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m effnet_jax.export", description=(
-        "Export an eval-mode EfficientNet to ONNX or serialized StableHLO with a dynamic batch dimension."))
-    src = p.add_argument_group("model (--workdir, or --variant with --init)")
-    src.add_argument("--workdir", default=None, help="a training run directory (effnet_jax.train)")
-    src.add_argument("--which", default="best", choices=("best", "latest"), help="the run's checkpoint")
-    src.add_argument("--variant", default=None, help="b0..b7, lite0..lite4, v2_s, v2_m, v2_l")
-    src.add_argument("--init", default=None,
-                     help="'imagenet' (default with --variant), a PyTorch .pth file, a model directory "
-                          "(effnet_jax.convert), or 'scratch' (random weights)")
-    p.add_argument("--format", required=True, help="onnx or stablehlo")
-    p.add_argument("--out", required=True, help="output file (stablehlo: metadata in OUT.json)")
-    p.add_argument("--resolution", type=int, default=None, help="input side R (default: the run's / weights')")
-    p.add_argument("--dtype", default="float32", help="compute dtype: float32, or bfloat16 (stablehlo only)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    args = p.parse_args(argv)
-    if args.format not in FORMATS:
-        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
-    if args.dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
-    if args.format == "onnx" and args.dtype != "float32":
-        raise UserError("--format onnx exports float32 only (use --dtype float32)")
-    if args.workdir is not None and (args.variant is not None or args.init is not None):
-        raise UserError("--workdir excludes --variant and --init")
-    if args.resolution is not None:
-        check_resolution(args.resolution)
-    if os.path.exists(args.out) and not args.overwrite:
-        raise UserError(f"--out {args.out} exists; pass --overwrite to replace it")
-    t0 = time.perf_counter()
-    model, variables, meta = load_for_export(workdir=args.workdir, which=args.which, variant=args.variant,
-                                             init=args.init, resolution=args.resolution)
-    full = export(model, variables, meta, args.format, args.out, args.resolution, args.dtype)
-    summary = {"out": os.fspath(args.out), "format": args.format, "variant": full["variant"],
-               "input": full["input"]["shape"], "num_classes": full["num_classes"],
-               "bytes": os.path.getsize(args.out), "seconds": round(time.perf_counter() - t0, 2)}
-    print(json.dumps(summary))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

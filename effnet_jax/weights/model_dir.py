@@ -1,8 +1,8 @@
 """Model checkpoints on disk: variables through orbax, plus a `model.json` saying how to rebuild the module.
 
 A model directory holds `model.json` ({"variant", "num_classes", "overrides", "preprocess" (the fields of
-`preprocess.EvalTransform`), "class_names" (optional), ...}) and `variables/`
-(an orbax PyTree checkpoint of {'params', 'batch_stats'}). `python -m effnet_jax.convert` writes one;
+`data.transform.EvalTransform`), "class_names" (optional), ...}) and `variables/`
+(an orbax PyTree checkpoint of {'params', 'batch_stats'}). `effnet-convert` writes one;
 `load_model` reads it back as (module, variables, meta).
 """
 
@@ -34,7 +34,7 @@ def save_model(directory: str | os.PathLike, variables: dict, meta: dict) -> pat
 def load_model(directory: str | os.PathLike, **overrides):
     """(module, variables, meta) from a directory written by `save_model`. `overrides` go to `create_model`
     (e.g. dtype), on top of the ones saved in the metadata."""
-    from .models import create_model
+    from effnet_jax.model.network import create_model
 
     d = pathlib.Path(directory).absolute()
     if not (d / META_FILE).exists():

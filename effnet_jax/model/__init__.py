@@ -1,0 +1,1 @@
+"""The network: the family as data (`variants`), its layers, its two blocks, the network, and its export."""
