@@ -59,31 +59,38 @@ B0_STAGES: tuple[StageSpec, ...] = (
 )
 STEM_CHANNELS = 32
 
+
+def fused(*row) -> StageSpec:
+    """A Fused-MBConv stage (one full k x k convolution in place of expand + depthwise)."""
+    return StageSpec(*row, fused=True)
+
+
+mbconv = StageSpec  # an MBConv stage
+
 # EfficientNetV2 (torchvision 0.29.1 `_efficientnet_conf('efficientnet_v2_*')`, = the paper's table 4 for S).
 # The stem has the first row's input channels; the head is 1280 (not 4x the last stage).
-_F, _M = (lambda *a: StageSpec(*a, fused=True)), StageSpec
 V2_STAGES: dict[str, tuple[StageSpec, ...]] = {
-    #            expand kernel stride in   out  repeats
-    "v2_s": (_F(1,      3,     1,     24,  24,  2),
-             _F(4,      3,     2,     24,  48,  4),
-             _F(4,      3,     2,     48,  64,  4),
-             _M(4,      3,     2,     64,  128, 6),
-             _M(6,      3,     1,     128, 160, 9),
-             _M(6,      3,     2,     160, 256, 15)),
-    "v2_m": (_F(1,      3,     1,     24,  24,  3),
-             _F(4,      3,     2,     24,  48,  5),
-             _F(4,      3,     2,     48,  80,  5),
-             _M(4,      3,     2,     80,  160, 7),
-             _M(6,      3,     1,     160, 176, 14),
-             _M(6,      3,     2,     176, 304, 18),
-             _M(6,      3,     1,     304, 512, 5)),
-    "v2_l": (_F(1,      3,     1,     32,  32,  4),
-             _F(4,      3,     2,     32,  64,  7),
-             _F(4,      3,     2,     64,  96,  7),
-             _M(4,      3,     2,     96,  192, 10),
-             _M(6,      3,     1,     192, 224, 19),
-             _M(6,      3,     2,     224, 384, 25),
-             _M(6,      3,     1,     384, 640, 7)),
+    #               expand kernel stride in   out  repeats
+    "v2_s": (fused( 1,      3,     1,     24,  24,  2),
+             fused( 4,      3,     2,     24,  48,  4),
+             fused( 4,      3,     2,     48,  64,  4),
+             mbconv(4,      3,     2,     64,  128, 6),
+             mbconv(6,      3,     1,     128, 160, 9),
+             mbconv(6,      3,     2,     160, 256, 15)),
+    "v2_m": (fused( 1,      3,     1,     24,  24,  3),
+             fused( 4,      3,     2,     24,  48,  5),
+             fused( 4,      3,     2,     48,  80,  5),
+             mbconv(4,      3,     2,     80,  160, 7),
+             mbconv(6,      3,     1,     160, 176, 14),
+             mbconv(6,      3,     2,     176, 304, 18),
+             mbconv(6,      3,     1,     304, 512, 5)),
+    "v2_l": (fused( 1,      3,     1,     32,  32,  4),
+             fused( 4,      3,     2,     32,  64,  7),
+             fused( 4,      3,     2,     64,  96,  7),
+             mbconv(4,      3,     2,     96,  192, 10),
+             mbconv(6,      3,     1,     192, 224, 19),
+             mbconv(6,      3,     2,     224, 384, 25),
+             mbconv(6,      3,     1,     384, 640, 7)),
 }
 HEAD_CHANNELS_V2 = 1280
 HEAD_CHANNELS_LITE = 1280  # Lite models keep stem (32) and head (1280) unscaled

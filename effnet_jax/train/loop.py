@@ -2,7 +2,7 @@
 
     claim_workdir(cfg)      the run directory's lock, held for the run's life; a used directory refused or moved
     setup(cfg)              data, initial weights, optimizer, compiled steps, the run directory's config
-    resume_or_begin(run)    the train state: fresh (and the accuracy before fine-tuning), or resumed from the
+    resume_or_begin(trainer)    the train state: fresh (and the accuracy before fine-tuning), or resumed from the
                             newest checkpoint that reads back
     train_epoch(...)        the steps of one epoch; a stop request saves a checkpoint and ends the run
     end_epoch(...)          validation, metrics.jsonl and curves.png, checkpoints/latest and /best
@@ -59,8 +59,9 @@ def state_tree(state: TrainState, epoch_sums: dict) -> dict:
 # ----------------------------------------------------------------------------------------------- the loop
 
 @dataclasses.dataclass
-class Run:
-    """What `setup` prepares for the loop."""
+class Trainer:
+    """What `setup` prepares for the loop: the data, the initial weights, the optimizer and the compiled steps of
+    one run, handed to each of its steps."""
     cfg: TrainConfig
     dir: RunDir
     mesh: Mesh
@@ -107,7 +108,7 @@ def claim_workdir(cfg: TrainConfig) -> Iterator[None]:
         yield
 
 
-def setup(cfg: TrainConfig) -> Run:
+def setup(cfg: TrainConfig) -> Trainer:
     """Load the data and the initial weights, build the optimizer and the eval steps, write config.json and
     class_names.json (a resumed run must match its saved config)."""
     t0 = time.time()
@@ -151,7 +152,7 @@ def setup(cfg: TrainConfig) -> Run:
         val_data = mesh.replicate((jnp.asarray(ds.val.images), jnp.asarray(ds.val.labels)))
     eval_model = build_model(cfg, ds.num_classes, overrides=overrides)
     eval_fns = {r: jit_eval_step(eval_model, t, cfg.eval_flip, streamed) for r, t in transforms.items()}
-    return Run(cfg, run_dir, mesh, ds, n_train, n_val, steps_per_epoch, variables, overrides, model_config, tx,
+    return Trainer(cfg, run_dir, mesh, ds, n_train, n_val, steps_per_epoch, variables, overrides, model_config, tx,
                optim.lr_schedule(optim_cfg, steps_per_epoch), sides, transforms, eval_fns, streamed, train_data,
                val_data, is_main, t0)
 
@@ -159,62 +160,64 @@ def setup(cfg: TrainConfig) -> Run:
 ZERO_SUMS = {"loss": ((), jnp.float32), "correct": ((), jnp.int32), "count": ((), jnp.float32)}
 
 
-def zero_sums(run: Run) -> dict:
+def zero_sums(trainer: Trainer) -> dict:
     """The running sums of an epoch (loss, correct, count) at zero, on the devices."""
-    return run.mesh.replicate({k: jnp.zeros(shape, dtype) for k, (shape, dtype) in ZERO_SUMS.items()})
+    return trainer.mesh.replicate({k: jnp.zeros(shape, dtype) for k, (shape, dtype) in ZERO_SUMS.items()})
 
 
-def _validate(run: Run, state: TrainState, side: int) -> dict:
+def _validate(trainer: Trainer, state: TrainState, side: int) -> dict:
     weights = evaluation_variables(state.params, state.batch_stats, state.ema)
-    return evaluate(weights, run.val_data, run.n_val, run.eval_fns[side], run.mesh, run.cfg.eval_batch_size)
+    return evaluate(weights, trainer.val_data, trainer.n_val, trainer.eval_fns[side], trainer.mesh,
+                    trainer.cfg.eval_batch_size)
 
 
-def append_metrics(run: Run, rec: dict) -> None:
+def append_metrics(trainer: Trainer, rec: dict) -> None:
     """Append an epoch's record to metrics.jsonl (and redraw curves.png)."""
-    run.records.append(rec)
-    if run.is_main:
-        run.dir.write_metrics(run.records)
+    trainer.records.append(rec)
+    if trainer.is_main:
+        trainer.dir.write_metrics(trainer.records)
 
 
-def resume_or_begin(run: Run) -> tuple[TrainState, int, int, dict]:
+def resume_or_begin(trainer: Trainer) -> tuple[TrainState, int, int, dict]:
     """(state, first epoch, first batch of it, the epoch's sums so far): step 0 and the accuracy before fine-tuning
     (epoch 0 of metrics.jsonl), or where `--resume` left off."""
-    cfg = run.cfg
-    state = run.mesh.replicate(create_train_state(run.variables, run.tx, cfg.seed, cfg.ema_decay > 0))
+    cfg = trainer.cfg
+    state = trainer.mesh.replicate(create_train_state(trainer.variables, trainer.tx, cfg.seed, cfg.ema_decay > 0))
     if not cfg.resume:
-        pre = _validate(run, state, cfg.resolution)
-        append_metrics(run, {"epoch": 0, "train_loss": None, "train_acc": None, "val_loss": pre["loss"],
+        pre = _validate(trainer, state, cfg.resolution)
+        append_metrics(trainer, {"epoch": 0, "train_loss": None, "train_acc": None, "val_loss": pre["loss"],
                      "val_acc": pre["top1"], "val_top5": pre["top5"], "img_s": None, "lr": None,
-                     "time_s": time.time() - run.t0, "resolution": cfg.resolution})
+                     "time_s": time.time() - trainer.t0, "resolution": cfg.resolution})
         log.info("before fine-tuning: val top-1 %.2f%%", 100 * pre["top1"])
-        return state, 1, 0, zero_sums(run)
-    tree, meta = resume_point(run, state_tree(state, zero_sums(run)))
-    state = run.mesh.replicate(state.replace(
+        return state, 1, 0, zero_sums(trainer)
+    tree, meta = resume_point(trainer, state_tree(state, zero_sums(trainer)))
+    state = trainer.mesh.replicate(state.replace(
         step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"], opt_state=tree["opt_state"],
         ema=tree.get("ema"), rng=jax.random.wrap_key_data(tree["rng"])))
     # meta: epochs completed, and batches done of the next one (a mid-epoch checkpoint)
-    run.records[:] = run.dir.read_metrics(up_to_epoch=meta["epoch"])
+    trainer.records[:] = trainer.dir.read_metrics(up_to_epoch=meta["epoch"])
     epoch, batch = meta["epoch"] + 1, meta.get("batches_done", 0)
     log.info("resumed at epoch %d, batch %d (step %d)", epoch, batch, int(state.step))
-    return state, epoch, batch, run.mesh.replicate(tree["epoch_sums"])
+    return state, epoch, batch, trainer.mesh.replicate(tree["epoch_sums"])
 
 
-def resume_point(run: Run, target: dict) -> tuple[dict, dict]:
+def resume_point(trainer: Trainer, target: dict) -> tuple[dict, dict]:
     """(tree, meta) of the newest checkpoints/latest step that reads back (`rundir.restore_readable`). Newer steps
     that do not are moved to checkpoints/set-aside/ with one warning, and so are best steps of epochs the run
     will redo: it saves those step numbers again. None readable: CheckpointReadError, naming each step."""
-    latest = run.dir.checkpoints("latest")
+    latest = trainer.dir.checkpoints("latest")
     try:
         tree, meta, step, bad = rundir.restore_readable(latest, target)
     except CheckpointReadError as e:
         raise CheckpointReadError(f"--resume: {e}; start afresh with --overwrite (which moves this run aside) or "
                                   "in another --workdir") from None
-    redone = [s for s in rundir.finished_steps(run.dir.checkpoints("best")) if s > meta["epoch"]]
-    if run.is_main and (bad or redone):
-        moved = [run.dir.set_aside("latest", s) for s, _ in bad] + [run.dir.set_aside("best", s) for s in redone]
+    redone = [s for s in rundir.finished_steps(trainer.dir.checkpoints("best")) if s > meta["epoch"]]
+    if trainer.is_main and (bad or redone):
+        moved = ([trainer.dir.set_aside("latest", s) for s, _ in bad]
+                 + [trainer.dir.set_aside("best", s) for s in redone])
         what = "; ".join(f"checkpoints/latest step {s} is unreadable ({why})" for s, why in bad)
         log.warning("%s%sresuming from step %d (epoch %d); moved to %s: %s", what, "; " if what else "", step,
-                    meta["epoch"], run.dir.checkpoints("latest").parent / rundir.SET_ASIDE,
+                    meta["epoch"], trainer.dir.checkpoints("latest").parent / rundir.SET_ASIDE,
                     ", ".join(f"{m.parent.name}/{m.name}" for m in moved))
     if jax.process_count() > 1:  # (the others list the directories after the move)
         from jax.experimental import multihost_utils
@@ -222,40 +225,41 @@ def resume_point(run: Run, target: dict) -> tuple[dict, dict]:
     return tree, meta
 
 
-def save_latest(run: Run, manager, step: int, state: TrainState, sums: dict, meta: dict) -> None:
+def save_latest(trainer: Trainer, manager, step: int, state: TrainState, sums: dict, meta: dict) -> None:
     """Save checkpoints/latest (orbax: all processes, written to a temporary directory and renamed when complete),
     unless the epoch's losses so far hold a NaN/inf: then the last good checkpoint stays."""
     loss = float(jax.device_get(sums["loss"]))
     if not math.isfinite(loss):
         raise Diverged(f"the training loss became {loss} before step {step} (epoch {meta['epoch'] + 1}); nothing "
-                       f"saved, the last good checkpoint is kept in {run.dir.checkpoints('latest')}")
+                       f"saved, the last good checkpoint is kept in {trainer.dir.checkpoints('latest')}")
     manager.save(step, state_tree(state, sums), meta)
 
 
-def train_epoch(run: Run, state: TrainState, epoch: int, first: int, sums: dict, stop: StopRequest, latest
+def train_epoch(trainer: Trainer, state: TrainState, epoch: int, first: int, sums: dict, stop: StopRequest, latest
                 ) -> tuple[TrainState, dict, int, float | None]:
     """The steps of `epoch` from batch `first` on: (state, the epoch's sums, the last step, img/s). Every 10th
     step checks the loss; a stop request (or `--checkpoint-every`) saves checkpoints/latest between two steps."""
-    cfg = run.cfg
-    phase = [p for p in optim.phases(cfg.optim_config(len(run.model_config.blocks))) if p.start_epoch < epoch][-1]
-    frozen, side = optim.frozen_units(run.model_config, phase.freeze), run.sides[epoch - 1]
-    if (frozen, side) not in run.step_fns:  # one compiled step per freezing phase and input side
-        run.step_fns[frozen, side] = jit_train_step(
-            build_model(cfg, run.ds.num_classes, frozen, run.overrides), run.tx, cfg.augment, run.transforms[side],
-            cfg.label_smoothing, cfg.ema_decay, run.streamed)
-    step_fn = run.step_fns[frozen, side]
+    cfg = trainer.cfg
+    phase = [p for p in optim.phases(cfg.optim_config(len(trainer.model_config.blocks))) if p.start_epoch < epoch][-1]
+    frozen, side = optim.frozen_units(trainer.model_config, phase.freeze), trainer.sides[epoch - 1]
+    if (frozen, side) not in trainer.step_fns:  # one compiled step per freezing phase and input side
+        trainer.step_fns[frozen, side] = jit_train_step(
+            build_model(cfg, trainer.ds.num_classes, frozen, trainer.overrides), trainer.tx, cfg.augment,
+            trainer.transforms[side],
+            cfg.label_smoothing, cfg.ema_decay, trainer.streamed)
+    step_fn = trainer.step_fns[frozen, side]
     # the data order is a function of (seed, epoch) only: a resumed run skips the batches already done
-    batches = data_lib.batch_indices(data_lib.epoch_permutation(run.n_train, cfg.seed, epoch), cfg.batch_size)
-    if run.streamed:  # background threads read this process's rows of the batches ahead
-        feed = data_lib.stream_batches(run.ds.train, [run.mesh.local_rows(b) for b in batches[first:]])
-    t_steady, n_steady, step = time.time(), 0, (epoch - 1) * run.steps_per_epoch + first
+    batches = data_lib.batch_indices(data_lib.epoch_permutation(trainer.n_train, cfg.seed, epoch), cfg.batch_size)
+    if trainer.streamed:  # background threads read this process's rows of the batches ahead
+        feed = data_lib.stream_batches(trainer.ds.train, [trainer.mesh.local_rows(b) for b in batches[first:]])
+    t_steady, n_steady, step = time.time(), 0, (epoch - 1) * trainer.steps_per_epoch + first
     bar = tqdm(range(first, len(batches)), initial=first, total=len(batches), unit="batch",
-               desc=f"epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and run.is_main), dynamic_ncols=True)
+               desc=f"epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and trainer.is_main), dynamic_ncols=True)
     for i in bar:
-        data = run.mesh.put_stream(feed, len(batches[i])) if run.streamed else run.train_data
-        state, m = step_fn(state, *data, run.mesh.put_batch(batches[i].astype(np.int32)))
+        data = trainer.mesh.put_stream(feed, len(batches[i])) if trainer.streamed else trainer.train_data
+        state, m = step_fn(state, *data, trainer.mesh.put_batch(batches[i].astype(np.int32)))
         sums = jax.tree.map(jnp.add, sums, {k: m[k] for k in sums})
-        step = (epoch - 1) * run.steps_per_epoch + i + 1  # == state.step, without waiting for it
+        step = (epoch - 1) * trainer.steps_per_epoch + i + 1  # == state.step, without waiting for it
         if i == first:
             jax.block_until_ready(m)
             t_steady = time.time()  # img/s leaves out the first (compiling) step
@@ -265,51 +269,51 @@ def train_epoch(run: Run, state: TrainState, epoch: int, first: int, sums: dict,
             m = jax.device_get(m)
             if not math.isfinite(float(m["loss"])):
                 raise Diverged(f"loss is {float(m['loss'])} at step {step} (epoch {epoch}); the last good checkpoint "
-                               f"is kept in {run.dir.checkpoints('latest')}")
+                               f"is kept in {trainer.dir.checkpoints('latest')}")
             bar.set_postfix(loss=f"{float(m['loss']) / float(m['count']):.3f}",
                             img_s=f"{n_steady / max(time.time() - t_steady, 1e-9):.0f}")
         if i + 1 < len(batches):  # (the epoch's end saves after the validation: end_epoch)
             stopping = stop.requested(check_all=i % 10 == 0)
             if stopping or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                save_latest(run, latest, step, state, sums, {"epoch": epoch - 1, "batches_done": i + 1})
+                save_latest(trainer, latest, step, state, sums, {"epoch": epoch - 1, "batches_done": i + 1})
             if stopping:
-                raise Interrupted(step, epoch, run.dir.checkpoints("latest"), stop.signal)
+                raise Interrupted(step, epoch, trainer.dir.checkpoints("latest"), stop.signal)
     bar.close()
     return state, sums, step, n_steady / max(time.time() - t_steady, 1e-9) if n_steady else None
 
 
-def end_epoch(run: Run, state: TrainState, epoch: int, step: int, sums: dict, img_s: float | None, t_epoch: float,
-              latest, best) -> None:
+def end_epoch(trainer: Trainer, state: TrainState, epoch: int, step: int, sums: dict, img_s: float | None,
+              t_epoch: float, latest, best) -> None:
     """Validate, append the epoch's record, save checkpoints/latest and (at --resolution) checkpoints/best."""
-    side = run.sides[epoch - 1]
+    side = trainer.sides[epoch - 1]
     sums = jax.device_get(sums)
-    val = _validate(run, state, side)
+    val = _validate(trainer, state, side)
     rec = {"epoch": epoch, "train_loss": float(sums["loss"] / sums["count"]),
            "train_acc": float(sums["correct"] / sums["count"]),
            "val_loss": val["loss"], "val_acc": val["top1"], "val_top5": val["top5"], "img_s": img_s,
-           "lr": float(run.schedule(step - 1)), "time_s": time.time() - run.t0, "resolution": side}
-    append_metrics(run, rec)
+           "lr": float(trainer.schedule(step - 1)), "time_s": time.time() - trainer.t0, "resolution": side}
+    append_metrics(trainer, rec)
     log.info("epoch %d: train loss %.4f acc %.2f%% | val loss %.4f acc %.2f%% | %.0f img/s | %.0f s", epoch,
              rec["train_loss"], 100 * rec["train_acc"], rec["val_loss"], 100 * rec["val_acc"], img_s or 0,
              time.time() - t_epoch)
     meta = {"epoch": epoch, "val_top1": val["top1"]}
-    save_latest(run, latest, step, state, zero_sums(run), meta)
-    if side == run.cfg.resolution:  # (the best checkpoint is evaluated at --resolution)
-        best.save(epoch, state_tree(state, zero_sums(run)), meta, metrics={"val_top1": val["top1"]})
+    save_latest(trainer, latest, step, state, zero_sums(trainer), meta)
+    if side == trainer.cfg.resolution:  # (the best checkpoint is evaluated at --resolution)
+        best.save(epoch, state_tree(state, zero_sums(trainer)), meta, metrics={"val_top1": val["top1"]})
 
 
-def summarize(run: Run) -> dict:
-    trained = [r for r in run.records if r["epoch"] > 0]
-    cfg = run.cfg
+def summarize(trainer: Trainer) -> dict:
+    trained = [r for r in trainer.records if r["epoch"] > 0]
+    cfg = trainer.cfg
     summary = {"variant": cfg.variant, "dataset": cfg.dataset, "init": cfg.init,
-               "pre_finetune_val_acc": run.records[0]["val_acc"] if run.records and run.records[0]["epoch"] == 0
-               else None,
+               "pre_finetune_val_acc": (trainer.records[0]["val_acc"]
+                                        if trainer.records and trainer.records[0]["epoch"] == 0 else None),
                "final_val_acc": trained[-1]["val_acc"] if trained else None,
                "best_val_acc": max((r["val_acc"] for r in trained), default=None),
-               "epochs": cfg.epochs, "n_train": run.n_train, "n_val": run.n_val,
-               "time_s": round(time.time() - run.t0, 1), "workdir": str(run.dir.path)}
-    if run.is_main:
-        run.dir.write_summary(summary)
+               "epochs": cfg.epochs, "n_train": trainer.n_train, "n_val": trainer.n_val,
+               "time_s": round(time.time() - trainer.t0, 1), "workdir": str(trainer.dir.path)}
+    if trainer.is_main:
+        trainer.dir.write_summary(summary)
     return summary
 
 
@@ -319,17 +323,17 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     first step on they stop the run after the current step with a checkpoint (`Interrupted`). The run holds its
     directory's lock throughout (`claim_workdir`); a save that fails raises `rundir.CheckpointSaveError`."""
     with StopRequest() as stop, claim_workdir(cfg):
-        run = setup(cfg)
-        state, first_epoch, first_batch, sums = resume_or_begin(run)
-        latest, best = run.dir.managers()
+        trainer = setup(cfg)
+        state, first_epoch, first_batch, sums = resume_or_begin(trainer)
+        latest, best = trainer.dir.managers()
         with latest, best:  # (closing the savers waits for their saves and writes their SHA256SUMS)
             stop.start_training()
             for epoch in range(first_epoch, cfg.epochs + 1):
                 t_epoch = time.time()
                 first = first_batch if epoch == first_epoch else 0
-                sums = sums if epoch == first_epoch else zero_sums(run)
-                state, sums, step, img_s = train_epoch(run, state, epoch, first, sums, stop, latest)
-                end_epoch(run, state, epoch, step, sums, img_s, t_epoch, latest, best)
+                sums = sums if epoch == first_epoch else zero_sums(trainer)
+                state, sums, step, img_s = train_epoch(trainer, state, epoch, first, sums, stop, latest)
+                end_epoch(trainer, state, epoch, step, sums, img_s, t_epoch, latest, best)
                 if epoch < cfg.epochs and stop.requested(check_all=True):
-                    raise Interrupted(step, epoch, run.dir.checkpoints("latest"), stop.signal)
-        return summarize(run)
+                    raise Interrupted(step, epoch, trainer.dir.checkpoints("latest"), stop.signal)
+        return summarize(trainer)
