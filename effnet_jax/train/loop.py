@@ -237,8 +237,9 @@ def save_latest(trainer: Trainer, manager, step: int, state: TrainState, sums: d
 
 def train_epoch(trainer: Trainer, state: TrainState, epoch: int, first: int, sums: dict, stop: StopRequest, latest
                 ) -> tuple[TrainState, dict, int, float | None]:
-    """The steps of `epoch` from batch `first` on: (state, the epoch's sums, the last step, img/s). Every 10th
-    step checks the loss; a stop request (or `--checkpoint-every`) saves checkpoints/latest between two steps."""
+    """The steps of `epoch` from batch `first` on: (state, the epoch's sums, the last step, images per second).
+    Every 10th step checks the loss; a stop request (or `--checkpoint-every`) saves checkpoints/latest between two
+    steps."""
     cfg = trainer.cfg
     phase = [p for p in optim.phases(cfg.optim_config(len(trainer.model_config.blocks))) if p.start_epoch < epoch][-1]
     frozen, side = optim.frozen_units(trainer.model_config, phase.freeze), trainer.sides[epoch - 1]
@@ -262,7 +263,7 @@ def train_epoch(trainer: Trainer, state: TrainState, epoch: int, first: int, sum
         step = (epoch - 1) * trainer.steps_per_epoch + i + 1  # == state.step, without waiting for it
         if i == first:
             jax.block_until_ready(m)
-            t_steady = time.time()  # img/s leaves out the first (compiling) step
+            t_steady = time.time()  # the speed leaves out the first (compiling) step
         else:
             n_steady += len(batches[i])
         if i % 10 == 0 or i == len(batches) - 1:
