@@ -43,6 +43,7 @@ SOURCES = "'imagenet', 'scratch', a .pth file, a run directory or a converted mo
 class RunInfo:
     """What `load` read from a training run directory besides the weights."""
     config: dict           # config.json as written (TrainConfig fields + model_overrides, num_classes)
+    train_config: TrainConfig  # the same, read into today's layout (TrainConfig.from_saved)
     meta: dict             # the checkpoint's meta (epoch, val_top1, ...)
     which: str             # 'best' or 'latest'
     uses_ema: bool
@@ -182,13 +183,14 @@ def _from_run(run: RunDir, variant: str | None, which: str, options: dict) -> Lo
         options = {**options, "dtype": jnp.dtype(saved["dtype"])}
     model = create_model(saved["variant"], len(names), **overrides, **options)
     variables = evaluation_variables(tree["params"], tree["batch_stats"], tree.get("ema"))
-    preprocess = TrainConfig.from_saved(saved).eval_transform()
+    train_config = TrainConfig.from_saved(saved)
+    preprocess = train_config.eval_transform()
     uses_ema = "ema" in tree
     source = (f"run {os.fspath(run.path)} ({which} checkpoint, epoch {meta.get('epoch')}"
               f"{', EMA weights' if uses_ema else ''})")
     structural = {k: v for k, v in overrides.items() if k not in ("drop_rate", "drop_path_rate")}
     return Loaded(model, variables, saved["variant"], list(names), preprocess, structural, source,
-                  RunInfo(saved, meta, which, uses_ema))
+                  RunInfo(saved, train_config, meta, which, uses_ema))
 
 
 def _with_new_head(loaded: Loaded, init: str, num_classes: int, head_init: str, key) -> Loaded:

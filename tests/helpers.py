@@ -106,3 +106,22 @@ def persistent_compilation_cache(directory: pathlib.Path, min_compile_time_secs:
         for n, v in saved.items():
             jax.config.update(n, v)
         compilation_cache.reset_cache()
+
+
+NOISE_CLASSES = ("zebra", "ant", "mole")  # written in this order; the class index is the sorted position
+
+
+def write_noise_folder(root: pathlib.Path, per_class: int = 12, classes: tuple[str, ...] = NOISE_CLASSES
+                       ) -> pathlib.Path:
+    """`root/<class>/NN.png`: 32x32 RGB noise (seed 0) with channel c bright for the c-th class written, so that a
+    small network learns it in a few steps. The same call gives the same files: tests/fixtures' old run used it."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            a = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            a[..., c] = 220
+            Image.fromarray(a).save(root / name / f"{i:02d}.png")
+    return root

@@ -50,11 +50,11 @@ from effnet_jax.train.rundir import restore_checkpoint
 from effnet_jax.train.steps import jit_eval_step
 from effnet_jax.train.optim import param_names
 from effnet_jax.model.variants import VARIANTS
-from helpers import (last_json, load_train_cli, persistent_compilation_cache, read_metrics, run_main, serve_folder,
-                     unused_port)
+from helpers import (NOISE_CLASSES, last_json, load_train_cli, persistent_compilation_cache, read_metrics, run_main,
+                     serve_folder, unused_port, write_noise_folder)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CLASSES = ("zebra", "ant", "mole")      # written in this order; the class index is the sorted position
+CLASSES = NOISE_CLASSES                 # ("zebra", "ant", "mole"): the class index is the sorted position
 PER_CLASS = 12
 N_IMAGES = PER_CLASS * len(CLASSES)     # 36
 VAL_FRACTION = 0.25
@@ -188,15 +188,7 @@ def trainer_env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> pathlib.Path:
     """<class>/NN.png, 32x32 RGB noise with one channel bright per class."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir()
-        for i in range(PER_CLASS):
-            a = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-            a[..., c] = 220
-            Image.fromarray(a).save(root / name / f"{i:02d}.png")
-    return root
+    return write_noise_folder(tmp_path_factory.mktemp("images"), PER_CLASS, CLASSES)
 
 
 def base_argv(folder, workdir, *extra):

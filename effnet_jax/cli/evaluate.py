@@ -26,14 +26,12 @@ def evaluate_run(workdir: str | pathlib.Path, dataset: str | None = None, data_d
     `resolution`: the input side (None: the run's `--resolution`, the side its checkpoints/best was validated at)."""
     from effnet_jax.loader import load
     from effnet_jax.train.build import load_data
-    from effnet_jax.train.config import TrainConfig
     from effnet_jax.train.mesh import Mesh
     from effnet_jax.train.rundir import existing_run
     from effnet_jax.train.steps import evaluate, jit_eval_step
 
     run = load(existing_run(workdir).path, which=which)
-    saved, run_classes, meta = run.run.config, run.class_names, run.run.meta
-    cfg = TrainConfig.from_saved(saved)
+    cfg, run_classes, meta = run.run.train_config, run.class_names, run.run.meta
     if dataset is not None:
         cfg = dataclasses.replace(cfg, dataset=dataset, data_dir=data_dir)
     elif data_dir is not None:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 from effnet_jax.data.augment import AugmentConfig
@@ -25,11 +26,14 @@ from effnet_jax.weights.published import weights_entry
 DEFAULT_TRAINED_BLOCKS = 8
 
 
-def option(default: Any, help: str, **kwargs) -> Any:
-    """A config field and its flag's help text."""
-    if callable(default) and not isinstance(default, (bool, int, float, str)):
-        return dataclasses.field(default_factory=default, metadata={"help": help, **kwargs})
-    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+def option(default: Any, help: str, **metadata) -> Any:
+    """A config field with this default and its flag's help text."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+def option_made_by(factory: Callable[[], Any], help: str) -> Any:
+    """A config field whose default `factory()` makes (a nested config), and its help text."""
+    return dataclasses.field(default_factory=factory, metadata={"help": help})
 
 
 def _rgb(flag: str, value, positive: bool) -> tuple[float, float, float] | None:
@@ -85,7 +89,7 @@ class TrainConfig:
         "weights' (ImageNet's for B0-B7 and V2-S/M, 0.5 for V2-L, 0.498 for Lite)", flag_type=str)
     input_std: tuple[float, float, float] | None = option(None, "as --input-mean, e.g. 0.247,0.243,0.261",
                                                           flag_type=str)
-    augment: AugmentConfig = option(AugmentConfig, "the training augmentation (its fields are flags)")
+    augment: AugmentConfig = option_made_by(AugmentConfig, "the training augmentation (its fields are flags)")
     dtype: str = option("float32", "compute dtype: float32 | bfloat16")
     drop_rate: float | None = option(None, "classifier dropout; default: the variant's")
     drop_path_rate: float | None = option(None, "stochastic depth; default: the variant's")
