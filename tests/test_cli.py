@@ -7,6 +7,9 @@ lite0 and b0 are each compiled once here (lite0 once more in the no-torch subpro
 
 import io
 import json
+import os
+import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -20,7 +23,7 @@ from effnet_jax.cli import predict
 from effnet_jax.errors import UserError
 from effnet_jax.data.transform import eval_transform
 from effnet_jax.weights.published import imagenet_class_names
-from helpers import REPO, cifar_jpegs, run_main
+from helpers import REPO, cifar_jpegs, read_metrics, run_main, write_noise_folder
 
 N_IMAGES = 5
 
@@ -273,3 +276,28 @@ print('OK no torch')
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().endswith("OK no torch")
     assert json.loads(r.stdout.splitlines()[0])["image"] == str(image)
+
+
+def test_effnet_train_is_python_train_py(tmp_path):
+    """The installed command and the root shim are one program: the same small seeded run through each logs the
+    same metrics (all but the wall-clock fields) and writes the same config.json (but its --workdir)."""
+    command = pathlib.Path(sys.executable).with_name("effnet-train")
+    if not command.exists():
+        command = pathlib.Path(shutil.which("effnet-train") or "effnet-train")
+    images = write_noise_folder(tmp_path / "images")
+    env = {**os.environ, "EFFNET_JAX_CACHE": str(tmp_path / "cache"),
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    argv = ["--dataset", f"folder:{images}", "--variant", "b0", "--init", "scratch", "--width", "0.1", "--depth",
+            "0.1", "--resolution", "32", "--batch-size", "4", "--epochs", "1", "--eval-batch-size", "16",
+            "--val-fraction", "0.25", "--no-progress"]
+    runs = {}
+    for name, prefix in (("script", [sys.executable, str(REPO / "train.py")]), ("command", [str(command)])):
+        workdir = tmp_path / name
+        done = subprocess.run([*prefix, *argv, "--workdir", str(workdir)], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        metrics = [{k: v for k, v in r.items() if k not in ("time_s", "img_s")} for r in read_metrics(workdir)]
+        config = json.loads((workdir / "config.json").read_text())
+        runs[name] = (metrics, {k: v for k, v in config.items() if k != "workdir"})
+    assert len(runs["script"][0]) == 2 and runs["script"][0][1]["train_loss"] is not None
+    assert runs["command"] == runs["script"]
