@@ -1,6 +1,7 @@
 """The command lines: `effnet-predict` (ImageNet Lite0 on real CIFAR-10 images against the PyTorch
 Lite reference, a converted 10-class directory, bad inputs) and `effnet-convert` (a torchvision
-file into a model directory, refusals), and that the library path imports no torch.
+file into a model directory, refusals), that the library path imports no torch, and that
+`effnet-train` is `python train.py`.
 
 XLA compiles slowly on CPU: the CLIs run in-process (`main([...])`) inside module-scoped fixtures, so that
 lite0 and b0 are each compiled once here (lite0 once more in the no-torch subprocess)."""
