@@ -65,7 +65,7 @@ class TrainConfig:
     eval_batch_size: int = option(256, "")
     eval_flip: bool = option(False, "test-time augmentation for the validation numbers: average each image's and "
                              "its mirror's logits (one more forward pass per image)")
-    optimizer: str = option("adamw", "adamw | adam | sgd")
+    optimizer: str = option("adamw", " | ".join(sorted(optim.OPTIMIZERS, key="adamw".__ne__)))
     lr: float = option(3e-3, "peak learning rate")
     weight_decay: float = option(1e-4, "")
     schedule: str = option("cosine", "cosine (warmup + cosine decay to 0) | constant")
