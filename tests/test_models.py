@@ -180,7 +180,8 @@ def test_stem_stride_override_for_small_inputs():
 def test_depthwise_impls_agree_with_torch(padding, kernel, stride, size, dk_loop, monkeypatch):
     # 'shift' computes its kernel gradient unrolled on small windows and as a loop over the taps on large ones,
     # where the backward pass keeps the forward's padded input (planner.LOOP_MIN_ELEMENTS): both forms, on these
-    # small shapes; unrolled, the 3×3 stride-2 cases sum tap by tap, the others in one pass (planner.dk_one_pass)
+    # small shapes; unrolled, the 3×3 stride-2 cases sum tap by tap, the others in one pass
+    # (planner.kernel_grad_in_one_reduction)
     monkeypatch.setattr(planner, "LOOP_MIN_ELEMENTS", 0 if dk_loop else 1 << 62)
     rng = np.random.RandomState(kernel * 10 + stride + size)
     x = rng.randn(2, size, size + 1, 6).astype(np.float32)

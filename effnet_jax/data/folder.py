@@ -1,17 +1,5 @@
-"""Image folders, as directories or `.tar` / `.tar.gz` archives of them: `FolderSource`.
-
-The tree is `train/<class>/*.jpg` with an optional `test/<class>/...`, or, without a `train/` level,
-`<class>/*.jpg`, or only `test/<class>/...` (a test set, to score a run on with `evaluate --split test`: its train
-split, and so validation, are empty). A single folder wrapping the whole tree (`mydata/train/...`) is stepped into;
-hidden files and folders are skipped; image files are those with `IMAGE_EXTENSIONS` (torchvision's `ImageFolder`
-extensions), searched recursively inside each class folder. Class index = position in the sorted class names of
-`train/` (of `test/` when it is the only folder).
-
-Decoded into memory, images are decoded with PIL in RGB, one after another (an archive is read as a stream): on 2
-cores neither a thread pool nor a process pool made CIFAR-10's JPEGs (~70 µs each, mostly Python overhead) load
-faster. Corrupt images raise `DatasetError` naming the file (`on_corrupt='error'`), or are left out with a warning
-(`on_corrupt='skip'`). Streamed (a directory only: an archive cannot be read at random), each file is decoded when
-it is read; a corrupt one raises `DatasetError` then.
+"""Image folders, as directories or `.tar` / `.tar.gz` archives of them: `FolderSource`, decoded into memory or
+streamed file by file (the layout it reads: its docstring).
 """
 
 from __future__ import annotations
@@ -37,7 +25,20 @@ _Keyed = tuple[list[tuple[str, ...]], np.ndarray]  # (file keys in order, their 
 
 @dataclasses.dataclass(frozen=True)
 class FolderSource:
-    """An image folder at `path` (a directory, or a tar archive of one)."""
+    """An image folder at `path` (a directory, or a tar archive of one).
+
+    The tree is `train/<class>/*.jpg` with an optional `test/<class>/...`, or, without a `train/` level,
+    `<class>/*.jpg`, or only `test/<class>/...` (a test set, to score a run on with `evaluate --split test`: its
+    train split, and so validation, are empty). A single folder wrapping the whole tree (`mydata/train/...`) is
+    stepped into; hidden files and folders are skipped; image files are those with `IMAGE_EXTENSIONS`
+    (torchvision's `ImageFolder` extensions), searched recursively inside each class folder. Class index =
+    position in the sorted class names of `train/` (of `test/` when it is the only folder).
+
+    Decoded into memory, images are decoded with PIL in RGB, one after another (an archive is read as a stream):
+    on two cores neither a thread pool nor a process pool made CIFAR-10's small JPEGs, each mostly Python overhead,
+    load faster. Corrupt images raise `DatasetError` naming the file (`on_corrupt='error'`), or are left out with a
+    warning (`on_corrupt='skip'`). Streamed (a directory only: an archive cannot be read at random), each file is
+    decoded when it is read; a corrupt one raises `DatasetError` then."""
     path: pathlib.Path
 
     def decode(self, image_size: int | None, on_corrupt: str, cache_dir: CacheDir, progress: bool) -> Contents:
@@ -186,7 +187,7 @@ def _no_images(path: pathlib.Path) -> DatasetError:
 
 def _folder_layout(path: pathlib.Path, files: Sequence[tuple[str, ...]], folders: set[tuple[str, ...]]
                    ) -> tuple[_Keyed, _Keyed | None, tuple[str, ...]]:
-    """The image folder rules (module docstring) on a listing: (train, test or None, class names)."""
+    """The image folder rules (`FolderSource`'s docstring) on a listing: (train, test or None, class names)."""
     root: tuple[str, ...] = ()  # step into folders that wrap the whole tree
     while True:
         top = {f[len(root)] for f in files} | {d[len(root)] for d in folders if d[:len(root)] == root

@@ -102,7 +102,7 @@ def _tfds_sources(name: str, data_dir: str | os.PathLike[str] | None) -> tuple[d
     """({'train': source[, 'test': source]}, dataset info) through `tfds.data_source` (random access). A dataset
     tfds has prepared already is read as it is (no TensorFlow needed); preparing one needs TensorFlow, so without
     it this stops before tfds downloads anything."""
-    import tensorflow_datasets as tfds  # ~1 s to import: only when a tfds dataset is asked for
+    import tensorflow_datasets as tfds  # slow to import: only when a tfds dataset is asked for
     from tensorflow_datasets.core.registered import DatasetNotFoundError
 
     def open_splits(download: bool) -> tuple[dict[str, Any], Any]:

@@ -1,17 +1,10 @@
 """The planner's measurements: time each candidate form of a unit on this machine, keep the fastest, cache the plan.
 
-Why measure: the same form is fastest on one CPU and 1.2–2.9× slower on another (the C++ kernels against the
-shifted sum, AVX-512 against AVX2: benchmarks/results/speed.md), and what XLA fuses around a unit decides as much
-as the unit itself. So a unit is timed whole, in its mode (forward only, or forward and backward) and shape, once
-per machine; the result is kept in `plan-<machine>.json` beside the compiled kernels (`native.cache_dir()`).
-
-The machine is the CPU (model and flags), jax's and jaxlib's versions, the kernels' source and build target
-(`EFFNET_JAX_NATIVE_MARCH`) and `XLA_FLAGS`; an entry is keyed by the unit's configuration, input shape, mode and
-dtype. A plan file that cannot be read, or that was written for another machine, is measured again, not trusted.
-`EFFNET_JAX_AUTOTUNE=0` uses the planner's fixed rule instead.
-
-Measuring runs in a thread of its own: a unit is met while an enclosing function is being traced (`jit`), and the
-timed functions must run for real.
+Why measure: the same form is the fastest on one CPU and not on another (measured: benchmarks/results/speed.md,
+section 'per CPU vector unit, kernels and the planner (AMD EPYC Zen 4 and the same CPU as AVX2, issue 40)'), and
+what XLA fuses around a unit decides as much as the unit itself. So a unit is timed whole, in its mode and shape,
+once per machine (`machine`), and kept in a plan file beside the compiled kernels. `EFFNET_JAX_AUTOTUNE=0` uses the
+planner's fixed rule instead.
 """
 
 from __future__ import annotations
@@ -47,7 +40,7 @@ OPT_OUT = "EFFNET_JAX_AUTOTUNE"
 MARCH_ENV = "EFFNET_JAX_NATIVE_MARCH"
 FORMAT = 1
 # each candidate, compiled: its best call, of a first one and MIN_ROUNDS..MAX_ROUNDS rounds of turns (those within
-# BUDGET_S); only the first where that was already SLOWER_CUTOFF× the fastest first call
+# BUDGET_S); only the first where that was already SLOWER_CUTOFF times the fastest first call
 MIN_ROUNDS, MAX_ROUNDS, SLOWER_CUTOFF, BUDGET_S = 3, 12, 2.0, 1.0
 TIE = 0.05  # a form must beat the fixed rule's by more than this to be chosen instead (`fastest`)
 
@@ -89,7 +82,9 @@ def kernel_source_hash() -> str:
 
 
 def machine() -> dict[str, str]:
-    """What a plan is valid for (the plan file's `machine`, and its name's hash)."""
+    """What a plan is valid for (the plan file's `machine`, and its name's hash): the CPU (model and flags), jax's
+    and jaxlib's versions, the kernels' source and build target (`EFFNET_JAX_NATIVE_MARCH`), `XLA_FLAGS` and the
+    device count. A plan file that cannot be read, or that was written for another machine, is measured again."""
     cpu = native._cpu_id()
     model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("model name")), "")
     return {"cpu": model or cpu[:80], "cpu_id": hashlib.sha256(cpu.encode()).hexdigest()[:16],
@@ -213,14 +208,16 @@ def measure(unit: Unit, candidates: tuple[str, ...], build: Callable[[str], Call
         _announced = True
         print(f"effnet_jax: measuring the fastest kernel form of each new unit shape on this CPU, once per machine "
               f"(plan: {path or plan_path()}; EFFNET_JAX_AUTOTUNE=0 uses a fixed rule)", file=sys.stderr, flush=True)
-    with ThreadPoolExecutor(1) as pool:  # outside any trace of the caller's (see the module's docstring)
+    # in a thread of its own, outside any trace of the caller's: a unit is met while an enclosing function is being
+    # traced (`jit`), and the timed functions must run for real
+    with ThreadPoolExecutor(1) as pool:
         ms = pool.submit(_time_candidates, candidates, build).result()
     return {"form": fastest(ms, fixed), "ms": ms}
 
 
 def _time_candidates(candidates, build) -> dict[str, float]:
     """Milliseconds per call of each candidate: its best call. The candidates compile side by side (XLA's compiler
-    is mostly one thread), then each runs once (allocations; one already SLOWER_CUTOFF× the fastest first call
+    is mostly one thread), then each runs once (allocations; one already SLOWER_CUTOFF times the fastest first call
     stops there), then the others run in turns, one call each per round, for at least MIN_ROUNDS rounds and at
     most MAX_ROUNDS or BUDGET_S: on a shared CPU a slow moment then falls on every candidate alike, not on one."""
     with ThreadPoolExecutor(min(len(candidates), os.cpu_count() or 1)) as pool:

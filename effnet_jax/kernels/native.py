@@ -1,33 +1,13 @@
-"""Kernels outside XLA for its CPU backend: the depthwise convolution, forward and backward, in C++.
+"""The depthwise convolution for XLA's CPU backend in C++ (`csrc/depthwise.cc`), as JAX operations: forward and
+backward with the expansion's BatchNorm and activation fused in front (`forward`, `backward`), and in inference mode
+the front of an MBConv block in one pass (`inference`). The shifted sum in XLA re-reads the padded input once per
+tap and needs the activation in front written out; these kernels do neither. `model.layers` runs them for
+`depthwise_impl='native'`.
 
-XLA's CPU backend runs the depthwise convolution slowest of EfficientNet's units: its grouped convolution is several
-times slower than the shifted sum of `layers.shifted_depthwise_conv`, which in turn re-reads the padded input once
-per tap and needs the activation in front of it written out. `csrc/depthwise.cc` walks the image row by row, each
-output summed over its taps in a register; it can compute the expansion's BatchNorm and activation in front of the
-convolution itself (never writing them out), and its backward pass computes the input and kernel gradients of a
-sample in one pass. In inference mode (`inference`) one pass runs the front of an MBConv block: the 1×1 expansion
-(a register-tiled product per input row), its BatchNorm and activation, the convolution, its BatchNorm and
-activation, and each sample's sums for squeeze-excitation, reading the block's input once and writing the
-convolution's output once (figures: docs/performance.md). `layers` uses it for `depthwise_impl='native'`, which
-'auto' picks on CPU, in float32, when it builds: `depthwise_conv` (here), `layers.bn_act_depthwise_conv` (on
-`forward` and `backward`) and `layers.fused_depthwise_inference` (on `inference`).
-
-It is compiled on first use, not at install: with the system's C++ compiler (`$CXX`, else c++, g++ or clang++)
-against the XLA FFI headers that jaxlib ships (`jax.ffi.include_dir()`), for this machine's CPU (`-march=native`;
-`$EFFNET_JAX_NATIVE_MARCH` names another target, e.g. x86-64-v3 to build an AVX2 machine's form on an AVX-512
-one, x86-64 for the generic SSE2 one), into a cache keyed by the source, jax's version, the compiler, the CPU and
-that target (`kernels/` in the project's cache: `$EFFNET_JAX_CACHE`, else `$XDG_CACHE_HOME/effnet_jax`, else
-~/.cache/effnet_jax), in about 7 s. Without a compiler, 'auto' falls back to the shifted sum with one warning
-naming what failed; `EFFNET_JAX_NATIVE=0` turns the kernels off.
-
-The kernels compute in vectors as wide as the target's registers (16 floats with AVX-512, 8 with AVX2, 4 with SSE2
-or NEON), and the expansion's register tile (pixels × vectors of channels) is sized to the target's register count:
-a form meant for wider or more registers spills its sums to memory and loses to the shifted sum. `form()` says
-which form the loaded library was compiled in.
-
-The operations are JAX functions of NHWC float32 arrays: jit-able, differentiable in reverse mode (custom VJPs),
-vmap-able (one call per mapped element), and partitioned over the batch when it is sharded over several devices
-(`custom_partitioning`: each device runs the kernels on its own samples).
+Compiled on first use with the system's C++ compiler for this CPU (`$EFFNET_JAX_NATIVE_MARCH` names another target)
+into a cache (`cache_dir`); without a compiler 'auto' falls back to the shifted sum, and `EFFNET_JAX_NATIVE=0` turns
+the kernels off. The operations are jit-able, reverse-mode differentiable, vmap-able and partitioned over a sharded
+batch.
 """
 
 from __future__ import annotations
@@ -206,13 +186,15 @@ _NO_EXPANSION = (1, 1, ((0, 0), (0, 0)))
 
 
 def _inference_ffi(z, mean, scale, bias, kernel, out_bias, expand, stride, padding, spec):
-    act, out_act, (ek, es, epads) = spec
-    hw = tuple((z.shape[1 + a] + sum(epads[a]) - ek) // es + 1 for a in (0, 1))  # the depthwise input's size
+    act, out_act, (expand_k, expand_stride, expand_pads) = spec
+    # the depthwise input's size (the expansion's output)
+    hw = tuple((z.shape[1 + a] + sum(expand_pads[a]) - expand_k) // expand_stride + 1 for a in (0, 1))
     oh, ow = _out_hw((None, *hw), kernel.shape, stride, padding)
     n, c = z.shape[0], kernel.shape[3]
     outs = (jax.ShapeDtypeStruct((n, oh, ow, c), z.dtype), jax.ShapeDtypeStruct((n, c), z.dtype))
-    geometry = dict(expand_k=ek, expand_stride=es, expand_pad_top=epads[0][0], expand_pad_bottom=epads[0][1],
-                    expand_pad_left=epads[1][0], expand_pad_right=epads[1][1])
+    geometry = dict(expand_k=expand_k, expand_stride=expand_stride, expand_pad_top=expand_pads[0][0],
+                    expand_pad_bottom=expand_pads[0][1], expand_pad_left=expand_pads[1][0],
+                    expand_pad_right=expand_pads[1][1])
     return jax.ffi.ffi_call(INFERENCE, outs)(z, mean, scale, bias, kernel, out_bias, expand,
                                              **_attrs(stride, padding, act), out_act=np.int64(_ACT_CODES[out_act]),
                                              **{k: np.int64(v) for k, v in geometry.items()})
@@ -320,8 +302,8 @@ def inference(z, mean, scale, bias, kernel, out_bias, stride: int, padding, act:
               expand=None, expand_geometry=None):
     """`_inference_call`, the kernels built and registered first, partitioned over a sharded batch: (y, y's sums over
     positions (N, C)). With `expand` (k·k·Cin, C): `_expand_inference_call` of x = z, `expand_geometry` = (k,
-    stride, ((top, bottom), (left, right))) of that convolution, None for a 1×1 one (mean, scale unused: the caller folds the
-    BatchNorm into `expand` and `bias`). No derivative (`layers.fused_depthwise_inference` has one)."""
+    stride, ((top, bottom), (left, right))) of that convolution, None for a 1×1 one (mean, scale unused: the caller
+    folds the BatchNorm into `expand` and `bias`). No derivative (`layers.fused_depthwise_inference` has one)."""
     require()
     if expand is not None:
         return _arrays_only(_expand_inference, stride, padding, (act, out_act, expand_geometry or _NO_EXPANSION))(
@@ -342,14 +324,14 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax
     return forward(x, *_identity_affine(x), kernel, stride, padding, None)
 
 
-def _fwd(x, kernel, stride, padding):
+def _depthwise_conv_fwd(x, kernel, stride, padding):
     return depthwise_conv(x, kernel, stride, padding), (x, kernel)
 
 
-def _bwd(stride, padding, residuals, g):
+def _depthwise_conv_bwd(stride, padding, residuals, g):
     x, kernel = residuals
     dx, dk, _, _ = backward(x, *_identity_affine(x), kernel, g, stride, padding, None)
     return dx, dk
 
 
-depthwise_conv.defvjp(_fwd, _bwd)
+depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)

@@ -1,13 +1,10 @@
 """Every choice of computational form, in one place: which depthwise form (C++ kernels, shifted sum, XLA's grouped
 convolution) and which convolution form (matrix product, patches, tap products, XLA's convolution) a unit runs,
-from (unit, mode, backend, dtype, machine). The blocks in `models` and `layers` ask; they never decide.
+from (unit, mode, backend, dtype, machine). The blocks in `model.blocks` and `model.layers` ask; they never decide.
 
-* Off XLA's CPU backend (GPU, TPU) 'auto' is XLA's own forms (cuDNN / the TPU convolution).
-* On CPU an MBConv block's depthwise form is measured on the machine (`autotune`): each candidate times the whole
-  block (expansion, BatchNorms, activations, SE, projection: what XLA fuses around the convolution) in the
-  block's mode and shape, the fastest is kept and cached beside the kernels. `EFFNET_JAX_AUTOTUNE=0`, or a unit
-  traced while the model initializes, uses the fixed rule (`fixed_depthwise_form`).
-* The thresholds below are fixed rules measured once (figures: benchmarks/results/speed.md).
+Off XLA's CPU backend 'auto' is XLA's own forms. On CPU an MBConv block's depthwise form is measured on the machine
+as the whole block (`autotune`), else the fixed rule (`fixed_depthwise_form`); the other choices are the fixed
+thresholds below.
 """
 
 from __future__ import annotations
@@ -24,18 +21,23 @@ Dtype = Any
 DEPTHWISE_IMPLS = ("auto", "native", "shift", "xla")
 CONV_IMPLS = ("auto", "dot", "xla")
 
-# 'dot' computes a k×k convolution as patches × matrix only while the patches stay small (the stem's 3 input
-# channels: 27 values per pixel); wider k×k convolutions stay convolutions.
+# 'dot' computes a k×k convolution as patches times a matrix only while a patch has at most this many values (the
+# stem's 3 input channels: 27 values per pixel); wider k×k convolutions stay convolutions.
 PATCH_DOT_MAX_DEPTH = 64
 # in inference mode the C++ kernel computes an MBConv block's 1×1 expansion itself (`fused_depthwise_inference`)
 # where the block's input rows are at least this wide: it multiplies one row at a time, a few pixels to a tile, and
-# on narrower rows XLA's GEMM over the whole batch is faster (B4–B6 at 64 px, eval: 0.8–0.9× with every block's)
+# on narrower rows XLA's GEMM over the whole batch is the faster (measured: benchmarks/results/speed.md, section
+# 'inference: the front of each MBConv block as one pass of the C++ kernel (issue 23)')
 FUSED_EXPANSION_MIN_WIDTH = 12
-# in inference mode a 1×1 convolution of at most this many input channels is a fused sum of products (`conv`); at 24
-# (B0's 56 px expansions) the GEMM measured faster (probe, one core: 10.1 against 15.2 ms)
+# in inference mode a 1×1 convolution of at most this many input channels is a fused sum of products (`conv`); with
+# more (B0's 24-channel expansions) the GEMM is the faster (measured: benchmarks/results/speed.md, section
+# '`benchmarks/ab.py`; the stem and the first expansion as fused sums in inference mode; the small kernel gradients
+# in one pass (issue 23)')
 POINTWISE_SUM_MAX_DEPTH = 16
 # the shifted sum's kernel gradient: windows (batch × output positions × channels) of at least this many elements
-# loop over the taps of the stored padded input (`layers._kernel_grad`); smaller ones are unrolled
+# loop over the taps of the stored padded input (`layers._kernel_grad`); smaller ones are unrolled (measured:
+# benchmarks/results/speed.md, section 'a profile of the step, the depthwise kernel gradient as a loop, the 1×1
+# products in 2-D (issue 23)')
 LOOP_MIN_ELEMENTS = 1 << 19
 
 
@@ -54,8 +56,9 @@ def resolve_depthwise_impl(impl: str, dtype: Dtype = jnp.float32, inference: boo
     """The depthwise form of a bare `DepthwiseConv` (no planner measurement: a unit that is not a whole block).
     'auto' on XLA's CPU backend: the C++ kernels where they build (float32), but in inference mode only where they
     also run what follows the convolution (`output_fused`), since XLA fuses the shifted sum with the BatchNorm and
-    activation on either side (B0 224 px eval: the bare kernels 0.82× of it); else the shifted sum. Elsewhere
-    XLA's grouped convolution. An explicit 'native' that cannot run raises."""
+    activation on either side and the bare kernels are the slower there (measured: benchmarks/results/speed.md,
+    section 'inference: the front of each MBConv block as one pass of the C++ kernel (issue 23)'); else the shifted
+    sum. Elsewhere XLA's grouped convolution. An explicit 'native' that cannot run raises."""
     _checked("depthwise_impl", impl, DEPTHWISE_IMPLS)
     if impl == "native":
         native.require()
@@ -170,21 +173,25 @@ def conv_form(impl: str, kernel_shape: tuple[int, ...], stride: int, padding, x_
 
 
 def silu_as_tanh(train: bool) -> bool:
-    """Whether SiLU is computed as x/2 · (1 + tanh(x/2)) (`layers.activation`): in inference mode on XLA's CPU backend,
-    where the logistic is an exponential and a division and tanh a rational polynomial (B0 224 px eval +5–12 %);
-    differentiated, that form measured slower than autodiff of `jax.nn.silu` (B0 train step −11 %)."""
+    """Whether SiLU is computed as x/2 · (1 + tanh(x/2)) (`layers.activation`): in inference mode on XLA's CPU
+    backend, where the logistic is an exponential and a division and tanh a rational polynomial; differentiated,
+    that form is slower than autodiff of `jax.nn.silu` (measured: benchmarks/results/speed.md, section 'SiLU through
+    tanh in inference mode; the targets and the per-unit tables re-measured (issue 23)')."""
     return not train and on_cpu()
 
 
-def dk_loops(window_size: int) -> bool:
+def kernel_grad_loops(window_size: int) -> bool:
     """Whether the shifted sum's kernel gradient loops over the taps of the stored padded input
-    (`layers._kernel_grad`); its forward pass keeps that padded input for the backward exactly then."""
+    (`layers._kernel_grad`): windows of at least LOOP_MIN_ELEMENTS elements. Its forward pass keeps that padded
+    input for the backward exactly then."""
     return window_size >= LOOP_MIN_ELEMENTS
 
 
-def dk_one_pass(taps: int, stride: int, sample_size: int) -> bool:
+def kernel_grad_in_one_reduction(taps: int, stride: int, sample_size: int) -> bool:
     """Whether the unrolled kernel gradient sums its k·k products in one variadic reduction (one pass over g and the
-    padded input, k·k accumulators) rather than k·k reductions (a pass each). Probe, one core: 2–4× faster for 5×5
-    kernels and for 3×3 stride-1 ones on small samples (16×16×144 5×5 at batch 16: 15.0 → 3.9 ms; 8×8×144 3×3 at
-    64: 4.1 → 1.9 ms); slower for 3×3 on larger samples (32×32×64: 9.3 → 19.8 ms) and with stride 2."""
+    padded input, k·k accumulators) rather than k·k reductions (a pass each): for kernels of at least 25 taps (5×5),
+    and for stride-1 ones where a sample (map × channels) has fewer than 2¹⁵ elements; the k·k reductions are the
+    faster for 3×3 kernels on larger samples and with stride 2 (measured: benchmarks/results/speed.md, section
+    '`benchmarks/ab.py`; the stem and the first expansion as fused sums in inference mode; the small kernel gradients
+    in one pass (issue 23)')."""
     return taps >= 25 or (stride == 1 and sample_size < 1 << 15)

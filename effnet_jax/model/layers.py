@@ -1,19 +1,10 @@
-"""Building blocks of EfficientNet as Flax Linen modules (NHWC).
+"""EfficientNet's layers as Flax Linen modules (NHWC): `Conv`, `DepthwiseConv`, `BatchNorm`, `SqueezeExcite`,
+`DropPath` and `activation`, with the computations they run (XLA's forms, the shifted sum with its hand-written
+backward pass, the C++ kernels of `effnet_jax.kernels.native`).
 
-* `conv_padding`: symmetric (torchvision) or TF-'SAME' (TF, lukemelas, Lite weights) explicit padding.
-* `DepthwiseConv`: k×k per-channel convolution with three interchangeable implementations (same parameters,
-  same numbers): 'xla', a grouped convolution (`feature_group_count`); 'shift', a sum of k·k shifted
-  element-wise multiplies with a hand-written backward pass (`shifted_depthwise_conv`); 'native', C++ kernels
-  (`effnet_jax.kernels.native`) that can also apply the expansion's BatchNorm and activation in front
-  (`bn_act_depthwise_conv`, training), and in inference mode run the whole front of an MBConv block in one pass:
-  the 1×1 expansion, its BatchNorm and activation, the convolution, its BatchNorm and activation, and SE's pooling
-  (`fused_depthwise_inference`). Which form a unit runs is the planner's choice (`effnet_jax.kernels`: on CPU
-  measured per block on the machine, XLA's grouped convolution on GPU and TPU), not the layer's.
-* `BatchNorm`: batch statistics in float32 whatever the compute dtype, and running statistics updated
-  exactly as PyTorch does (running_var from the *unbiased* batch variance), so a JAX training step equals a
-  PyTorch one.
-* `SqueezeExcite` (its gate), `DropPath` (per-sample stochastic depth).
-* `activation(name, train)`: SiLU or ReLU6; on CPU, SiLU in a faster form where the unit runs in inference mode.
+A layer's parameters do not depend on how it is computed: which form a unit runs is the planner's choice
+(`effnet_jax.kernels.planner`), not the layer's. `BatchNorm` updates its running statistics as PyTorch does, so a
+training step equals PyTorch's.
 """
 
 from __future__ import annotations
@@ -50,11 +41,11 @@ def activation(name: str, train: bool) -> Callable[[jax.Array], jax.Array]:
     """The activation `name` ('silu', 'relu6') of a unit that trains (`train`: BatchNorm on batch statistics, the
     backward pass through it) or runs in inference mode (evaluation, the frozen units of a fine-tune).
 
-    In inference mode on XLA's CPU backend SiLU is x/2 · (1 + tanh(x/2)): XLA computes the logistic there with an
-    exponential and a division, tanh with a rational polynomial (one core, 16×112×112×96: 29.2 → 21.4 ms, of which
-    17 ms is the memory pass; B0 224 px eval +5–12 %). Differentiated, that form measured slower than autodiff of
-    `jax.nn.silu` (B0 32 and 64 px train step, one core: −11 %), so training keeps it, as do other backends.
-    Figures: benchmarks/results/speed.md, 2026-12-05 20:20."""
+    In inference mode on XLA's CPU backend (`planner.silu_as_tanh`) SiLU is x/2 · (1 + tanh(x/2)), the same
+    function: XLA computes the logistic there with an exponential and a division, tanh with a rational polynomial,
+    and the tanh form is the faster. Differentiated it is the slower, so units that train keep `jax.nn.silu`, as
+    do other backends (measured: benchmarks/results/speed.md, section 'SiLU through tanh in inference mode; the
+    targets and the per-unit tables re-measured (issue 23)')."""
     if name == "silu" and planner.silu_as_tanh(train):
         return _silu_tanh
     return ACTIVATIONS[name]
@@ -108,26 +99,28 @@ def shifted_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding
     for stride > 1 phase by phase (`_padded_input_grad`), so that no multiply-add meets a dilation zero
     (what it gains: docs/performance.md). Reverse-mode only (custom_vjp: no jax.jvp / jacfwd through it).
     """
-    return _shifted_fwd(x, kernel, stride, padding)[0]
+    return _shifted_depthwise_conv_fwd(x, kernel, stride, padding)[0]
 
 
-def _shifted_fwd(x, kernel, stride, padding):
+def _shifted_depthwise_conv_fwd(x, kernel, stride, padding):
     # the padded input is materialized (optimization_barrier): XLA otherwise rewrites the taps' slices of the pad
     # into reads of x itself, with x's producer (BatchNorm, activation) duplicated into the tap sum and the pad
     xp = lax.optimization_barrier(_pad_hw(x, padding))
     kh, kw = kernel.shape[:2]
     out = _tap_sum(xp, kernel, stride, (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1)
-    # where the kernel gradient loops over the stored padded input (`_kernel_grad`), the backward pass keeps this
-    # one instead of padding x again (B0 224 px train 15.7 -> 16.1 img/s); below that size the unrolled sums fuse
-    # the pad, and keeping the larger padded copy measured slower (B0 32 px train 520 -> 452)
-    return out, (xp if planner.dk_loops(out.size) else x, kernel)
+    # where the kernel gradient loops over the stored padded input (`planner.kernel_grad_loops`: windows of at least
+    # LOOP_MIN_ELEMENTS), the backward pass keeps this one instead of padding x again; below that size the unrolled
+    # sums fuse the pad, and keeping the larger padded copy is the slower (measured: benchmarks/results/speed.md,
+    # section 'the depthwise backward keeps the padded input; the targets, B0–B7 at 64 px and the 32 px units
+    # re-measured (issue 23)')
+    return out, (xp if planner.kernel_grad_loops(out.size) else x, kernel)
 
 
-def _shifted_bwd(stride, padding, residuals, g):
+def _shifted_depthwise_conv_bwd(stride, padding, residuals, g):
     x_or_xp, kernel = residuals
     (ph, ph_hi), (pw, pw_hi) = padding
     # the forward kept the padded input where the kernel gradient loops (g has the output's size)
-    xp = x_or_xp if planner.dk_loops(g.size) else _pad_hw(x_or_xp, padding)
+    xp = x_or_xp if planner.kernel_grad_loops(g.size) else _pad_hw(x_or_xp, padding)
     h, w = xp.shape[1] - ph - ph_hi, xp.shape[2] - pw - pw_hi
     dk = _kernel_grad(xp, g, kernel.shape[0], kernel.shape[1], stride)
     # only x's unpadded region [pad_low, pad_low + size) of the padded input's cotangent is needed
@@ -142,12 +135,13 @@ def _kernel_grad(xp: jax.Array, g: jax.Array, kh: int, kw: int, stride: int) -> 
     One tap per iteration of a loop (`lax.map`) over the materialized `xp`, not k·k reductions side by side:
     unrolled, XLA's CPU backend gives each tap's window a fusion of its own that recomputes whatever produced `xp`
     (BatchNorm and activation of the expansion) and pads it again, k·k times; the loop reads one stored copy.
-    Measured: 1.4–3× faster dk from 1M elements per window up (benchmarks/results/speed.md, 2026-12-05); below
-    LOOP_MIN_ELEMENTS the loop's per-iteration cost dominates and the unrolled sums stay (4× faster on 2×2 maps)."""
+    The loop runs on windows of at least LOOP_MIN_ELEMENTS (`planner.kernel_grad_loops`); below that its
+    per-iteration cost dominates and the unrolled sums are the faster (measured: benchmarks/results/speed.md,
+    section 'a profile of the step, the depthwise kernel gradient as a loop, the 1×1 products in 2-D (issue 23)')."""
     n, oh, ow, c = g.shape
-    if not planner.dk_loops(g.size):
+    if not planner.kernel_grad_loops(g.size):
         products = [(tap * g).astype(jnp.float32) for _, _, tap in _taps(xp, kh, kw, stride, oh, ow)]
-        if planner.dk_one_pass(kh * kw, stride, oh * ow * c):
+        if planner.kernel_grad_in_one_reduction(kh * kw, stride, oh * ow * c):
             zero = jnp.zeros((), jnp.float32)
             # over positions per sample, then over the batch: a batch-sharded step then reduces one (k·k, N, C) stack
             # across devices, where the variadic reduction over the batch made XLA all-gather each of its k·k sums
@@ -170,8 +164,8 @@ def _padded_input_grad(g: jax.Array, kernel: jax.Array, stride: int, hp: int, wp
     kernel. Stride s: padded row s·q + r receives g[q - m] · k[r + s·m] only from the taps i = r + s·m
     (i ≡ r mod s), so each of the s² phases (r, t) is that stride-1 form with the sub-kernel k[r::s, t::s],
     and the phases interleave into the result: s² fewer multiply-adds than correlating the zero-dilated g
-    with the whole kernel (4× for the stride-2 blocks, which sit where the activations are largest). Needs
-    kernel ≥ stride (every phase has a tap)."""
+    with the whole kernel (a quarter of them for the stride-2 blocks, which sit where the activations are
+    largest). Needs kernel ≥ stride (every phase has a tap)."""
     kh, kw = kernel.shape[:2]
     n, oh, ow, c = g.shape
     qh, qw = -(-hp // stride), -(-wp // stride)        # rows / columns per phase
@@ -185,7 +179,7 @@ def _padded_input_grad(g: jax.Array, kernel: jax.Array, stride: int, hp: int, wp
     return dxp.reshape(n, qh * stride, qw * stride, c)
 
 
-shifted_depthwise_conv.defvjp(_shifted_fwd, _shifted_bwd)
+shifted_depthwise_conv.defvjp(_shifted_depthwise_conv_fwd, _shifted_depthwise_conv_bwd)
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int,
@@ -203,17 +197,17 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int,
 def _matmul_2d(x: jax.Array, w: jax.Array) -> jax.Array:
     """NHWC `x` times a (Cin, Cout) matrix, as the product of the (N·H·W, Cin) matrix: so the weight gradient is a
     plain 2-D transposed-operand product. Written on the 4-D array, its gradient's contraction over (N, H, W) made
-    XLA's CPU backend write every such output gradient again transposed first (B0 224 px train: 67 copies, a fifth
-    of the step); measured: B0 224 px train 1.3× faster."""
+    XLA's CPU backend write every such output gradient again transposed first (measured: benchmarks/results/speed.md,
+    section 'a profile of the step, the depthwise kernel gradient as a loop, the 1×1 products in 2-D (issue 23)')."""
     return jnp.matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
 
 
 def _scaled_matmul(x: jax.Array, scale: jax.Array, w: jax.Array) -> jax.Array:
-    """(x · scale[n]) @ w as one product per sample with that sample's scaled weights, (N, H·W, Cin) × (N, Cin, Cout):
-    the scaled activations are never written out, and the gradient needs no pass over them either."""
-    n, h, wd, c = x.shape
-    wn = scale[:, :, None] * w[None]
-    return jnp.einsum("npc,ncd->npd", x.reshape(n, h * wd, c), wn).reshape(n, h, wd, w.shape[-1])
+    """(x · scale[n]) @ w as one product per sample with that sample's scaled weights, (N, H·W, Cin) times
+    (N, Cin, Cout): the scaled activations are never written out, and the gradient needs no pass over them either."""
+    n, h, width, c = x.shape
+    scaled_w = scale[:, :, None] * w[None]
+    return jnp.einsum("npc,ncd->npd", x.reshape(n, h * width, c), scaled_w).reshape(n, h, width, w.shape[-1])
 
 
 def _tap_products(xp: jax.Array, kernel: jax.Array, stride: int, oh: int, ow: int) -> jax.Array:
@@ -253,9 +247,10 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding, impl: str, in_sc
         oh = (xp.shape[1] - kh) // stride + 1
         ow = (xp.shape[2] - kw) // stride + 1
         if form == "tap_products":
-            # B0 224 px stem + BatchNorm + SiLU + pad, one core: 27–28 -> 17–19 ms against the patches; B0's first
-            # expansion at 112 px: its 77 MB output written once, by the pass that applies BatchNorm and the
-            # activation and pads it
+            # the stem, and the narrow 1×1 expansions (`planner.conv_form`): the output written once, by the pass
+            # that applies BatchNorm and the activation and pads it, where the patches or the GEMM write it and that
+            # pass reads it back (measured: benchmarks/results/speed.md, section '`benchmarks/ab.py`; the stem and
+            # the first expansion as fused sums in inference mode; the small kernel gradients in one pass (issue 23)')
             return _tap_products(xp, kernel, stride, oh, ow)
         patches = jnp.concatenate([tap for _, _, tap in _taps(xp, kh, kw, stride, oh, ow)], axis=-1)
         return _matmul_2d(patches, kernel.reshape(kh * kw * cin, cout))
@@ -420,28 +415,29 @@ def fused_depthwise_inference(z, expand, in_affine, kernel, out_affine, act, out
     mean, mul, bias = out_affine
     out = (kernel * mul, bias - mean * mul, stride, padding, act, out_act)
     if expand is not None:
-        m, s, b = in_affine
+        in_mean, in_mul, in_bias = in_affine
         geometry = (expand.shape[0], *expand_conv) if expand_conv is not None else None  # None: 1×1
-        y, sums = native.inference(z, None, None, b - m * s, *out, expand=(expand * s).reshape(-1, s.shape[0]),
-                                   expand_geometry=geometry)
+        y, sums = native.inference(z, None, None, in_bias - in_mean * in_mul, *out,
+                                   expand=(expand * in_mul).reshape(-1, in_mul.shape[0]), expand_geometry=geometry)
     else:
         y, sums = native.inference(z, *(in_affine or native._identity_affine(z)), *out)
     return y, (sums / (y.shape[1] * y.shape[2]) if pool else None)
 
 
-def _fdi_fwd(z, expand, in_affine, kernel, out_affine, act, out_act, stride, padding, pool, expand_conv):
+def _fused_depthwise_inference_fwd(z, expand, in_affine, kernel, out_affine, act, out_act, stride, padding, pool,
+                                   expand_conv):
     out = fused_depthwise_inference(z, expand, in_affine, kernel, out_affine, act, out_act, stride, padding, pool,
                                     expand_conv)
     return out, (z, expand, in_affine, kernel, out_affine)
 
 
-def _fdi_bwd(act, out_act, stride, padding, pool, expand_conv, residuals, cotangents):
+def _fused_depthwise_inference_bwd(act, out_act, stride, padding, pool, expand_conv, residuals, cotangents):
     _, vjp = jax.vjp(lambda *a: _depthwise_inference_reference(*a, act, out_act, stride, padding, pool, expand_conv),
                      *residuals)
     return vjp(cotangents)
 
 
-fused_depthwise_inference.defvjp(_fdi_fwd, _fdi_bwd)
+fused_depthwise_inference.defvjp(_fused_depthwise_inference_fwd, _fused_depthwise_inference_bwd)
 
 
 def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
@@ -495,19 +491,19 @@ _bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)
 def bn_act_depthwise_conv(z: jax.Array, scale: jax.Array, bias: jax.Array, kernel: jax.Array, epsilon: float,
                           act: str, stride: int, padding) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The depthwise convolution of act(BatchNorm(z)), z's own batch statistics (training), by the C++ kernels of
-    `effnet_jax.kernels.native`, which never write act(BatchNorm(z)) out: (y, the batch mean, the biased batch variance),
-    as `batch_norm_train`. z float32 NHWC; `act` 'silu' or 'relu6'. The gradients of z, scale, bias and kernel
-    are those of `batch_norm_train`, the activation and the convolution composed. Reverse-mode only."""
-    return _bn_act_dw_fwd(z, scale, bias, kernel, epsilon, act, stride, padding)[0]
+    `effnet_jax.kernels.native`, which never write act(BatchNorm(z)) out: (y, the batch mean, the biased batch
+    variance), as `batch_norm_train`. z float32 NHWC; `act` 'silu' or 'relu6'. The gradients of z, scale, bias and
+    kernel are those of `batch_norm_train`, the activation and the convolution composed. Reverse-mode only."""
+    return _bn_act_depthwise_conv_fwd(z, scale, bias, kernel, epsilon, act, stride, padding)[0]
 
 
-def _bn_act_dw_fwd(z, scale, bias, kernel, epsilon, act, stride, padding):
+def _bn_act_depthwise_conv_fwd(z, scale, bias, kernel, epsilon, act, stride, padding):
     mean, var, rstd = _bn_stats(z, scale, epsilon)
     y = native.forward(z, mean, rstd * scale, bias, kernel, stride, padding, act)
     return (y, lax.stop_gradient(mean), lax.stop_gradient(var)), (z, scale, bias, kernel, mean, rstd)
 
 
-def _bn_act_dw_bwd(epsilon, act, stride, padding, residuals, cotangents):
+def _bn_act_depthwise_conv_bwd(epsilon, act, stride, padding, residuals, cotangents):
     z, scale, bias, kernel, mean, rstd = residuals
     # g: the gradient of the BatchNorm output (through the activation), with its two sums over the batch
     g, dk, dbias, g_zc_sum = native.backward(z, mean, rstd * scale, bias, kernel, cotangents[0], stride, padding, act)
@@ -516,7 +512,7 @@ def _bn_act_dw_bwd(epsilon, act, stride, padding, residuals, cotangents):
     return dz, dscale, dbias, dk
 
 
-bn_act_depthwise_conv.defvjp(_bn_act_dw_fwd, _bn_act_dw_bwd)
+bn_act_depthwise_conv.defvjp(_bn_act_depthwise_conv_fwd, _bn_act_depthwise_conv_bwd)
 
 
 class SqueezeExcite(nn.Module):

