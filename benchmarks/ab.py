@@ -3,18 +3,19 @@
 
 On these shared CPUs the speed of the machine drifts by ±10 % and more from one minute to the next, so two
 `throughput.py` runs one after the other cannot resolve a change of a few percent. Here two worker processes,
-one per tree, each build and compile the step of `benchmarks/throughput.py` (the same arguments: variant,
-resolution, batch size, mode, freeze, dtype, impl choices) with `effnet_jax` imported from its own tree; then
-they time `--steps` steps in turns, `--rounds` times, A B / B A alternating, one worker at a time (the other
-waits on its pipe, so each has all the cores in its turn), each turn after `--settle` untimed steps. A slow minute then falls on both, and the ratio of
-each round's pair says what the change does.
+one per tree, each build and compile the step `throughput.py` times (`common.jax_setup` / `common.jax_runner`,
+from the same arguments: variant, resolution, batch size, mode, freeze, dtype, impl choices) with `effnet_jax`
+imported from its own tree; then they time `--steps` steps in turns, `--rounds` times, A B / B A alternating,
+one worker at a time (the other waits on its pipe, so each has all the cores in its turn), each turn after
+`--settle` untimed steps. A slow minute then falls on both, and the ratio of each round's pair says what the
+change does.
 
 `--against` is a directory holding another checkout (its `effnet_jax/` is imported) or a git revision of this
 repository, checked out for the run into a temporary worktree (removed afterwards). `--xla-flags-a` /
 `--xla-flags-b` set one worker's `XLA_FLAGS` (XLA reads them once per process): with `--against HEAD` and a
-clean tree, the same code with and without a flag. Both workers run this
-tree's `throughput.py` (so a revision must have the `effnet_jax` API it calls: `steps.jit_train_step`,
-`train.TrainConfig`, ...). stdout: a table, then one JSON line.
+clean tree, the same code with and without a flag. Both workers run this tree's `ab.py --worker` and
+`benchmarks/common.py` (so a revision must have the `effnet_jax` API they call: `steps.jit_train_step`,
+`train.config.TrainConfig`, ...). stdout: a table, then one JSON line.
 
     python benchmarks/ab.py --against HEAD~1 --variant b0 --resolution 224 --batch-size 16 --mode eval
     python benchmarks/ab.py --against ../other-checkout --variant lite0 --resolution 128 --batch-size 64 \\
@@ -37,6 +38,8 @@ import sys
 import tempfile
 import time
 
+import common
+
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
 PREFIX = "AB "  # the workers' protocol lines on stdout; anything else they print is passed through to stderr
@@ -44,8 +47,9 @@ PREFIX = "AB "  # the workers' protocol lines on stdout; anything else they prin
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Any other argument is passed to both workers' throughput.py (one variant, "
-                                       "resolution, batch size and mode; --compare is always none).")
+                                epilog="Any other argument is passed to both workers: the step's flags as "
+                                       "throughput.py takes them (one variant, resolution, batch size, mode and "
+                                       "depthwise form), see `ab.py --worker --help`.")
     p.add_argument("--against", required=True, metavar="DIR_OR_REV",
                    help="a checkout's directory, or a git revision of this repository (HEAD~1, a branch, a hash)")
     p.add_argument("--rounds", type=int, default=6, help="timed turns per worker (default 6)")
@@ -58,13 +62,14 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
         p.add_argument(f"--xla-flags-{side}", default=None, metavar="FLAGS",
                        help=f"worker {side.upper()}'s XLA_FLAGS (default: this process's)")
     args, rest = p.parse_known_args(argv)
-    for flag in ("--variant", "--resolution", "--batch-size", "--mode"):
+    for flag in ("--variant", "--resolution", "--batch-size", "--mode", "--depthwise-impl"):
         if flag in rest and "," in rest[rest.index(flag) + 1]:
             p.error(f"{flag}: one value (ab.py compares one step; throughput.py sweeps lists)")
     if "--profile" in rest or "--compare" in rest:
         p.error("--profile and --compare are throughput.py's alone")
     if args.rounds < 1 or args.steps < 1 or args.settle < 0:
         p.error("--rounds and --steps must be at least 1, --settle at least 0")
+    worker_parser().parse_args(rest)  # (a flag the workers do not take: refused here, before they start)
     return args, rest
 
 
@@ -117,15 +122,26 @@ def send(msg: dict) -> None:
     sys.__stdout__.flush()
 
 
+def worker_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ab.py --worker", description="One worker: build and compile the step, then "
+                                "time it on request (stdin).")
+    common.add_step_arguments(p)
+    p.add_argument("--warmup", type=int, default=1, help="steps run after compiling")
+    return p
+
+
 def worker(argv: list[str]) -> None:
-    """Build and compile throughput.py's step for `argv`, report, then time `steps` steps per request on stdin."""
+    """Build and compile throughput.py's step for `argv` (`common.jax_setup`), report, then time `steps` steps
+    per request on stdin."""
     sys.stdout = sys.stderr  # only the protocol lines go to the parent's pipe
-    # sys.path[0] is this script's folder (this tree's throughput.py); effnet_jax comes from PYTHONPATH, the tree
+    # effnet_jax comes from PYTHONPATH, the worker's tree (common.py, beside this script, from this one)
     import effnet_jax
-    import throughput as tp
-    args = tp.parse_args(argv + ["--compare", "none"])
-    s = tp.jax_setup(args.variant, tp.side(args.variant, args.resolution), int(args.batch_size), args)
-    run, compile_s = tp.jax_runner(s, args, args.mode)
+    p = worker_parser()
+    args = p.parse_args(argv)
+    common.resolve_step_arguments(p, args, compare="none")
+    args.depthwise_impl = args.depthwise_impl[0] if args.depthwise_impl else None  # (one: parse_args refuses a list)
+    s = common.jax_setup(args.variant, common.side(args.variant, args.resolution), int(args.batch_size), args)
+    run, compile_s = common.jax_runner(s, args.mode)
     run(max(args.warmup, 1))
     send({"ready": True, "compile_s": compile_s, "batch_size": int(args.batch_size),
           "effnet_jax": os.path.dirname(effnet_jax.__file__), "xla_flags": os.environ.get("XLA_FLAGS", "")})
@@ -221,7 +237,6 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
         worker(sys.argv[2:])
     else:
-        sys.path.insert(0, str(REPO))
         from effnet_jax.cli.host import with_fast_malloc
         with_fast_malloc()  # before the workers start: they inherit the allocator setting
         main()

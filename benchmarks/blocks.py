@@ -15,13 +15,14 @@ JAX units are this library's modules (`effnet_jax.model.blocks.MBConv` / `FusedM
 the `depthwise_impl` the model uses by default ('auto' on CPU: the C++ kernels; in inference mode an MBConv unit runs
 its expansion, depthwise convolution, BatchNorms, activations and SE pooling as one kernel pass, and the depthwise
 columns, which time the convolution alone, the shifted sum that a bare convolution gets there; the stem is timed
-alone, though in the network's inference mode the first block's kernel computes it); torch's are the modules of torchvision's `efficientnet_bX` / `efficientnet_v2_X` (random weights,
-same shapes: `throughput.torch_model`). Inputs are the unit's input in the JAX network (random image, random
-fan-in-scaled weights), cotangents random normal.
+alone, though in the network's inference mode the first block's kernel computes it); torch's are the modules of
+torchvision's `efficientnet_bX` / `efficientnet_v2_X` (random weights, same shapes: `common.torch_model`). Inputs are
+the unit's input in the JAX network (random image, random fan-in-scaled weights), cotangents random normal.
 
 The sum over units is the network without the optimizer, the data and any fusion across units; set next to
 the whole step from `throughput.py` it shows what is lost or won *between* units. Timing as in
-`throughput.py` (`--warmup` steps, then the median of `--repeats` timings of `--steps` steps, synchronized).
+`throughput.py`, with the same timer (`common.time_steps`: `--warmup` steps, then the median of `--repeats`
+timings of `--steps` steps, synchronized).
 
     python benchmarks/blocks.py --variant b0 --resolution 224 --batch-size 16
     python benchmarks/blocks.py --variant b0 --resolution 32 --batch-size 64 --depthwise-impl xla
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from typing import Any
 
@@ -42,12 +42,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import cpu_name, cpu_threads, log, time_steps, torch_model
 from effnet_jax.cli.host import with_fast_malloc
 from effnet_jax.model.layers import (DEPTHWISE_IMPLS, BatchNorm, Conv, activation, conv_padding, depthwise_conv,
                                      resolve_depthwise_impl)
 from effnet_jax.model.blocks import FusedMBConv, MBConv
 from effnet_jax.model.network import create_model, random_variables, unit_names
-from throughput import cpu_threads, log, time_steps, torch_model
 
 
 class ConvBNAct(nn.Module):
@@ -249,7 +249,7 @@ def main(argv=None) -> dict:
               "threads": threads, "rows": rows, "totals": totals,
               "train_ratio": totals["torch_train_ms"] / totals["jax_train_ms"],
               "eval_ratio": totals["torch_eval_ms"] / totals["jax_eval_ms"],
-              "versions": {"jax": jax.__version__, "torch": torch.__version__, "cpu": platform.processor()}}
+              "versions": {"jax": jax.__version__, "torch": torch.__version__, "cpu": cpu_name()}}
     print_table(result)
     print(json.dumps(result))
     return result

@@ -8,9 +8,9 @@ one after another with the machine otherwise idle:
 2. `plan`: the planner's cost, measured afresh, for B0 224 px eval and train and the README default's step
    (it also fills the plan cache, so the timings below do not include it);
 3. `forms`: every depthwise form in one process per configuration, each compiled once, then timed in 40 rounds of
-   half-second turns (auto, native, shift, then back: `throughput.py --rounds`), so a slow minute falls on every form of its
-   round alike; `auto` against the fastest fixed form: the median of the rounds' ratios, and the ratio of the best
-   turns (a shared CPU only ever slows a turn down, so each form's best turn is its least disturbed one);
+   half-second turns (auto, native, shift, then back: `throughput.py --rounds`), so a slow minute falls on every form
+   of its round alike; `auto` against the fastest fixed form: the median of the rounds' ratios, and the ratio of the
+   best turns (a shared CPU only ever slows a turn down, so each form's best turn is its least disturbed one);
 4. `torch`: `auto` against torch eager and `torch.compile`, `--runs` times (median and range);
 5. `onnx`: B0 224 px eval against ONNX Runtime on torchvision's exported model.
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Max |logit difference| between converted effnet_jax models and torchvision (random weights, randomized
-BN statistics, fp32, eval mode), with the same construction as tests/test_convert.py; also float64 PyTorch
-as the reference, to separate float32 rounding from mapping errors.
+BN statistics, fp32, eval mode), built as the conversion tests build them (`effnet_jax.testing`:
+`randomized_torchvision`, `save_and_convert`, `jax_stage_outputs`); also float64 PyTorch as the reference, to
+separate float32 rounding from mapping errors.
 
     python benchmarks/equivalence.py b0:224 b1:64 b1:96 b7:64 b7:128 v2_s:64 v2_l:96 v2_l:128
 """
@@ -12,12 +13,10 @@ import sys
 import tempfile
 
 import numpy as np
+import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-import torch  # noqa: E402
-from test_convert import jax_stage_outputs, randomized_torchvision, save_and_convert, variant_seed  # noqa: E402
-
-import effnet_jax  # noqa: E402
+import effnet_jax
+from effnet_jax.testing import jax_stage_outputs, randomized_torchvision, save_and_convert, variant_seed
 
 
 def main(specs):

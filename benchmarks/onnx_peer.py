@@ -1,7 +1,8 @@
 """Inference against ONNX Runtime, in one process: our jitted forward (`model.apply`, train=False) against
 torchvision's same model exported with `torch.onnx.export` and run by ONNX Runtime's CPU provider (and, for
 reference, ONNX Runtime on our own `effnet_jax.model.export` file and torch eager under `inference_mode`). All four on a
-ready float batch, random weights, the same threads; the model and the timer are throughput.py's.
+ready float batch, random weights, the same threads; the torchvision model and the timer are the other scripts'
+(`common.torch_model`, `common.time_steps`).
 
     python benchmarks/onnx_peer.py --variant b0 --resolution 224 --batch-size 16
 
@@ -14,29 +15,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import statistics
-import sys
 import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import throughput  # noqa: E402  (torch_model, time_steps: the same model and timer as the step benchmark)
-
-import effnet_jax  # noqa: E402
-from effnet_jax.cli.host import with_fast_malloc  # noqa: E402
-from effnet_jax.kernels import autotune  # noqa: E402
-from effnet_jax.model.network import random_variables  # noqa: E402
+import effnet_jax
+from common import cpu_threads, time_steps, torch_model
+from effnet_jax.cli.host import with_fast_malloc
+from effnet_jax.kernels import autotune
+from effnet_jax.model.network import random_variables
 
 VARIANTS = [f"b{i}" for i in range(8)]  # torchvision's B0-B7: torch.onnx.export of its model is the peer
 
 
 def timed(fn, repeats: int, steps: int) -> list[float]:
     """Seconds per call of `fn` (which must end synchronized): `repeats` means of `steps` calls, after two."""
-    return [t / steps for t in throughput.time_steps(lambda k: [fn() for _ in range(k)], 2, steps, repeats)]
+    return [t / steps for t in time_steps(lambda k: [fn() for _ in range(k)], 2, steps, repeats)]
 
 
 def main(argv=None) -> dict:
@@ -46,7 +43,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--threads", type=int, default=cpu_threads())
     args = p.parse_args(argv)
 
     import onnxruntime as ort
@@ -63,7 +60,7 @@ def main(argv=None) -> dict:
     xj = jnp.asarray(x)
     jax_t = timed(lambda: fwd(variables, xj).block_until_ready(), args.repeats, args.steps)
 
-    tm = throughput.torch_model(args.variant, num_classes=model.num_classes)[0].eval()
+    tm = torch_model(args.variant, num_classes=model.num_classes)[0].eval()
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")

@@ -3,8 +3,8 @@
 `download(url, path, sha256=..., size=...)` streams `url` into a temporary file beside `path` (with a tqdm
 progress bar), checks the byte count and the SHA-256, and only then renames it to `path`: a cache never holds a
 partial or unverified file, whatever stops the transfer (a closed connection, a wrong file, Ctrl-C). The weight
-files (`effnet_jax.weights.published`) and the CIFAR archives (`effnet_jax.data`) are fetched through it; each caller turns
-the two errors below into its own message saying what to do.
+files (`effnet_jax.weights.published`) and the CIFAR archives (`effnet_jax.data`) are fetched through it; each caller
+turns the two errors below into its own message saying what to do.
 
 This module does not import torch or TensorFlow.
 """
@@ -29,7 +29,8 @@ __all__ = ["DOWNLOAD_TIMEOUT_S", "DownloadError", "ChecksumError", "download", "
 # download stop well inside half a minute with their message.
 DOWNLOAD_TIMEOUT_S = 20.0
 _CHUNK = 1 << 20
-USER_AGENT = "effnet-jax (python urllib)"  # some servers refuse Python's default agent string; torchvision sets its own too
+# some servers refuse Python's default agent string; torchvision sets its own too
+USER_AGENT = "effnet-jax (python urllib)"
 
 
 class DownloadError(UserError, RuntimeError):

@@ -1,8 +1,8 @@
 """One loader for every source of an EfficientNet's weights: `load(init, variant, num_classes)`.
 
 `init` is one of
-* `'imagenet'` — the published ImageNet weights of `variant` (`effnet_jax.weights.published`: torchvision's files for B0-B7
-  and V2, the packaged files for Lite0-2), the ImageNet class names, the weights' eval preprocessing;
+* `'imagenet'` — the published ImageNet weights of `variant` (`effnet_jax.weights.published`: torchvision's files for
+  B0-B7 and V2, the packaged files for Lite0-2), the ImageNet class names, the weights' eval preprocessing;
 * `'scratch'` — `variant` with fresh weights: the model's own initializers from `key`, or (no `key`) random
   values drawn in numpy without compiling anything (for exports and tests);
 * a PyTorch `.pth`/`.pt` state dict (torchvision or lukemelas/Lite layout, read without torch) for `variant`;

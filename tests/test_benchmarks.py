@@ -28,10 +28,15 @@ TINY = ["--variant", "b0", "--resolution", "32", "--batch-size", "4", "--width",
 
 
 def load(name: str):
+    """benchmarks/<name>.py as a module, imported as when it runs: its folder first on sys.path (`import common`)."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses (blocks.py's Flax modules) look their module up there
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
     return module
 
 
@@ -115,11 +120,10 @@ def test_epoch_side_by_side(tmp_path, capsys, monkeypatch):
     assert "extrapolated" in out
 
 
-def test_blocks_per_unit(capsys, monkeypatch):
+def test_blocks_per_unit(capsys):
     """blocks.py times every unit of the network on both sides; the units must be the same layers: the torch
     unit fed the JAX unit's input shape gives the JAX unit's output shape (the script asserts it), and the
     rows chain stem -> blocks -> head."""
-    monkeypatch.syspath_prepend(str(BENCH))  # blocks.py imports its sibling throughput.py
     from effnet_jax.model.network import create_model, unit_names
     res = load("blocks").main(TINY + ["--repeats", "1", "--steps", "1", "--warmup", "0"])
     assert last_json(capsys.readouterr().out) == json.loads(json.dumps(res))

@@ -13,73 +13,14 @@ import optax
 import pytest
 
 import effnet_jax
+from effnet_jax.testing import (jax_stage_outputs, randomized_torchvision, save_and_convert, torch_stage_outputs,
+                                variant_seed)
 from effnet_jax.weights import convert
 from effnet_jax.weights.torch_reader import read_torch_state_dict
 from helpers import cifar_jpegs
 
 torch = pytest.importorskip("torch")
 tv_models = pytest.importorskip("torchvision.models")
-
-
-def variant_seed(variant):
-    """The torch seed of a variant's random model: its number for b0..b7, 11..13 for v2_s/m/l."""
-    return int(variant[1]) if variant.startswith("b") else 11 + ["v2_s", "v2_m", "v2_l"].index(variant)
-
-
-def randomized_torchvision(variant, seed, x_nhwc, num_classes=1000):
-    """torchvision's model (`efficientnet_<variant>`) with random weights and randomized BN running statistics.
-
-    Each BN's running mean/var are set, in forward order, to the statistics of its actual input on `x_nhwc`
-    perturbed by 0.1 std in mean and ±25 % in variance. Setting them in order, each on the already perturbed
-    upstream network, keeps activations O(1) through all 55 blocks of B7 even at 64 px (statistics set
-    independently compound into 1e7-sized activations where float32 rounding no longer compares), while
-    eval mode still differs from batch statistics, so a mix-up of the two is caught."""
-    torch.manual_seed(seed)
-    m = getattr(tv_models, f"efficientnet_{variant}")(num_classes=num_classes).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-
-    def calibrate(mod, inputs):
-        x = inputs[0]
-        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
-        mod.running_mean.copy_(mean + 0.1 * var.sqrt() * torch.randn(mean.shape, generator=g))
-        mod.running_var.copy_(var * (0.75 + 0.5 * torch.rand(var.shape, generator=g)))
-
-    with torch.no_grad():
-        bns = [mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
-        for mod in bns:
-            mod.weight.copy_(torch.rand(mod.weight.shape, generator=g) + 0.5)
-            mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.1)
-        hooks = [mod.register_forward_pre_hook(calibrate) for mod in bns]
-        m(torch.from_numpy(x_nhwc).permute(0, 3, 1, 2).contiguous())
-        for h in hooks:
-            h.remove()
-        m.classifier[1].bias.copy_(torch.randn(num_classes, generator=g) * 0.1)
-    return m
-
-
-def torch_stage_outputs(m, x_nchw):
-    """Outputs of features[0] (stem), features[1..S] (stages), features[S+1] (head) and the logits."""
-    outs = []
-    hooks = [f.register_forward_hook(lambda mod, i, o: outs.append(o.detach().numpy())) for f in m.features]
-    with torch.no_grad():
-        logits = m(x_nchw).numpy()
-    for h in hooks:
-        h.remove()
-    return outs, logits
-
-
-def save_and_convert(m, tmp_path, variant, num_classes=None, **kw):
-    path = tmp_path / f"{variant}.pth"
-    torch.save(m.state_dict(), path, **kw)
-    return convert.convert_state_dict(read_torch_state_dict(path), variant, num_classes, source=str(path))
-
-
-def jax_stage_outputs(model, variables, x_nhwc):
-    # compiled: op by op, B6/B7 spent most of a minute dispatching and compiling single operations
-    logits, state = jax.jit(functools.partial(model.apply, mutable=["intermediates"]))(variables, jnp.asarray(x_nhwc))
-    inter = state["intermediates"]
-    names = ["stem_out"] + [f"stage{s}" for s in range(model.config.num_stages)] + ["head_out"]
-    return [np.asarray(inter[n][0]) for n in names], np.asarray(logits), names
 
 
 # B0 at its native 224 px; the others small to keep CI fast, but not 64 px: there the last stages are 2×2,

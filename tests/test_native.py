@@ -1,5 +1,5 @@
-"""The C++ depthwise kernels (`effnet_jax.kernels.native`, `depthwise_impl='native'`) against torch, and how they are built,
-found, refused and partitioned."""
+"""The C++ depthwise kernels (`effnet_jax.kernels.native`, `depthwise_impl='native'`) against torch, and how they are
+built, found, refused and partitioned."""
 
 import json
 import os

@@ -95,7 +95,8 @@ def test_run_transform_is_the_runs_evaluation(photos: list[Image.Image], tmp_pat
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
     # a square image (a 32 px CIFAR image: kept by the loader, resized on the device)
     small = photos[6].resize((32, 32))
-    np.testing.assert_allclose(transform(small), np.asarray(data.eval_batch(np.asarray(small)[None], resolution, mean, std))[0],
+    np.testing.assert_allclose(transform(small),
+                               np.asarray(data.eval_batch(np.asarray(small)[None], resolution, mean, std))[0],
                                rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="bilinear"):
         EvalTransform(**dict(config, interpolation="bicubic"))

@@ -89,7 +89,8 @@ def build(force: bool = False) -> Path:
     try:
         source = resources.files("effnet_jax.kernels").joinpath("csrc", "depthwise.cc").read_bytes()
     except OSError as e:
-        raise NativeUnavailable(f"effnet_jax/kernels/csrc/depthwise.cc is missing from the installation ({e})") from None
+        raise NativeUnavailable(f"effnet_jax/kernels/csrc/depthwise.cc is missing from the installation ({e})"
+                                ) from None
     include = jax.ffi.include_dir()
     target = _march()
     key = hashlib.sha256(b"\0".join([source, jax.__version__.encode(), cxx.encode(), _cpu_id().encode(),
