@@ -22,6 +22,9 @@ ARGV = ["--dataset", "folder:images", "--variant", "b0", "--init", "scratch", "-
         "--input-std", "0.25,0.25,0.25", "--rotation", 0.05, "--crop-padding", 2, "--workdir", "run-9802a31"]
 # the old code on one CPU kind, today's on any: the last bits of a float32 sum may differ
 RTOL = 1e-5
+# after an epoch of training those differences grow: the resumed epoch's val loss on the same Zen 4 run as an AVX2
+# machine was 6.4e-5 (relative) from the Zen 4 record (benchmarks/results/test-suite.md, 2026-12-07 23:37)
+TRAINED_RTOL = 1e-3
 
 
 @pytest.fixture
@@ -73,7 +76,7 @@ def test_resume_continues_as_the_old_code_did(old_run):
     assert after[:2] == before
     expected = json.loads((REPO / "tests" / "fixtures" / "run-9802a31-resumed-epoch2.json").read_text())
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr"):
-        assert after[2][key] == pytest.approx(expected[key], rel=RTOL), key
+        assert after[2][key] == pytest.approx(expected[key], rel=TRAINED_RTOL), key
     saved = json.loads((old_run / "config.json").read_text())
     assert saved["epochs"] == 2 and saved["augment"]["rotation"] == 0.05
     assert not {"mean", "std", "preprocess"} & saved.keys()  # rewritten in today's layout
