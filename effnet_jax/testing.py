@@ -1,9 +1,9 @@
-"""Test utilities (as `jax.test_util`): torchvision's EfficientNets with random weights and randomized BatchNorm
+"""Test utilities (as `jax.test_util`): torchvision's and timm's EfficientNets with random weights and randomized BatchNorm
 statistics, converted to this library's variables, and both frameworks' per-stage outputs, for comparing the
 converted model with the PyTorch one.
 
 tests/test_convert.py asserts the equivalence with them, benchmarks/equivalence.py measures it. torch and
-torchvision are needed by the functions that build or run a PyTorch model and are imported inside them: the
+torchvision (timm) are needed by the functions that build or run a PyTorch model and are imported inside them: the
 library imports without them.
 """
 
@@ -20,7 +20,8 @@ import numpy as np
 from effnet_jax.weights import convert
 from effnet_jax.weights.torch_reader import read_torch_state_dict
 
-__all__ = ["variant_seed", "randomized_torchvision", "torch_stage_outputs", "save_and_convert", "jax_stage_outputs"]
+__all__ = ["variant_seed", "randomized_torchvision", "randomized_timm", "randomize_batchnorm", "torch_stage_outputs",
+           "save_and_convert", "jax_stage_outputs"]
 
 
 def variant_seed(variant: str) -> int:
@@ -29,7 +30,30 @@ def variant_seed(variant: str) -> int:
 
 
 def randomized_torchvision(variant: str, seed: int, x_nhwc: np.ndarray, num_classes: int = 1000):
-    """torchvision's model (`efficientnet_<variant>`) with random weights and randomized BN running statistics.
+    """torchvision's model (`efficientnet_<variant>`) with random weights and randomized BN running statistics
+    (`randomize_batchnorm`)."""
+    import torch
+    from torchvision import models as tv_models
+
+    torch.manual_seed(seed)
+    m = getattr(tv_models, f"efficientnet_{variant}")(num_classes=num_classes).eval()
+    return randomize_batchnorm(m, seed, x_nhwc, m.classifier[1])
+
+
+def randomized_timm(architecture: str, seed: int, x_nhwc: np.ndarray, num_classes: int = 1000):
+    """timm's model (`timm.create_model(architecture)`, dropout and drop-path off) with random weights and
+    randomized BN running statistics (`randomize_batchnorm`)."""
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    m = timm.create_model(architecture, num_classes=num_classes, drop_rate=0.0, drop_path_rate=0.0).eval()
+    return randomize_batchnorm(m, seed, x_nhwc, m.classifier)
+
+
+def randomize_batchnorm(m, seed: int, x_nhwc: np.ndarray, classifier):
+    """`m` (a torch module in eval mode) with random BN scales and biases, a random `classifier` bias, and BN running
+    statistics set from the data.
 
     Each BN's running mean/var are set, in forward order, to the statistics of its actual input on `x_nhwc`
     perturbed by 0.1 std in mean and a factor in [0.75, 1.25] in variance. Setting them in order, each on the
@@ -37,10 +61,7 @@ def randomized_torchvision(variant: str, seed: int, x_nhwc: np.ndarray, num_clas
     independently compound into 1e7-sized activations where float32 rounding no longer compares), while
     eval mode still differs from batch statistics, so a mix-up of the two is caught."""
     import torch
-    from torchvision import models as tv_models
 
-    torch.manual_seed(seed)
-    m = getattr(tv_models, f"efficientnet_{variant}")(num_classes=num_classes).eval()
     g = torch.Generator().manual_seed(seed + 1)
 
     def calibrate(mod, inputs):
@@ -58,7 +79,7 @@ def randomized_torchvision(variant: str, seed: int, x_nhwc: np.ndarray, num_clas
         m(torch.from_numpy(x_nhwc).permute(0, 3, 1, 2).contiguous())
         for h in hooks:
             h.remove()
-        m.classifier[1].bias.copy_(torch.randn(num_classes, generator=g) * 0.1)
+        classifier.bias.copy_(torch.randn(classifier.bias.shape, generator=g) * 0.1)
     return m
 
 

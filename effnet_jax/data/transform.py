@@ -1,8 +1,9 @@
 """The one preprocessing spec, `EvalTransform`: a PIL image -> the float32 HWC array a model was evaluated on.
 
-Three recipes: 'torchvision' (B0-B7, V2: torchvision's `ImageClassification` preset), 'tf' (Lite: the TF
-EfficientNet eval crop) and 'run' (a fine-tuning run's own validation: the image as the data loader stores it,
-then `effnet_jax.data.augment.resize_normalize` on the device). `EvalTransform(**spec)` rebuilds one from its
+Four recipes: 'torchvision' (B0-B7, V2: torchvision's `ImageClassification` preset, also timm's `crop_mode`
+'center'), 'squash' (timm's `crop_mode` 'squash': both sides resized to `resize_size`, then the center crop), 'tf'
+(Lite: the TF EfficientNet eval crop) and 'run' (a fine-tuning run's own validation: the image as the data loader
+stores it, then `effnet_jax.data.augment.resize_normalize` on the device). `EvalTransform(**spec)` rebuilds one from its
 JSON form (`to_dict`, as in model.json and an export's metadata). The recipes in detail: docs/weights.md.
 """
 
@@ -28,22 +29,23 @@ _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.B
 @dataclasses.dataclass(frozen=True)
 class EvalTransform:
     """PIL image -> normalized float32 HWC array of shape (input_size, input_size, 3). `crop_style`: 'torchvision'
-    (B0-B7's weights), 'tf' (Lite's) or 'run' (a fine-tuning run's evaluation); docs/weights.md."""
+    (B0-B7's weights), 'squash' (some timm weights), 'tf' (Lite's) or 'run' (a fine-tuning run's evaluation);
+    docs/weights.md."""
     input_size: int
     resize_size: int
     interpolation: Literal["bicubic", "bilinear"]
     mean: Sequence[float]
     std: Sequence[float]
-    crop_style: Literal["torchvision", "tf", "run"]
+    crop_style: Literal["torchvision", "squash", "tf", "run"]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))  # (hashable, as JSON reads it)
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if self.interpolation not in _RESAMPLE:
             raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}")
-        if self.crop_style not in ("torchvision", "tf", "run"):
-            raise ValueError(f"crop_style must be 'torchvision', 'tf' or 'run', got {self.crop_style!r}")
-        if self.crop_style == "torchvision" and self.resize_size < self.input_size:
+        if self.crop_style not in ("torchvision", "squash", "tf", "run"):
+            raise ValueError(f"crop_style must be 'torchvision', 'squash', 'tf' or 'run', got {self.crop_style!r}")
+        if self.crop_style in ("torchvision", "squash") and self.resize_size < self.input_size:
             raise ValueError(f"resize_size {self.resize_size} is smaller than input_size {self.input_size}")
         if self.crop_style == "run" and self.interpolation != "bilinear":
             raise ValueError(f"crop_style 'run' resizes bilinearly (as the run's evaluation), got "
@@ -57,7 +59,7 @@ class EvalTransform:
     def at(self, input_size: int) -> "EvalTransform":
         """The same recipe for another input side; torchvision's crop keeps its resize-to-crop ratio."""
         resize = self.resize_size
-        if input_size != self.input_size and self.crop_style == "torchvision":
+        if input_size != self.input_size and self.crop_style in ("torchvision", "squash"):
             resize = max(input_size, round(self.resize_size * input_size / self.input_size))
         return dataclasses.replace(self, input_size=input_size, resize_size=resize)
 
@@ -71,7 +73,9 @@ class EvalTransform:
         image = image.convert("RGB")
         if self.crop_style == "run":
             return self._run_eval(image)
-        if self.crop_style == "torchvision":
+        if self.crop_style in ("torchvision", "squash"):
+            if self.crop_style == "squash":
+                image = image.resize((self.resize_size, self.resize_size), _RESAMPLE[self.interpolation])
             image = resize_center_crop(image, self.resize_size, self.input_size, _RESAMPLE[self.interpolation])
         else:
             image = self._tf_center_crop_resize(image)

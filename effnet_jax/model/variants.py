@@ -14,7 +14,7 @@ from effnet_jax.errors import ConfigError
 
 __all__ = [
     "ALPHA", "BETA", "GAMMA", "B0_STAGES", "V2_STAGES", "COMPOUND_SCALING", "LITE_SCALING", "V2_SCALING",
-    "VARIANTS",
+    "VARIANTS", "Port", "TIMM_MODELS", "KERAS_MODELS", "timm_port",
     "StageSpec", "Scaling", "BlockConfig", "ModelConfig",
     "round_filters", "round_repeats", "scaling_for_phi", "model_config",
 ]
@@ -80,6 +80,17 @@ V2_STAGES: dict[str, tuple[StageSpec, ...]] = {
              mbconv(6,      3,     2,     224, 384, 25),
              mbconv(6,      3,     1,     384, 640, 7)),
 }
+# EfficientNetV2-B0 (TF EfficientNetV2's `v2-b0`, = Keras' EfficientNetV2B0 and timm's tf_efficientnetv2_b0); B1-B3
+# scale it like a B-model (V2_SCALING). The stem (32) is wider than the first stage (16): no shortcut there.
+V2_STAGES["v2_b0"] = (
+    #       expand kernel stride in   out  repeats
+    fused( 1,      3,     1,     32,  16,  1),
+    fused( 4,      3,     2,     16,  32,  2),
+    fused( 4,      3,     2,     32,  48,  2),
+    mbconv(4,      3,     2,     48,  96,  3),
+    mbconv(6,      3,     1,     96,  112, 5),
+    mbconv(6,      3,     2,     112, 192, 8))
+V2_STAGES["v2_b1"] = V2_STAGES["v2_b2"] = V2_STAGES["v2_b3"] = V2_STAGES["v2_b0"]
 HEAD_CHANNELS_V2 = 1280
 HEAD_CHANNELS_LITE = 1280  # Lite models keep stem (32) and head (1280) unscaled
 SE_RATIO = 0.25  # squeeze width = max(1, block input channels * 0.25)
@@ -91,6 +102,7 @@ class Scaling(NamedTuple):
     depth: float
     resolution: int
     dropout: float
+    round_limit: float = 0.9  # `round_filters`' floor; TF EfficientNetV2's B-models round without it (0)
 
 
 # The published (width, depth, resolution, dropout) of B0..B7. The paper derives them from a compound coefficient
@@ -121,6 +133,11 @@ V2_SCALING: dict[str, Scaling] = {
     "v2_s": Scaling(1.0, 1.0, 384, 0.2),
     "v2_m": Scaling(1.0, 1.0, 480, 0.3),
     "v2_l": Scaling(1.0, 1.0, 480, 0.4),
+    # V2-B0..B3: Keras' EfficientNetV2B0..B3 (width, depth, default_size, dropout_rate); no 0.9 floor in rounding
+    "v2_b0": Scaling(1.0, 1.0, 224, 0.2, 0.0),
+    "v2_b1": Scaling(1.0, 1.1, 240, 0.2, 0.0),
+    "v2_b2": Scaling(1.1, 1.2, 260, 0.2, 0.0),
+    "v2_b3": Scaling(1.2, 1.4, 300, 0.2, 0.0),
 }
 VARIANTS: tuple[str, ...] = tuple(COMPOUND_SCALING) + tuple(LITE_SCALING) + tuple(V2_SCALING)
 
@@ -131,6 +148,49 @@ VARIANTS: tuple[str, ...] = tuple(COMPOUND_SCALING) + tuple(LITE_SCALING) + tupl
 _BN_TORCHVISION_SMALL = (1e-5, 0.1)
 _BN_TF = (1e-3, 0.01)
 _BN_V2 = (1e-3, 0.1)
+
+
+# V2-B0..B3 exist only as TF ports (Keras, timm's tf_efficientnetv2_b*): TF's SAME padding is their own
+_TF_ONLY = ("v2_b0", "v2_b1", "v2_b2", "v2_b3")
+
+
+class Port(NamedTuple):
+    """A model another library publishes, as one of ours: the variant and the `create_model` overrides that make it
+    compute what that library's model computes (None: the variant's own setting)."""
+    variant: str
+    padding: str | None = None
+    bn_epsilon: float | None = None
+    bn_momentum: float | None = None  # PyTorch convention
+
+    def overrides(self) -> dict:
+        return {k: v for k, v in self._asdict().items() if k != "variant" and v is not None}
+
+
+_TIMM_TF = dict(padding="same", bn_epsilon=1e-3, bn_momentum=0.1)  # timm's tf_* ports: SAME, eps 1e-3, torch momentum
+# timm's EfficientNets (`timm.create_model(name)`): its own B0-B4 (= torchvision's) and the TF ports.
+TIMM_MODELS: dict[str, Port] = {
+    **{f"efficientnet_b{i}": Port(f"b{i}") for i in range(5)},
+    **{f"tf_efficientnet_b{i}": Port(f"b{i}", **_TIMM_TF) for i in range(8)},
+    **{f"tf_efficientnet_lite{i}": Port(f"lite{i}", **_TIMM_TF) for i in range(5)},
+    **{f"tf_efficientnetv2_b{i}": Port(f"v2_b{i}", **_TIMM_TF) for i in range(4)},
+    **{f"tf_efficientnetv2_{s}": Port(f"v2_{s}", **_TIMM_TF) for s in "sml"},
+}
+# Keras applications' EfficientNets, by the model's `name` (`keras.applications.EfficientNetB0` ... 'efficientnetb0',
+# `EfficientNetV2B0` ... 'efficientnetv2-b0'): SAME padding, BN eps 1e-3, Keras momentum 0.99 (V1) / 0.9 (V2).
+KERAS_MODELS: dict[str, Port] = {
+    **{f"efficientnetb{i}": Port(f"b{i}", "same", 1e-3, 0.01) for i in range(8)},
+    **{f"efficientnetv2-{s}": Port(f"v2_{s}", "same", 1e-3, 0.1) for s in ("b0", "b1", "b2", "b3", "s", "m", "l")},
+}
+
+
+def timm_port(architecture: str) -> Port:
+    """The `Port` of a timm architecture name ('tf_efficientnet_b0'; a Hub tag such as '.ns_jft_in1k' is ignored),
+    or a ConfigError naming the ones supported."""
+    name = architecture.split(".")[0]
+    if name not in TIMM_MODELS:
+        raise ConfigError(f"timm architecture {name!r} is not one of the EfficientNets supported here: "
+                          f"{', '.join(TIMM_MODELS)}")
+    return TIMM_MODELS[name]
 
 
 MIN_RESOLUTION = 32  # the network downsamples by 32: the last stage needs at least a 1 x 1 map
@@ -144,12 +204,13 @@ def check_resolution(side: int, what: str = "--resolution") -> int:
     return side
 
 
-def round_filters(channels: float, width: float, divisor: int = 8) -> int:
-    """Scale a channel count by `width` and round to a multiple of `divisor`, never below 0.9 times the scaled
-    value nor below `divisor` (torchvision's `_make_divisible`, TF's `round_filters`)."""
+def round_filters(channels: float, width: float, divisor: int = 8, round_limit: float = 0.9) -> int:
+    """Scale a channel count by `width` and round to a multiple of `divisor`, never below `round_limit` (0.9)
+    times the scaled value nor below `divisor` (torchvision's `_make_divisible`, TF's `round_filters`, timm's
+    `make_divisible`; TF EfficientNetV2's B-models: `round_limit` 0)."""
     scaled = channels * width
     rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
-    if rounded < 0.9 * scaled:
+    if rounded < round_limit * scaled:
         rounded += divisor
     return int(rounded)
 
@@ -207,7 +268,8 @@ class ModelConfig:
 
 def model_config(variant: str, *, width: float | None = None, depth: float | None = None,
                  drop_path_rate: float = STOCHASTIC_DEPTH_RATE) -> ModelConfig:
-    """Resolve a variant name ('b0'..'b7', 'lite0'..'lite4', 'v2_s', 'v2_m', 'v2_l') into a `ModelConfig`.
+    """Resolve a variant name (`VARIANTS`: 'b0'..'b7', 'lite0'..'lite4', 'v2_s', 'v2_m', 'v2_l', 'v2_b0'..'v2_b3')
+    into a `ModelConfig`.
 
     `width`/`depth` override the variant's coefficients (custom compound scaling). For V2 the stage table is
     width = depth = 1, and the coefficients scale its channels (stem, stages and the 1280 head: `round_filters`)
@@ -223,7 +285,8 @@ def model_config(variant: str, *, width: float | None = None, depth: float | Non
     d = scaling.depth if depth is None else depth
     stages = V2_STAGES[variant] if v2 else B0_STAGES
 
-    stem = STEM_CHANNELS if lite else round_filters(stages[0].in_channels, w)
+    rf = lambda channels, width: round_filters(channels, width, round_limit=scaling.round_limit)  # noqa: E731
+    stem = STEM_CHANNELS if lite else rf(stages[0].in_channels, w)
     repeats = [round_repeats(s.repeats, d) for s in stages]
     if lite:  # Lite keeps the first and last stage at one block each
         repeats[0], repeats[-1] = B0_STAGES[0].repeats, B0_STAGES[-1].repeats
@@ -232,7 +295,7 @@ def model_config(variant: str, *, width: float | None = None, depth: float | Non
     blocks: list[BlockConfig] = []
     in_ch = stem
     for stage, (spec, n) in enumerate(zip(stages, repeats)):
-        out_ch = round_filters(spec.out_channels, w)
+        out_ch = rf(spec.out_channels, w)
         for i in range(n):
             expand = round_filters(in_ch, spec.expand_ratio)  # in_ch is a multiple of 8: exact product
             # SE squeeze: block input channels / 4 (torchvision: max(1, input_channels // 4)); none in Lite
@@ -245,11 +308,12 @@ def model_config(variant: str, *, width: float | None = None, depth: float | Non
             in_ch = out_ch
 
     if v2:
-        head, (eps, mom) = round_filters(HEAD_CHANNELS_V2, w), _BN_V2
+        head, (eps, mom) = rf(HEAD_CHANNELS_V2, w), _BN_V2
     else:
         head = HEAD_CHANNELS_LITE if lite else 4 * in_ch
         eps, mom = _BN_TF if (lite or variant in ("b5", "b6", "b7")) else _BN_TORCHVISION_SMALL
     return ModelConfig(
         name=variant, resolution=scaling.resolution, stem_channels=stem, head_channels=head,
-        blocks=tuple(blocks), activation="relu6" if lite else "silu", padding="same" if lite else "symmetric",
+        blocks=tuple(blocks), activation="relu6" if lite else "silu",
+        padding="same" if lite or variant in _TF_ONLY else "symmetric",
         bn_epsilon=eps, bn_momentum=mom, dropout=scaling.dropout)

@@ -1,6 +1,6 @@
 """PyTorch EfficientNet state dicts -> Flax variables: one explicit key table per layout.
 
-Two layouts are understood, each by one explicit mapping table built from the `ModelConfig`:
+Three layouts are understood, each by one explicit mapping table built from the `ModelConfig`:
 
 * torchvision (`torchvision.models.efficientnet_b*`, `efficientnet_v2_{s,m,l}`)::
 
@@ -16,6 +16,11 @@ Two layouts are understood, each by one explicit mapping table built from the `M
 
       _conv_stem, _bn0, _blocks.{i}._expand_conv/_bn0, _depthwise_conv/_bn1, _se_reduce/_se_expand,
       _project_conv/_bn2, _conv_head, _bn1, _fc
+
+* timm (`timm.create_model('efficientnet_b0' | 'tf_efficientnet_*' | 'tf_efficientnetv2_*')`, the Hub's
+  `model.safetensors`)::
+
+      conv_stem, bn1, blocks.{s}.{j}.<layers by block type: `timm_table`>, conv_head, bn2, classifier
 
 Tensors: conv OIHW -> HWIO (a depthwise (C,1,k,k) kernel becomes (k,k,1,C) by the same transpose), 1×1 SE
 convs and Linear -> Dense (in, out), BatchNorm weight/bias -> params scale/bias, running_mean/var ->
@@ -121,16 +126,52 @@ def lukemelas_table(cfg: ModelConfig) -> list[Entry]:
     return t
 
 
+def timm_table(cfg: ModelConfig) -> list[Entry]:
+    """The mapping timm key -> Flax path for `cfg` (timm's `EfficientNet`: its own B-models and the tf_* ports).
+    timm numbers blocks by stage (`blocks.{s}.{j}`) and names a block's layers by its type: `DepthwiseSeparable`
+    (conv_dw, bn1, [se], conv_pw, bn2), `InvertedResidual` (conv_pw, bn1, conv_dw, bn2, [se], conv_pwl, bn3),
+    `EdgeResidual` (conv_exp, bn1, conv_pwl, bn2: Fused-MBConv) and `ConvBnAct` (conv, bn1: Fused-MBConv with
+    expansion ratio 1)."""
+    t = list(_conv_bn("conv_stem", "bn1", ("stem",), ("stem_bn",)))
+    stage_pos: dict[int, int] = {}
+    for i, b in enumerate(cfg.blocks):
+        j = stage_pos[b.stage] = stage_pos.get(b.stage, -1) + 1
+        pre, blk = f"blocks.{b.stage}.{j}", f"blocks_{i}"
+        expands = b.expand_channels != b.in_channels
+        if b.fused and expands:
+            t += _conv_bn(f"{pre}.conv_exp", f"{pre}.bn1", (blk, "expand_conv"), (blk, "expand_bn"))
+            t += _conv_bn(f"{pre}.conv_pwl", f"{pre}.bn2", (blk, "project_conv"), (blk, "project_bn"))
+        elif b.fused:
+            t += _conv_bn(f"{pre}.conv", f"{pre}.bn1", (blk, "conv"), (blk, "bn"))
+        elif expands:
+            t += _conv_bn(f"{pre}.conv_pw", f"{pre}.bn1", (blk, "expand_conv"), (blk, "expand_bn"))
+            t += _conv_bn(f"{pre}.conv_dw", f"{pre}.bn2", (blk, "dw_conv"), (blk, "dw_bn"))
+            if b.se_channels:
+                t += _se(f"{pre}.se.conv_reduce", f"{pre}.se.conv_expand", blk)
+            t += _conv_bn(f"{pre}.conv_pwl", f"{pre}.bn3", (blk, "project_conv"), (blk, "project_bn"))
+        else:
+            t += _conv_bn(f"{pre}.conv_dw", f"{pre}.bn1", (blk, "dw_conv"), (blk, "dw_bn"))
+            if b.se_channels:
+                t += _se(f"{pre}.se.conv_reduce", f"{pre}.se.conv_expand", blk)
+            t += _conv_bn(f"{pre}.conv_pw", f"{pre}.bn2", (blk, "project_conv"), (blk, "project_bn"))
+    t += _conv_bn("conv_head", "bn2", ("head",), ("head_bn",))
+    t += [("classifier.weight", "params", ("classifier", "kernel"), _LINEAR),
+          ("classifier.bias", "params", ("classifier", "bias"), _COPY)]
+    return t
+
+
 LAYOUTS = {"torchvision": ("features.0.0.weight", torchvision_table),
-           "lukemelas": ("_conv_stem.weight", lukemelas_table)}
+           "lukemelas": ("_conv_stem.weight", lukemelas_table),
+           "timm": ("conv_stem.weight", timm_table)}
 
 
 def detect_layout(state_dict: dict[str, np.ndarray]) -> str:
     for name, (marker, _) in LAYOUTS.items():
         if marker in state_dict:
             return name
-    raise ConversionError("not an EfficientNet state dict in a known layout (torchvision 'features.0.0.weight' "
-                          f"or lukemelas/Lite '_conv_stem.weight'); first keys: {list(state_dict)[:5]}")
+    raise ConversionError("not an EfficientNet state dict in a known layout (torchvision 'features.0.0.weight', "
+                          f"lukemelas/Lite '_conv_stem.weight' or timm 'conv_stem.weight'); first keys: "
+                          f"{list(state_dict)[:5]}")
 
 
 def layout_overrides(layout: str, variant: str) -> dict:
@@ -143,13 +184,15 @@ def layout_overrides(layout: str, variant: str) -> dict:
 
 
 def convert_state_dict(state_dict: dict[str, np.ndarray], variant: str, num_classes: int | None = None,
-                       rng: jax.Array | None = None, source: str = "state dict", layout: str | None = None) -> dict:
+                       rng: jax.Array | None = None, source: str = "state dict", layout: str | None = None,
+                       overrides: dict | None = None) -> dict:
     """Map a torchvision or lukemelas/Lite state dict onto `create_model(variant, num_classes)`'s variables.
 
     `num_classes=None` keeps the file's classifier. Any other number loads the backbone and initializes a
     fresh head (torchvision's init, from `rng`, default key 0) — the transfer fine-tune's starting point.
     `num_classes=0` loads the backbone alone, for `create_model(variant, 0)` (pooled features).
-    `layout`: the file's layout when the caller has already run `detect_layout`.
+    `layout`: the file's layout when the caller has already run `detect_layout`. `overrides`: the model's
+    `create_model` overrides when the layout does not imply them (a timm port's, `variants.Port.overrides`).
     """
     from effnet_jax.model.network import create_model, new_classifier, param_shapes
 
@@ -159,7 +202,7 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], variant: str, num_clas
     classes = file_classes if num_classes is None else num_classes
     if classes is None:
         raise ConversionError(f"{source}: no classifier in the file; pass num_classes")
-    model = create_model(variant, classes, **layout_overrides(layout, variant))
+    model = create_model(variant, classes, **(layout_overrides(layout, variant) if overrides is None else overrides))
     shapes = param_shapes(model, 64)
     new_head = classes != file_classes
 

