@@ -1,6 +1,7 @@
 """The converted JAX model *is* the PyTorch model: forward logits and per-stage activations for B0-B7 and
 V2-S/M/L (torchvision, random weights, randomized BN statistics), the real Lite0 ImageNet weights against the
-Lite reference model on real images, and one Adam training step (B0, V2-S)."""
+Lite reference model on real images, and one Adam training step (torchvision's B0, V2-S; timm's tf_efficientnet_b0,
+tf_efficientnetv2_b0: SAME padding, BN eps 1e-3)."""
 
 import copy
 import functools
@@ -13,8 +14,9 @@ import optax
 import pytest
 
 import effnet_jax
-from effnet_jax.testing import (jax_stage_outputs, randomized_torchvision, save_and_convert, torch_stage_outputs,
-                                variant_seed)
+from effnet_jax.model import variants
+from effnet_jax.testing import (jax_stage_outputs, randomized_timm, randomized_torchvision, save_and_convert,
+                                torch_stage_outputs, variant_seed)
 from effnet_jax.weights import convert
 from effnet_jax.weights.torch_reader import read_torch_state_dict
 from helpers import cifar_jpegs
@@ -136,8 +138,9 @@ def _torch_adam_step(m, x_nchw, y, lr, eps):
     return loss.item(), grads
 
 
-@pytest.mark.parametrize("variant", ["b0", "v2_s"])
-def test_adam_training_step_equals_pytorch(variant, tmp_path):
+@pytest.mark.parametrize("source,name", [("torchvision", "b0"), ("torchvision", "v2_s"), ("timm", "tf_efficientnet_b0"),
+                                         ("timm", "tf_efficientnetv2_b0")])
+def test_adam_training_step_equals_pytorch(source, name, tmp_path):
     """One Adam step from identical weights and batch, train-mode BN, dropout and drop-path off: equal loss,
     gradients, updated parameters and updated BN running statistics, against the same torch model's step in
     float64 (the exact one) and, for the loss and BN statistics, its float32 step.
@@ -159,11 +162,17 @@ def test_adam_training_step_equals_pytorch(variant, tmp_path):
     rng = np.random.RandomState(1)
     x = rng.randn(n, res, res, 3).astype(np.float32)
     y = rng.randint(0, classes, n)
-    m = randomized_torchvision(variant, 7, x, num_classes=classes)
-    for mod in m.modules():
-        if hasattr(mod, "stochastic_depth"):
-            mod.stochastic_depth.p = 0.0
-    m.classifier[0].p = 0.0
+    if source == "timm":  # (timm's model: dropout and drop-path off; SAME padding, BN eps 1e-3 for the tf_ ports)
+        pytest.importorskip("timm")
+        m = randomized_timm(name, 7, x, num_classes=classes)
+        variant, overrides = variants.TIMM_MODELS[name].variant, variants.TIMM_MODELS[name].overrides()
+    else:
+        m = randomized_torchvision(name, 7, x, num_classes=classes)
+        for mod in m.modules():
+            if hasattr(mod, "stochastic_depth"):
+                mod.stochastic_depth.p = 0.0
+        m.classifier[0].p = 0.0
+        variant, overrides = name, {}
     variables = save_and_convert(m, tmp_path, variant)
 
     m.train()
@@ -173,7 +182,7 @@ def test_adam_training_step_equals_pytorch(variant, tmp_path):
     loss_t, _ = _torch_adam_step(m, x_t, y, lr, eps)
     grads_t = convert.convert_state_dict(grads_64, variant)["params"]
 
-    model = effnet_jax.create_model(variant, classes, drop_rate=0.0, drop_path_rate=0.0)
+    model = effnet_jax.create_model(variant, classes, drop_rate=0.0, drop_path_rate=0.0, **overrides)
 
     def loss_fn(params, batch_stats):
         logits, new = model.apply({"params": params, "batch_stats": batch_stats}, jnp.asarray(x), train=True,
