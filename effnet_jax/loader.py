@@ -5,8 +5,13 @@
   B0-B7 and V2, the packaged files for Lite0-2), the ImageNet class names, the weights' eval preprocessing;
 * `'scratch'` — `variant` with fresh weights: the model's own initializers from `key`, or (no `key`) random
   values drawn in numpy without compiling anything (for exports and tests);
-* a PyTorch `.pth`/`.pt` state dict (torchvision or lukemelas/Lite layout, read without torch) for `variant`;
+* a PyTorch `.pth`/`.pt` state dict (torchvision, lukemelas/Lite or timm layout, read without torch) for `variant`;
   a lukemelas-layout B file brings its TF-style model overrides (`weights.convert.layout_overrides`);
+* `'hf-hub:timm/<name>[@revision]'` — timm's checkpoint on the Hugging Face Hub (`weights.hub`: huggingface_hub's
+  cache), a downloaded timm directory (`config.json` + `model.safetensors`) or a `.safetensors` file
+  (`weights.timm_checkpoint`): the variant, class names and eval preprocessing come from its `config.json`;
+* a Keras applications file, `.keras` or `.weights.h5` (`weights.keras`, read with h5py): the variant from a
+  `.keras` file's config (a bare `.weights.h5` needs `variant`), the preprocessing from its own input layers;
 * a model directory (`model.json` + orbax `variables/`, written by `effnet-convert`); its
   `model.json` names the variant, the class names and the preprocessing when it has them;
 * a training run directory (`effnet_jax.train.rundir`): the checkpoint `which` ('best' or 'latest'), its evaluation
@@ -33,10 +38,14 @@ from effnet_jax.model.network import EfficientNet, create_model, new_classifier
 from effnet_jax.train.config import TrainConfig
 from effnet_jax.train.rundir import RunDir, evaluation_variables
 from effnet_jax.weights import model_dir as checkpoint
+from effnet_jax.weights import timm_checkpoint
+from effnet_jax.weights.timm_checkpoint import HUB_PREFIX
 from effnet_jax.weights.published import imagenet_class_names
 
 log = logging.getLogger(__name__)
-SOURCES = "'imagenet', 'scratch', a .pth file, a run directory or a converted model directory"
+SOURCES = ("'imagenet', 'scratch', 'hf-hub:timm/<name>', a .pth, .safetensors, .keras or .weights.h5 file, a run "
+           "directory, a timm directory or a converted model directory")
+KERAS_SUFFIXES = (".keras", ".h5")
 
 
 @dataclasses.dataclass
@@ -59,7 +68,7 @@ class Loaded:
     overrides: dict                # create_model overrides the weights need (file layout; a run's width/depth)
     source: str                    # provenance, one line
     run: RunInfo | None = None     # for a training run directory
-    layout: str | None = None      # for a state dict: its key layout ('torchvision' or 'lukemelas')
+    layout: str | None = None      # for a state dict: its key layout ('torchvision', 'lukemelas' or 'timm')
 
 
 def load(init: str, variant: str | None = None, num_classes: int | None = None, *, which: str = "best",
@@ -68,17 +77,30 @@ def load(init: str, variant: str | None = None, num_classes: int | None = None, 
     and must agree with a directory's own. `model_options` go to `create_model` (e.g. `conv_impl='xla'`, `dtype`).
     """
     init = os.fspath(init)
-    if variant is not None:
-        check_variant(variant)
     path = pathlib.Path(init)
-    if init not in ("imagenet", "scratch") and path.is_dir():
+    if variant is not None and not (path.suffix == ".safetensors" and variant in variants.TIMM_MODELS):
+        check_variant(variant)
+    if init.startswith(HUB_PREFIX):
+        loaded = _from_hub(init, variant, model_options)
+    elif path.suffix == ".safetensors" and path.is_file():
+        config = path.with_name(timm_checkpoint.CONFIG_FILE)
+        loaded = _from_timm(path, timm_checkpoint.read_config(config) if config.is_file() else None, variant,
+                            model_options, f"timm checkpoint {path}")
+    elif path.suffix in KERAS_SUFFIXES and path.is_file():
+        loaded = _from_keras(path, variant, model_options)
+    elif init not in ("imagenet", "scratch") and path.is_dir():
         if RunDir.holds_run(path):
             loaded = _from_run(RunDir(path), variant, which, model_options)
         elif (path / checkpoint.META_FILE).exists():
             loaded = _from_model_dir(path, variant, model_options)
+        elif (path / timm_checkpoint.WEIGHTS_FILE).is_file() and (path / timm_checkpoint.CONFIG_FILE).is_file():
+            loaded = _from_timm(path / timm_checkpoint.WEIGHTS_FILE,
+                                timm_checkpoint.read_config(path / timm_checkpoint.CONFIG_FILE), variant, model_options,
+                                f"timm directory {path}")
         else:
-            raise UserError(f"--init {init}: a directory, but neither a training run (config.json, checkpoints/) "
-                            f"nor a converted model ({checkpoint.META_FILE})")
+            raise UserError(f"--init {init}: a directory, but neither a training run (config.json, checkpoints/), "
+                            f"a converted model ({checkpoint.META_FILE}) nor a timm checkpoint "
+                            f"({timm_checkpoint.CONFIG_FILE} + {timm_checkpoint.WEIGHTS_FILE})")
     else:
         if variant is None:
             raise ConfigError(f"--variant is required with --init {init}")
@@ -96,6 +118,42 @@ def load(init: str, variant: str | None = None, num_classes: int | None = None, 
     if num_classes is not None and num_classes != loaded.model.num_classes:
         loaded = _with_new_head(loaded, init, num_classes, head_init, key)
     return loaded
+
+
+def names_its_variant(init: str) -> bool:
+    """Whether `init` says which variant it holds (a run or model directory, a Hub repo, a timm directory or a
+    `.safetensors` with its config.json beside it, a `.keras` file), so that no `--variant` is needed; by its
+    name and neighbours alone, nothing is read."""
+    init = os.fspath(init)
+    path = pathlib.Path(init)
+    return (init.startswith(HUB_PREFIX) or path.is_dir() or path.suffix == ".keras"
+            or (path.suffix == ".safetensors" and path.with_name(timm_checkpoint.CONFIG_FILE).is_file()))
+
+
+def init_defaults(init: str, variant: str | None = None) -> dict:
+    """What a self-describing weight source fixes for a training run: {'variant', 'input_mean', 'input_std'} of a
+    Hub repo, a timm checkpoint or a Keras file (its metadata; the Hub's files are downloaded into its cache for
+    the run to read); {} for the others, whose `--variant` and the variant's published normalization decide."""
+    init = os.fspath(init)
+    path = pathlib.Path(init)
+    if init.startswith(HUB_PREFIX):
+        from effnet_jax.weights import hub
+        weights, config = hub.hub_files(*hub.parse_hub_id(init))
+    elif path.suffix == ".safetensors" or (path.is_dir() and not RunDir.holds_run(path)
+                                           and (path / timm_checkpoint.WEIGHTS_FILE).is_file()):
+        config_file = (path if path.is_dir() else path.parent) / timm_checkpoint.CONFIG_FILE
+        if not config_file.is_file():
+            return {}
+        config = timm_checkpoint.read_config(config_file)
+    elif path.suffix in KERAS_SUFFIXES and path.is_file() and (variant is not None or path.suffix == ".keras"):
+        from effnet_jax.weights import keras
+        k = keras.read_keras(path, variant)
+        return {"variant": k.variant, "input_mean": tuple(k.mean), "input_std": tuple(k.std)}
+    else:
+        return {}
+    port = variants.timm_port(timm_checkpoint.architecture_of(config, init))
+    pre = timm_checkpoint.eval_transform_of(config, port, init)
+    return {"variant": port.variant, "input_mean": pre.mean, "input_std": pre.std}
 
 
 def check_variant(variant: str) -> None:
@@ -147,6 +205,42 @@ def _from_state_dict(init: str, variant: str, options: dict) -> Loaded:
                   f"{variant} {what} from {src}", layout=layout)
 
 
+def _agree(source: str, holds: str, variant: str | None) -> None:
+    if variant is not None and variant != holds:
+        raise ConfigError(f"--init {source} holds a {holds} model, not --variant {variant}")
+
+
+def _from_hub(init: str, variant: str | None, options: dict) -> Loaded:
+    from effnet_jax.weights import hub
+    repo, revision = hub.parse_hub_id(init)
+    weights, config = hub.hub_files(repo, revision)
+    return _from_timm(weights, config, variant, options, f"{init} ({weights})")
+
+
+def _from_timm(weights: pathlib.Path, config: dict | None, variant: str | None, options: dict,
+               source: str) -> Loaded:
+    timm_name = variant if config is None and variant in variants.TIMM_MODELS else None
+    ckpt = timm_checkpoint.read_timm(weights, config, timm_name)
+    if timm_name is None:
+        _agree(source, ckpt.port.variant, variant)
+    overrides = ckpt.port.overrides()
+    model = create_model(ckpt.port.variant, ckpt.num_classes, **overrides, **options)
+    return Loaded(model, ckpt.variables, ckpt.port.variant, ckpt.class_names or class_names_for(ckpt.num_classes),
+                  ckpt.preprocess, overrides, f"timm {ckpt.architecture} from {source}", layout="timm")
+
+
+def _from_keras(path: pathlib.Path, variant: str | None, options: dict) -> Loaded:
+    from effnet_jax.weights import keras
+    k = keras.read_keras(path, variant)
+    model = create_model(k.variant, k.num_classes, **k.overrides, **options)
+    size = k.resolution or model.config.resolution
+    # Keras applications resize the whole image to the model's side (`image_dataset_from_directory`, `load_img`
+    # with `target_size`): no crop; the normalization is the model's own input layers
+    preprocess = EvalTransform(size, size, "bilinear", k.mean, k.std, "squash")
+    return Loaded(model, k.variables, k.variant, class_names_for(k.num_classes), preprocess, dict(k.overrides),
+                  k.source, layout="keras")
+
+
 def _from_model_dir(path: pathlib.Path, variant: str | None, options: dict) -> Loaded:
     try:
         model, variables, meta = checkpoint.load_model(path, **options)
@@ -196,12 +290,12 @@ def _from_run(run: RunDir, variant: str | None, which: str, options: dict) -> Lo
 def _with_new_head(loaded: Loaded, init: str, num_classes: int, head_init: str, key) -> Loaded:
     import jax
     params = dict(loaded.variables["params"])
-    old = params.pop("classifier")
+    old = params.pop("classifier", None)  # (None: a backbone without a head, e.g. a Keras include_top=False file)
     if num_classes > 0:  # (0: the backbone alone, for pooled features)
-        params["classifier"] = new_classifier(jax.random.key(0) if key is None else key, old["kernel"].shape[0],
-                                              num_classes, head_init)
+        params["classifier"] = new_classifier(jax.random.key(0) if key is None else key,
+                                              loaded.model.config.head_channels, num_classes, head_init)
     log.info("--init %s: backbone loaded; new %d-class head (%s init; the weights had %d classes)", init,
-             num_classes, head_init, old["bias"].shape[0])
+             num_classes, head_init, 0 if old is None else old["bias"].shape[0])
     model = loaded.model.clone(num_classes=num_classes)
     return dataclasses.replace(loaded, model=model, variables={**loaded.variables, "params": params},
                                class_names=class_names_for(num_classes))

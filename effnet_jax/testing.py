@@ -1,6 +1,6 @@
-"""Test utilities (as `jax.test_util`): torchvision's and timm's EfficientNets with random weights and randomized BatchNorm
-statistics, converted to this library's variables, and both frameworks' per-stage outputs, for comparing the
-converted model with the PyTorch one.
+"""Test utilities (as `jax.test_util`): torchvision's and timm's EfficientNets with random weights and randomized
+BatchNorm statistics, converted to this library's variables, and both frameworks' per-stage outputs, for comparing
+the converted model with the PyTorch one.
 
 tests/test_convert.py asserts the equivalence with them, benchmarks/equivalence.py measures it. torch and
 torchvision (timm) are needed by the functions that build or run a PyTorch model and are imported inside them: the

@@ -17,8 +17,10 @@ os.environ.setdefault("EFFNET_JAX_AUTOTUNE", "0")
 
 from helpers import CIFAR_TAR
 
+pytest.register_assert_rewrite("hub_server")  # the local Hub's module, imported by test files for its fixture
+
 LONGEST_FIRST = ("test_resilience.py", "test_models.py", "test_train.py", "test_convert.py", "test_export.py",
-                 "test_benchmarks.py")
+                 "test_benchmarks.py", "test_keras.py", "test_timm.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -242,7 +242,7 @@ def test_predict_bad_inputs(converted_b0, image_dir, tmp_path):
         (["--variant", "lite0", good, tmp_path / "missing.jpg"], "missing.jpg: no such file or folder"),
         (["--variant", "lite0", corrupt], "corrupt.jpg: cannot read image"),
         (["--variant", "lite0", tmp_path / "empty"], "no image files"),
-        (["--variant", "lite0", "--init", tmp_path / "nope.pth", good], "not 'imagenet', 'scratch', a .pth file, a run"),
+        (["--variant", "lite0", "--init", tmp_path / "nope.pth", good], "not 'imagenet', 'scratch', 'hf-hub:timm/"),
         (["--variant", "b1", "--init", src, good], "key 'features."),
         (["--variant", "lite0", "--init", corrupt, good], "--init"),
         (["--init", src, good], "--variant is required"),

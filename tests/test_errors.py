@@ -43,8 +43,9 @@ def test_user_errors_are_one_line_with_status_2(folder, tmp_path):
     for argv, message in (
             (["--resolution", 16], "error: --resolution 16 is too small: EfficientNet downsamples by 32; use >= 32"),
             (["--init", tmp_path / "missing.pth", *data_argv(folder, tmp_path / "w")],
-             f"error: --init {tmp_path / 'missing.pth'}: not 'imagenet', 'scratch', a .pth file, a run directory or "
-             "a converted model directory (no such path)"),
+             f"error: --init {tmp_path / 'missing.pth'}: not 'imagenet', 'scratch', 'hf-hub:timm/<name>', a .pth, "
+             ".safetensors, .keras or .weights.h5 file, a run directory, a timm directory or a converted model "
+             "directory (no such path)"),
             (tiny_argv(folder, tmp_path / "w") + ["--batch-size", 64], "error: 12 training examples are fewer than one "
                                                                          "batch of 64")):
         rc, out, err = run_main(cli.main, argv)

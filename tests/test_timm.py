@@ -15,6 +15,7 @@ from effnet_jax.errors import UserError
 from effnet_jax.model import variants
 from effnet_jax.model.network import count_params, create_model, param_shapes
 from effnet_jax.testing import randomized_timm
+from hub_server import hub  # noqa: F401 (the fixture)
 
 timm = pytest.importorskip("timm")
 torch = pytest.importorskip("torch")
@@ -49,9 +50,9 @@ def _save_for_hub(m, directory):
     return directory
 
 
-# Sides as tests/test_convert.py's or larger (at 64 px the last stages are 2x2, and torch's own float32 logits are 1e-3 off its
-# float64 ones for tf_efficientnet_b3; at 96/97 px 5e-5..2e-4, at 129 px 4e-5: measured, ours as close to float64),
-# odd where SAME padding's odd pixel should be exercised.
+# Sides as tests/test_convert.py's or larger (at 64 px the last stages are 2x2, and torch's own float32 logits are
+# 1e-3 off its float64 ones for tf_efficientnet_b3; at 96/97 px 5e-5..2e-4, at 129 px 4e-5: measured, ours as close
+# to float64), odd where SAME padding's odd pixel should be exercised.
 @pytest.mark.parametrize("name,side", [("tf_efficientnet_b0", 99), ("tf_efficientnet_b3", 129),
                                        ("tf_efficientnet_lite0", 99), ("tf_efficientnetv2_b0", 97),
                                        ("tf_efficientnetv2_s", 129), ("efficientnet_b0", 96)])
@@ -120,3 +121,56 @@ def test_an_unsupported_architecture_names_the_supported_ones(tmp_path):
     (d / "config.json").write_text(json.dumps({**config, "architecture": "mixnet_s"}))
     with pytest.raises(UserError, match="'mixnet_s' is not one of the EfficientNets supported here: efficientnet_b0"):
         effnet_jax.load(d)
+
+
+def test_a_hub_repo_trains_with_freeze_and_schedule_then_evaluates_and_exports(hub, tmp_path):  # noqa: F811
+    """`train.py --init hf-hub:timm/tf_efficientnetv2_b0.in1k` through a local stand-in for the Hub (HF_ENDPOINT):
+    the variant, the SAME-padding overrides and the normalization come from the repo; `--freeze` leaves the stem
+    and the first blocks as downloaded; a resolution schedule runs; `evaluate` reproduces the logged validation and
+    the ONNX export computes the run's model (onnxruntime)."""
+    import onnxruntime as ort
+
+    from effnet_jax import loader
+    from effnet_jax.cli import evaluate as evaluate_cli
+    from effnet_jax.cli import export as export_cli
+    from effnet_jax.train.rundir import restore_checkpoint
+    from helpers import last_json, load_train_cli, run_main, write_noise_folder
+
+    repo = "timm/tf_efficientnetv2_b0.in1k"
+    d = _save_for_hub(timm.create_model("tf_efficientnetv2_b0"), tmp_path / "repo")
+    hub.serve(repo, {f.name: f.read_bytes() for f in d.iterdir()})
+    images = write_noise_folder(tmp_path / "images")
+    work = tmp_path / "work"
+    argv = ["--init", f"hf-hub:{repo}", "--dataset", f"folder:{images}", "--epochs", 2, "--resolution", 40,
+            "--resolution-schedule", "32:1", "--freeze", 3, "--batch-size", 4, "--eval-batch-size", 16,
+            "--val-fraction", 0.25, "--no-progress", "--workdir", work]
+    rc, out, err = run_main(load_train_cli("effnet_jax_train_cli_hub").main, argv)
+    assert rc == 0, err
+    summary = last_json(out)
+    assert summary["variant"] == "v2_b0" and summary["epochs"] == 2
+    config = json.loads((work / "config.json").read_text())
+    assert config["init"] == f"hf-hub:{repo}" and config["input_mean"] == [0.485, 0.456, 0.406]
+    assert config["model_overrides"] == {"padding": "same", "bn_epsilon": 1e-3, "bn_momentum": 0.1}
+
+    hub_weights = effnet_jax.load(f"hf-hub:{repo}").variables["params"]
+    tree, _ = restore_checkpoint(work / "checkpoints" / "latest")
+    np.testing.assert_array_equal(tree["params"]["stem"]["kernel"], hub_weights["stem"]["kernel"])
+    first = tree["params"]["blocks_0"]["conv"]["kernel"]
+    np.testing.assert_array_equal(first, hub_weights["blocks_0"]["conv"]["kernel"])
+    assert not np.array_equal(tree["params"]["head"]["kernel"], hub_weights["head"]["kernel"])
+
+    rc, out, err = run_main(evaluate_cli.main, ["--workdir", work, "--which", "latest"])
+    assert rc == 0, err
+    assert last_json(out)["top1"] == summary["final_val_acc"]
+
+    onnx_file = tmp_path / "run.onnx"
+    rc, out, err = run_main(export_cli.main, ["--workdir", work, "--which", "latest", "--format", "onnx", "--out",
+                                              onnx_file])
+    assert rc == 0, err
+    run = loader.load(work, which="latest")
+    x = np.random.RandomState(2).randn(3, 40, 40, 3).astype(np.float32)
+    want = np.asarray(jax.jit(run.model.apply)(run.variables, jnp.asarray(x)))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    got = ort.InferenceSession(str(onnx_file), opts, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)

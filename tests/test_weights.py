@@ -128,7 +128,7 @@ def test_lite_weights_come_from_their_package(variant: str) -> None:
 
 @pytest.mark.parametrize("variant", ["lite3", "lite4"])
 def test_unpublished_lite_weights(variant: str) -> None:
-    with pytest.raises(WeightsUnavailableError, match="--init PATH.pth"):
+    with pytest.raises(WeightsUnavailableError, match=f"--init hf-hub:timm/tf_efficientnet_{variant}.in1k"):
         weights.weights_file(variant)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import sys
 import time
 
@@ -19,13 +18,13 @@ def load_for_export(*, workdir: str | None = None, which: str = "best", variant:
     """(model, variables, metadata) of the eval-mode model to export (`loader.load`; the model computes its
     convolutions as XLA convolutions). `resolution` defaults to the run's (workdir) or the weights' eval input
     size; for the weights' torchvision-style crop, `resize_size` keeps its ratio to it."""
-    from effnet_jax.loader import load
+    from effnet_jax.loader import load, names_its_variant
     from effnet_jax.train.rundir import existing_run
 
     if workdir is not None:
         loaded = load(existing_run(workdir).path, which=which, depthwise_impl="xla", conv_impl="xla")
     else:
-        if variant is None and not (init is not None and pathlib.Path(init).is_dir()):
+        if variant is None and not (init is not None and names_its_variant(init)):
             raise UserError("--variant (or --workdir) is required")
         loaded = load(init or "imagenet", variant, depthwise_impl="xla", conv_impl="xla")
     pre = loaded.preprocess.at(resolution or loaded.preprocess.input_size).to_dict()
@@ -42,10 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     src = p.add_argument_group("model (--workdir, or --variant with --init)")
     src.add_argument("--workdir", default=None, help="a training run directory (effnet-train)")
     src.add_argument("--which", default="best", choices=("best", "latest"), help="the run's checkpoint")
-    src.add_argument("--variant", default=None, help="b0..b7, lite0..lite4, v2_s, v2_m, v2_l")
+    src.add_argument("--variant", default=None, help="b0..b7, lite0..lite4, v2_s, v2_m, v2_l, v2_b0..v2_b3")
     src.add_argument("--init", default=None,
-                     help="'imagenet' (default with --variant), a PyTorch .pth file, a model directory "
-                          "(effnet-convert), or 'scratch' (random weights)")
+                     help="'imagenet' (default with --variant), hf-hub:timm/NAME, a .pth, .safetensors, .keras or "
+                          ".weights.h5 file, a model directory (effnet-convert) or timm directory, or 'scratch' "
+                          "(random weights)")
     p.add_argument("--format", required=True, help="onnx or stablehlo")
     p.add_argument("--out", required=True, help="output file (stablehlo: metadata in OUT.json)")
     p.add_argument("--resolution", type=int, default=None, help="input side R (default: the run's / weights')")

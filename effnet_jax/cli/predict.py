@@ -158,9 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         "Top-k class predictions of an EfficientNet for images (files or folders), as JSON lines."))
     p.add_argument("images", nargs="+", metavar="IMG", help="image files or folders (searched recursively)")
     p.add_argument("--variant", default=None,
-                   help="b0..b7, lite0..lite4, v2_s, v2_m, v2_l (from model.json for --init DIR)")
+                   help="b0..b7, lite0..lite4, v2_s, v2_m, v2_l, v2_b0..v2_b3 (not needed when --init names it: a "
+                        "directory, a Hub repo, a .keras file)")
     p.add_argument("--init", default=None,
-                   help="'imagenet' (default), a PyTorch .pth file, or a model directory from effnet-convert")
+                   help="'imagenet' (default), hf-hub:timm/NAME, a .pth, .safetensors, .keras or .weights.h5 file, "
+                        "a model directory from effnet-convert, or a timm directory")
     p.add_argument("--workdir", default=None,
                    help="a training run directory (effnet-train) instead of --init: its weights, classes and "
                         "eval preprocessing")

@@ -57,6 +57,10 @@ def parse(argv=None):
     launch = {k: args.pop(k) for k in LAUNCH}
     values = dict(PRESETS[preset]) if preset else {}
     values.update({k: v for k, v in args.items() if v is not None})
+    # a Hub repo, a timm checkpoint or a Keras file names its variant and normalization: the defaults of both
+    from effnet_jax.loader import init_defaults
+    for k, v in init_defaults(values.get("init", TrainConfig.init), values.get("variant")).items():
+        values.setdefault(k, v)
     return TrainConfig.from_flat(values), launch
 
 

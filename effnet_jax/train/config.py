@@ -54,11 +54,12 @@ def _rgb(flag: str, value, positive: bool) -> tuple[float, float, float] | None:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a run depends on; saved as config.json. Defaults: our recipe (docs/training.md)."""
-    variant: str = option("b0", "b0..b7, lite0..lite4, v2_s, v2_m, v2_l")
+    variant: str = option("b0", "b0..b7, lite0..lite4, v2_s, v2_m, v2_l, v2_b0..v2_b3; default: b0, or what --init "
+                          "holds when it says (a Hub repo, a timm checkpoint, a .keras file)")
     dataset: str = option("cifar10", "tfds name (cifar10, cifar100, svhn_cropped, tf_flowers, ...) or folder:PATH")
     data_dir: str | None = option(None, "tfds data dir, or the CIFAR python tarball / an image folder or .tar.gz")
-    init: str = option("imagenet", "imagenet | scratch | PATH.pth | RUN_DIR (a previous run or a converted model "
-                       "directory)")
+    init: str = option("imagenet", "imagenet | scratch | hf-hub:timm/NAME | PATH.pth | PATH.safetensors | "
+                       "PATH.keras | PATH.weights.h5 | DIR (a previous run, a converted model, a timm checkpoint)")
     workdir: str = option("runs/default", "where config, metrics.jsonl, curves.png and checkpoints go")
     epochs: int = option(4, "")
     batch_size: int = option(64, "global batch size")
