@@ -22,13 +22,11 @@ from huggingface_hub import errors as hf_errors
 from huggingface_hub.file_download import repo_folder_name
 
 from effnet_jax.errors import ConfigError, UserError, describe
+from effnet_jax.weights.timm_checkpoint import CONFIG_FILE, HUB_PREFIX, WEIGHTS_FILE
 
 __all__ = ["HUB_PREFIX", "CONFIG_FILE", "WEIGHTS_FILE", "HubError", "HubOfflineError", "HubNotFoundError",
            "HubAccessError", "HubDownloadError", "HubFileError", "parse_hub_id", "hub_files"]
 
-HUB_PREFIX = "hf-hub:"
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 _EXAMPLE = "hf-hub:timm/tf_efficientnet_b0.ns_jft_in1k"
 _OFFLINE_SET = "HF_HUB_OFFLINE is set"
 # A `*.incomplete` blob untouched this long belongs to no live download (an active one writes every chunk, a stalled
