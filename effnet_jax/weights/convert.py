@@ -40,7 +40,7 @@ import numpy as np
 
 from effnet_jax.errors import UserError
 from effnet_jax.model import variants
-from effnet_jax.model.variants import ModelConfig
+from effnet_jax.model.variants import BlockConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,18 @@ def _se(torch_reduce: str, torch_expand: str, block: str) -> Iterator[Entry]:
         yield f"{t}.bias", "params", (block, "se", f, "bias"), _COPY
 
 
+def blocks_by_stage(cfg: ModelConfig) -> Iterator[tuple[int, int, BlockConfig]]:
+    """(flat index i, position j within its stage, block) of each block: the layouts that number blocks by stage."""
+    position: dict[int, int] = {}
+    for i, b in enumerate(cfg.blocks):
+        position[b.stage] = position.get(b.stage, -1) + 1
+        yield i, position[b.stage], b
+
+
 def torchvision_table(cfg: ModelConfig) -> list[Entry]:
     """The mapping torchvision key -> Flax path for `cfg`."""
     t = list(_conv_bn("features.0.0", "features.0.1", ("stem",), ("stem_bn",)))
-    stage_pos: dict[int, int] = {}
-    for i, b in enumerate(cfg.blocks):
-        j = stage_pos[b.stage] = stage_pos.get(b.stage, -1) + 1
+    for i, j, b in blocks_by_stage(cfg):
         pre, blk, k = f"features.{b.stage + 1}.{j}.block", f"blocks_{i}", 0
         if b.fused:  # torchvision's FusedMBConv: block.0 = k×k conv (expansion, or the whole block), block.1 = project
             if b.expand_channels != b.in_channels:
@@ -133,9 +139,7 @@ def timm_table(cfg: ModelConfig) -> list[Entry]:
     `EdgeResidual` (conv_exp, bn1, conv_pwl, bn2: Fused-MBConv) and `ConvBnAct` (conv, bn1: Fused-MBConv with
     expansion ratio 1)."""
     t = list(_conv_bn("conv_stem", "bn1", ("stem",), ("stem_bn",)))
-    stage_pos: dict[int, int] = {}
-    for i, b in enumerate(cfg.blocks):
-        j = stage_pos[b.stage] = stage_pos.get(b.stage, -1) + 1
+    for i, j, b in blocks_by_stage(cfg):
         pre, blk = f"blocks.{b.stage}.{j}", f"blocks_{i}"
         expands = b.expand_channels != b.in_channels
         if b.fused and expands:

@@ -51,7 +51,7 @@ import numpy as np
 from effnet_jax.errors import ConfigError
 from effnet_jax.model import variants
 from effnet_jax.model.variants import ModelConfig
-from effnet_jax.weights.convert import ConversionError
+from effnet_jax.weights.convert import ConversionError, blocks_by_stage
 
 __all__ = ["KerasWeights", "KerasEntry", "ConversionError", "keras_table", "read_keras", "KERAS_APPLICATIONS"]
 
@@ -137,9 +137,7 @@ def keras_table(cfg: ModelConfig) -> list[KerasEntry]:
     application's classifier, Dense 'predictions'."""
     family = _family(cfg)
     t = _conv_bn("stem_conv", "stem_bn", ("stem",), ("stem_bn",))
-    stage_pos: dict[int, int] = {}
-    for i, b in enumerate(cfg.blocks):
-        j = stage_pos[b.stage] = stage_pos.get(b.stage, -1) + 1
+    for i, j, b in blocks_by_stage(cfg):
         pre, blk = f"block{b.stage + 1}{chr(ord('a') + j)}_", f"blocks_{i}"
         expands = b.expand_channels != b.in_channels
         if b.fused and expands:
