@@ -79,36 +79,30 @@ def same_variables(a, b):
 
 # --- parameter counts and the table, every model -------------------------------------------------------------------
 
-def check_counts_and_table(variant, tmp_path):
+def check_counts_and_order(km, variant):
     """Keras' trainable parameters == ours; the table's layers are in `model.layers`' order (which numbers the h5
-    groups); the application's own .weights.h5 (random init) reads with every variable mapped."""
-    if variant not in variants.VARIANTS:
-        pytest.skip(f"variant {variant} not in variants.VARIANTS")
-    km = app(variant)(weights=None)
+    groups)."""
     keras_params = sum(int(np.prod(w.shape)) for w in km.trainable_weights)
-    assert count_params(param_shapes(effnet_jax.create_model(variant), 64)) == keras_params
+    assert count_params(param_shapes(effnet_jax.create_model(variant, km.output_shape[-1]), 64)) == keras_params
     table = keras_table(variants.model_config(variant))
     for kind in ("conv2d", "depthwise_conv2d", "batch_normalization", "dense"):
         want = list(dict.fromkeys(e.layer for e in table if e.kind == kind))
         assert [la.name for la in km.layers if _snake(type(la).__name__) == kind] == want, kind
-    path = tmp_path / f"{variant}.weights.h5"
-    km.save_weights(path)
-    w = read_keras(path, variant)
-    assert (w.variant, w.num_classes) == (variant, 1000)
-    assert w.overrides["padding"] == "same" and w.overrides["bn_epsilon"] == 1e-3
-
-
-# one of each family in the default run (8-16 s each: Keras builds and saves the model), the other 13 with -m slow
-@pytest.mark.parametrize("variant", ["b0", "v2_b0"])
-def test_param_counts_and_table(variant, tmp_path):
-    check_counts_and_table(variant, tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["b1", "b2", "b3", "b4", "b5", "b6", "b7", "v2_b1", "v2_b2", "v2_b3", "v2_s",
                                      "v2_m", "v2_l"])
 def test_param_counts_and_table_slow(variant, tmp_path):
-    check_counts_and_table(variant, tmp_path)
+    """`check_counts_and_order` for the models the default run does not build (B0 and V2-B0: in
+    `test_logits_equal_keras`); the application's own .weights.h5 (random init) reads with every variable mapped."""
+    km = app(variant)(weights=None)
+    check_counts_and_order(km, variant)
+    path = tmp_path / f"{variant}.weights.h5"
+    km.save_weights(path)
+    w = read_keras(path, variant)
+    assert (w.variant, w.num_classes) == (variant, 1000)
+    assert w.overrides["padding"] == "same" and w.overrides["bn_epsilon"] == 1e-3
 
 
 # --- logits against Keras -----------------------------------------------------------------------------------------
@@ -121,14 +115,15 @@ def b0_files(tmp_path_factory):
                                                      classifier_activation=None), 0)
     km.save_weights(d / "b0.weights.h5")
     km.save(d / "b0.keras")
-    return d, np.asarray(km.predict(images(), verbose=0))
+    return d, np.asarray(km.predict(images(), verbose=0)), km
 
 
 @pytest.mark.parametrize("variant", ["b0", "v2_b0"])
 def test_logits_equal_keras(variant, b0_files, tmp_path):
-    """Max abs logit difference <= 1e-5 (the logits are of order 1; measured 5e-8 / 9e-8), through both files."""
+    """Max abs logit difference <= 1e-5 (the logits are of order 1; measured 5e-8 / 9e-8), through both files; the
+    parameter count and the layer order of the model (`check_counts_and_order`)."""
     if variant == "b0":
-        d, want = b0_files
+        d, want, km = b0_files
     else:
         d = tmp_path
         km = randomize(keras.applications.EfficientNetV2B0(weights=None, input_shape=(RES, RES, 3), classes=10,
@@ -136,6 +131,7 @@ def test_logits_equal_keras(variant, b0_files, tmp_path):
         km.save_weights(d / f"{variant}.weights.h5")
         km.save(d / f"{variant}.keras")
         want = np.asarray(km.predict(images(), verbose=0))
+    check_counts_and_order(km, variant)
     assert np.abs(want).max() > 0.5
     for name, arg in ((f"{variant}.weights.h5", variant), (f"{variant}.keras", None)):
         w = read_keras(d / name, arg)
@@ -186,7 +182,7 @@ def test_guide_head_folds_batchnorm(tmp_path, monkeypatch, caplog):
 def test_nested_base_and_no_top(b0_files, tmp_path):
     """`base(inputs)` -> GAP -> Dense around a nested base model (its layers under layers/functional/ in the h5),
     and the application without its top (num_classes 0: pooled features), read as the B0 files' backbone."""
-    d, _ = b0_files
+    d, _, _ = b0_files
     full = keras.models.load_model(d / "b0.keras")
     base = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(RES, RES, 3))
     for layer, same in zip(base.layers, full.layers):  # the same layers, in the same order, less the top
@@ -218,7 +214,7 @@ def edited(src, dst, edit):
 
 
 def test_unknown_variable_is_refused_by_name(b0_files, tmp_path):
-    d, _ = b0_files
+    d, _, _ = b0_files
     bias = edited(d / "b0.weights.h5", tmp_path / "bias.weights.h5",
                   lambda f: f.create_dataset("layers/conv2d/vars/1", data=np.zeros(32, np.float32)))
     with pytest.raises(ConversionError, match=r"unexpected variable 'layers/conv2d/vars/1' \(layer 'stem_conv'"):
@@ -230,7 +226,7 @@ def test_unknown_variable_is_refused_by_name(b0_files, tmp_path):
 
 
 def test_missing_or_misshapen_variable_is_refused_by_name(b0_files, tmp_path):
-    d, _ = b0_files
+    d, _, _ = b0_files
     missing = edited(d / "b0.weights.h5", tmp_path / "missing.weights.h5",
                      lambda f: f.__delitem__("layers/batch_normalization_5/vars/3"))
     with pytest.raises(ConversionError, match=r"missing variable 'block2a_project_bn/moving_variance'"):
@@ -247,7 +243,7 @@ def test_missing_or_misshapen_variable_is_refused_by_name(b0_files, tmp_path):
 
 
 def test_bare_weights_need_a_variant_and_files_must_be_keras(b0_files, tmp_path):
-    d, _ = b0_files
+    d, _, _ = b0_files
     with pytest.raises(ConfigError, match=r"pass --variant.*EfficientNetB0.*EfficientNetV2L"):
         read_keras(d / "b0.weights.h5")
     with pytest.raises(ConfigError, match=r"'b0'.*not 'b1'"):
@@ -265,7 +261,7 @@ def test_bare_weights_need_a_variant_and_files_must_be_keras(b0_files, tmp_path)
 
 def test_file_without_layer_names_reads_by_position(b0_files, tmp_path):
     """Older Keras 3 files have no 'name' attributes: the groups are named by position, as Keras loads them."""
-    d, _ = b0_files
+    d, _, _ = b0_files
 
     def strip(f):
         f.visititems(lambda name, obj: obj.attrs.__delitem__("name") if "name" in obj.attrs else None)
@@ -285,7 +281,7 @@ def test_files_load_in_a_process_without_keras_tensorflow_or_torch(b0_files, tmp
     timm = pytest.importorskip("timm")
     from timm.models import save_for_hf
     save_for_hf(timm.create_model("tf_efficientnet_lite0", num_classes=4), tmp_path / "timm", safe_serialization=True)
-    d, want = b0_files
+    d, want, _ = b0_files
     np.save(tmp_path / "x.npy", images())
     code = f"""
 import importlib.abc, sys
