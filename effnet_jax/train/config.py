@@ -54,8 +54,8 @@ def _rgb(flag: str, value, positive: bool) -> tuple[float, float, float] | None:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a run depends on; saved as config.json. Defaults: our recipe (docs/training.md)."""
-    variant: str = option("b0", "b0..b7, lite0..lite4, v2_s, v2_m, v2_l, v2_b0..v2_b3; default: b0, or what --init "
-                          "holds when it says (a Hub repo, a timm checkpoint, a .keras file)")
+    variant: str = option("b0", "b0..b7, lite0..lite4, v2_s, v2_m, v2_l, v2_b0..v2_b3; when --init names its own (a "
+                          "Hub repo, a timm checkpoint, a .keras file), that one")
     dataset: str = option("cifar10", "tfds name (cifar10, cifar100, svhn_cropped, tf_flowers, ...) or folder:PATH")
     data_dir: str | None = option(None, "tfds data dir, or the CIFAR python tarball / an image folder or .tar.gz")
     init: str = option("imagenet", "imagenet | scratch | hf-hub:timm/NAME | PATH.pth | PATH.safetensors | "
