@@ -82,10 +82,10 @@ def load(init: str, variant: str | None = None, num_classes: int | None = None, 
         check_variant(variant)
     if init.startswith(HUB_PREFIX):
         loaded = _from_hub(init, variant, model_options)
-    elif path.suffix == ".safetensors" and path.is_file():
-        config = path.with_name(timm_checkpoint.CONFIG_FILE)
-        loaded = _from_timm(path, timm_checkpoint.read_config(config) if config.is_file() else None, variant,
-                            model_options, f"timm checkpoint {path}")
+    elif (timm_files := _local_timm(path)) is not None:
+        weights, config = timm_files
+        loaded = _from_timm(weights, timm_checkpoint.read_config(config) if config else None, variant, model_options,
+                            f"timm checkpoint {path}")
     elif path.suffix in KERAS_SUFFIXES and path.is_file():
         loaded = _from_keras(path, variant, model_options)
     elif init not in ("imagenet", "scratch") and path.is_dir():
@@ -93,10 +93,6 @@ def load(init: str, variant: str | None = None, num_classes: int | None = None, 
             loaded = _from_run(RunDir(path), variant, which, model_options)
         elif (path / checkpoint.META_FILE).exists():
             loaded = _from_model_dir(path, variant, model_options)
-        elif (path / timm_checkpoint.WEIGHTS_FILE).is_file() and (path / timm_checkpoint.CONFIG_FILE).is_file():
-            loaded = _from_timm(path / timm_checkpoint.WEIGHTS_FILE,
-                                timm_checkpoint.read_config(path / timm_checkpoint.CONFIG_FILE), variant, model_options,
-                                f"timm directory {path}")
         else:
             raise UserError(f"--init {init}: a directory, but neither a training run (config.json, checkpoints/), "
                             f"a converted model ({checkpoint.META_FILE}) nor a timm checkpoint "
@@ -126,8 +122,9 @@ def names_its_variant(init: str) -> bool:
     name and neighbours alone, nothing is read."""
     init = os.fspath(init)
     path = pathlib.Path(init)
+    timm_files = _local_timm(path)
     return (init.startswith(HUB_PREFIX) or path.is_dir() or path.suffix == ".keras"
-            or (path.suffix == ".safetensors" and path.with_name(timm_checkpoint.CONFIG_FILE).is_file()))
+            or (timm_files is not None and timm_files[1] is not None))
 
 
 def init_defaults(init: str, variant: str | None = None) -> dict:
@@ -138,13 +135,11 @@ def init_defaults(init: str, variant: str | None = None) -> dict:
     path = pathlib.Path(init)
     if init.startswith(HUB_PREFIX):
         from effnet_jax.weights import hub
-        weights, config = hub.hub_files(*hub.parse_hub_id(init))
-    elif path.suffix == ".safetensors" or (path.is_dir() and not RunDir.holds_run(path)
-                                           and (path / timm_checkpoint.WEIGHTS_FILE).is_file()):
-        config_file = (path if path.is_dir() else path.parent) / timm_checkpoint.CONFIG_FILE
-        if not config_file.is_file():
+        config = hub.hub_files(*hub.parse_hub_id(init))[1]
+    elif (timm_files := _local_timm(path)) is not None:
+        if timm_files[1] is None:
             return {}
-        config = timm_checkpoint.read_config(config_file)
+        config = timm_checkpoint.read_config(timm_files[1])
     elif path.suffix in KERAS_SUFFIXES and path.is_file() and (variant is not None or path.suffix == ".keras"):
         from effnet_jax.weights import keras
         k = keras.read_keras(path, variant)
@@ -154,6 +149,19 @@ def init_defaults(init: str, variant: str | None = None) -> dict:
     port = variants.timm_port(timm_checkpoint.architecture_of(config, init))
     pre = timm_checkpoint.eval_transform_of(config, port, init)
     return {"variant": port.variant, "input_mean": pre.mean, "input_std": pre.std}
+
+
+def _local_timm(path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path | None] | None:
+    """(model.safetensors, its config.json or None) when `path` is a timm checkpoint on disk: a `.safetensors` file
+    (its config.json beside it, if any) or a directory of both that is neither a run nor a converted model."""
+    if path.suffix == ".safetensors" and path.is_file():
+        config = path.with_name(timm_checkpoint.CONFIG_FILE)
+        return path, config if config.is_file() else None
+    weights, config = path / timm_checkpoint.WEIGHTS_FILE, path / timm_checkpoint.CONFIG_FILE
+    if (path.is_dir() and weights.is_file() and config.is_file() and not RunDir.holds_run(path)
+            and not (path / checkpoint.META_FILE).exists()):
+        return weights, config
+    return None
 
 
 def check_variant(variant: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import pathlib
@@ -20,8 +19,6 @@ import numpy as np
 from effnet_jax.data.transform import EvalTransform
 from effnet_jax.errors import CheckpointReadError, ConfigError, UserError
 from effnet_jax.model import variants
-
-log = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 HUB_PREFIX = "hf-hub:"  # `--init hf-hub:timm/<name>`, timm's own spelling (`timm.create_model('hf-hub:...')`)
